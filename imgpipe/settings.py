@@ -71,6 +71,14 @@ class Settings(BaseSettings):
     pipelines_dir: Path | None = Field(
         default=None, description="Extra pipeline files (*.toml) loaded next to the built-ins."
     )
+    anomaly_profile: Path | None = Field(
+        default=None,
+        description="Profile used by anomaly stages whose params name none; unset: they skip "
+        "with reason no_profile.",
+    )
+    ingest_root: Path | None = Field(
+        default=None, description="Directory that image_ref submissions must resolve inside."
+    )
     code_version: str | None = Field(
         default=None, description="Override for the code version stamped on stage runs."
     )

@@ -69,7 +69,7 @@ STAGE_KINDS: dict[str, StageKind] = {
             GPU_QUEUE,
             "workers.stages.moderate",
             "1",
-            ("torch", "torchvision"),
+            ("torch", "torchvision", "nudenet"),
             "per-category nudity scores and an allow/review/block verdict",
         ),
     )

@@ -19,7 +19,9 @@ _models: dict[str, InferenceModel[Any, Any]] = {}
 _lock = threading.Lock()
 
 
-def cached_model(key: str, factory: Callable[[], InferenceModel[Any, Any]]) -> InferenceModel[Any, Any]:
+def cached_model(
+    key: str, factory: Callable[[], InferenceModel[Any, Any]]
+) -> InferenceModel[Any, Any]:
     """The model stored under ``key`` in this process, built by ``factory`` the first time."""
     with _lock:
         model = _models.get(key)

@@ -1,0 +1,86 @@
+"""Celery app factory and the queue map.
+
+The settings here are not optional (DESIGN.md): JSON only, late acks, reject on worker
+loss, prefetch 1, a visibility timeout above the longest task time limit, results
+ignored (they live in SQL) and the ``priority`` queue order so that each worker drains
+its interactive queue before the ``.bulk`` one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery
+
+from imgpipe.contracts import (
+    ADVANCE_TASK,
+    CONTROL_QUEUE,
+    CPU_QUEUE,
+    GPU_QUEUE,
+    REAP_TASK,
+    SUBMIT_TASK,
+    bulk_queue,
+)
+from imgpipe.settings import Settings
+
+__all__ = ["QUEUES", "create_app", "settings_of"]
+
+QUEUES: dict[str, tuple[str, ...]] = {
+    "control": (CONTROL_QUEUE, bulk_queue(CONTROL_QUEUE)),
+    "cpu": (CPU_QUEUE, bulk_queue(CPU_QUEUE)),
+    "gpu": (GPU_QUEUE, bulk_queue(GPU_QUEUE)),
+}
+
+_SETTINGS_KEY = "imgpipe_settings"
+
+
+def visibility_timeout_s(settings: Settings) -> int:
+    longest = max(settings.stage_time_limits_s.values(), default=300)
+    return max(3600, 2 * (longest + settings.dispatch_grace_s))
+
+
+def create_app(settings: Settings, include: Sequence[str] = ()) -> Celery:
+    app = Celery("imgpipe", broker=settings.effective_broker_url, include=list(include))
+    transport_options: dict[str, Any] = {
+        "visibility_timeout": visibility_timeout_s(settings),
+        "queue_order_strategy": "priority",
+    }
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_default_queue=CONTROL_QUEUE,
+        task_routes={
+            ADVANCE_TASK: {"queue": CONTROL_QUEUE},
+            SUBMIT_TASK: {"queue": CONTROL_QUEUE},
+            REAP_TASK: {"queue": CONTROL_QUEUE},
+        },
+        task_create_missing_queues=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        enable_utc=True,
+        beat_schedule={
+            "imgpipe-reaper": {"task": REAP_TASK, "schedule": settings.reaper_interval_s},
+        },
+        beat_schedule_filename=str(settings.resolved_data_dir / "celerybeat-schedule"),
+    )
+    app.conf[_SETTINGS_KEY] = settings
+    return app
+
+
+def settings_of(app: Celery) -> Settings:
+    settings = app.conf.get(_SETTINGS_KEY)
+    if not isinstance(settings, Settings):
+        settings = Settings()
+        app.conf[_SETTINGS_KEY] = settings
+    return settings

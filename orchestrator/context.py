@@ -1,0 +1,53 @@
+"""Everything the orchestrator functions need, built once per process from Settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+
+from db.blobs import BlobStore, open_blob_store
+from imgpipe.celery_app import create_app
+from imgpipe.events import EventPublisher
+from imgpipe.settings import Settings
+
+__all__ = ["OrchestratorContext"]
+
+
+@dataclass
+class OrchestratorContext:
+    settings: Settings
+    app: Celery | None = None
+    _blobs: BlobStore | None = field(default=None, repr=False)
+    _events: EventPublisher | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.app is None:
+            self.app = create_app(self.settings)
+
+    @property
+    def celery(self) -> Celery:
+        assert self.app is not None
+        return self.app
+
+    @property
+    def database_url(self) -> str:
+        return self.settings.effective_database_url
+
+    @property
+    def blobs(self) -> BlobStore:
+        if self._blobs is None:
+            self._blobs = open_blob_store(self.settings.effective_blob_url)
+        return self._blobs
+
+    @property
+    def events(self) -> EventPublisher:
+        if self._events is None:
+            self._events = EventPublisher(
+                self.settings.effective_redis_url, self.settings.events_maxlen
+            )
+        return self._events
+
+    def send(self, task_name: str, args: list[Any], queue: str, **options: Any) -> None:
+        self.celery.send_task(task_name, args=args, queue=queue, **options)

@@ -1,0 +1,75 @@
+"""The contract between the Celery task wrapper and a stage implementation.
+
+The wrapper (workers/tasks.py) does all I/O: it claims the stage row, loads the pixels the
+stage reads and the outputs of the stages it needs, then calls the kind's
+``run_stage_batch`` with ``StageInput`` values and persists the ``StageOutput`` values.
+Stage modules stay pure: arrays and JSON in, arrays/bytes and JSON out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = ["BatchRunner", "DetectionRow", "StageInput", "StageOutput", "StageSkip"]
+
+
+@dataclass(frozen=True)
+class StageInput:
+    image: NDArray[np.uint8]
+    """HxWx3 RGB uint8: the image this stage reads (the original or another stage's output)."""
+    original_size: tuple[int, int]
+    """(width, height) of the original upload; boxes are always reported in these coordinates."""
+    params: Mapping[str, Any]
+    """Stage parameters from the pipeline spec, merged with per-submission overrides."""
+    upstream: Mapping[str, Mapping[str, Any]]
+    """Output JSON of every stage listed in this stage's ``needs``, by stage name."""
+    device: str = "cpu"
+    """torch device string the worker is pinned to (``cpu``, ``cuda:0`` ...)."""
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.image.shape[1]), int(self.image.shape[0])
+
+
+@dataclass(frozen=True)
+class DetectionRow:
+    """One box for the ``detections`` table, in original-upload pixel coordinates."""
+
+    label: str
+    score: float
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    output: dict[str, Any]
+    """JSON-serialisable result stored on the stage row."""
+    blob: bytes | None = None
+    """Optional artifact (enhanced image, heat map) written to the blob store by the wrapper."""
+    blob_media_type: str | None = None
+    model: Mapping[str, str] | None = None
+    """``ModelInfo.to_json()`` of the model that produced the result, if any."""
+    detections: Sequence[DetectionRow] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class StageSkip:
+    """A stage that decided not to run (e.g. anomaly without a profile): ends ``skipped``."""
+
+    reason: str
+    detail: str = ""
+
+
+BatchRunner = Callable[[Sequence[StageInput]], list[StageOutput | StageSkip]]
+"""Signature of ``run_stage_batch`` in every workers/stages/<kind>.py module.
+
+May raise ``imgpipe.errors.PermanentError`` (the whole batch fails for good; the wrapper
+fails each row with the message) or ``TransientError`` (retried)."""
