@@ -55,6 +55,10 @@ class StageOutput:
     blob: bytes | None = None
     """Optional artifact (enhanced image, heat map) written to the blob store by the wrapper."""
     blob_media_type: str | None = None
+    image: NDArray[np.uint8] | None = None
+    """For image-producing stages (enhance): the output pixels, HxWx3 RGB uint8. The
+    wrapper stores them as a PNG blob (the viewable artifact, ``output_blob_key``) and as a
+    raw working copy that downstream stages load without decoding."""
     model: Mapping[str, str] | None = None
     """``ModelInfo.to_json()`` of the model that produced the result, if any."""
     detections: Sequence[DetectionRow] = field(default_factory=tuple)

@@ -1,0 +1,270 @@
+"""The ``imgpipe`` command line (typer + rich). Imports no torch: commands import the
+layers they need when they run."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from imgpipe.cli_ops import add_ops_commands
+from imgpipe.cli_render import render_results_table
+from imgpipe.contracts import JobStatus, Priority
+from imgpipe.errors import ImgpipeError
+from imgpipe.settings import Settings
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="imgpipe",
+    help="Every image becomes a DAG of Celery tasks; results and provenance land in SQL.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+EXIT_FAILED = 1
+EXIT_REJECTED = 3
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+@app.command()
+def run(
+    images: Annotated[list[Path], typer.Argument(help="Image files to process.")],
+    pipeline: Annotated[str | None, typer.Option(help="Pipeline name or .toml path.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON reports.")] = False,
+    priority: Annotated[Priority, typer.Option(help="Queue priority.")] = Priority.INTERACTIVE,
+    timeout_s: Annotated[float, typer.Option(help="Give up waiting after this long.")] = 1800,
+    device: Annotated[str, typer.Option(help="Device of the model worker.")] = "cpu",
+) -> None:
+    """Start the embedded stack, process IMAGES, print one row per image, stop the stack.
+
+    Exit code: 0 all succeeded, 1 a job failed or timed out, 3 some input was rejected.
+    """
+    from imgpipe.stack import Stack
+    from orchestrator.context import OrchestratorContext
+    from orchestrator.pipelines import load_pipeline
+    from orchestrator.submit import SubmitRequest, submit
+
+    settings = Settings()
+    name = pipeline or settings.default_pipeline
+    try:
+        spec = load_pipeline(name, settings.pipelines_dir)
+        spec.require_installed()
+    except ImgpipeError as exc:
+        raise _fail(str(exc)) from None
+    needs_gpu = any(s.kind in ("detect", "anomaly", "moderate") for s in spec.stages)
+    roles = ("orchestrator", "cpu", "gpu") if needs_gpu else ("orchestrator", "cpu")
+    reports: list[dict[str, Any]] = []
+    unreadable: list[tuple[Path, str]] = []
+    with Stack(settings, workers=roles, gpu_device=device) as stack:
+        ctx = OrchestratorContext(settings)
+        submitted: list[tuple[Path, str]] = []
+        started = time.monotonic()
+        for path in images:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                unreadable.append((path, f"cannot read file: {exc.strerror}"))
+                continue
+            result = submit(
+                ctx,
+                SubmitRequest(
+                    data=data,
+                    pipeline=name,
+                    priority=priority,
+                    source="cli",
+                    metadata={"filename": path.name},
+                ),
+            )
+            submitted.append((path, result.job_id))
+        statuses = _wait_with_progress(ctx, stack, [j for _, j in submitted], timeout_s)
+        wall_s = time.monotonic() - started
+        reports = _collect(ctx, submitted)
+    if json_out:
+        sys.stdout.write(json.dumps({"jobs": reports, "wall_s": wall_s}, indent=2, default=str))
+        sys.stdout.write("\n")
+    else:
+        render_results_table(Console(), reports, unreadable, wall_s)
+    values = list(statuses.values())
+    if unreadable or any(not JobStatus(s).terminal or s == JobStatus.FAILED for s in values):
+        raise typer.Exit(EXIT_FAILED)
+    if any(s == JobStatus.REJECTED for s in values):
+        raise typer.Exit(EXIT_REJECTED)
+
+
+def _wait_with_progress(
+    ctx: Any, stack: Any, job_ids: list[str], timeout_s: float
+) -> dict[str, str]:
+    from db.engine import session_scope
+    from orchestrator.reports import job_statuses
+
+    deadline = time.monotonic() + timeout_s
+    statuses: dict[str, str] = {}
+    with Progress(
+        TextColumn("[bold]processing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
+    ) as progress:  # fmt: skip
+        bar = progress.add_task("jobs", total=len(job_ids))
+        while True:
+            with session_scope(ctx.database_url) as session:
+                statuses = job_statuses(session, job_ids)
+            done = sum(1 for s in statuses.values() if JobStatus(s).terminal)
+            progress.update(bar, completed=done)
+            if done == len(job_ids):
+                return statuses
+            dead = stack.check_alive()
+            if dead:
+                console.print(f"[red]worker process exited:[/red] {', '.join(dead)}")
+                return statuses
+            if time.monotonic() > deadline:
+                console.print(f"[red]timed out after {timeout_s:.0f} s[/red]")
+                return statuses
+            time.sleep(0.1)
+
+
+def _collect(ctx: Any, submitted: list[tuple[Path, str]]) -> list[dict[str, Any]]:
+    from db.engine import session_scope
+    from orchestrator.reports import job_report
+
+    reports = []
+    with session_scope(ctx.database_url) as session:
+        for path, job_id in submitted:
+            report = job_report(session, job_id) or {"job_id": job_id}
+            report["file"] = str(path)
+            reports.append(report)
+    return reports
+
+
+@app.command()
+def up(
+    device: Annotated[list[str], typer.Option(help="Model worker device(s).")] = ["cpu"],  # noqa: B006
+    flower: Annotated[
+        bool, typer.Option(help="Start Flower (needs IMGPIPE_FLOWER_PASSWORD).")
+    ] = True,
+) -> None:
+    """Run the stack in the foreground until Ctrl-C: broker, orchestrator, workers, Flower."""
+    from imgpipe.stack import Stack
+
+    settings = Settings()
+    with_flower = flower and settings.flower_password is not None
+    if flower and not with_flower:
+        console.print("Flower not started: set IMGPIPE_FLOWER_PASSWORD to enable it (basic auth).")
+    stack = Stack(settings, workers=("orchestrator", "cpu"), flower=with_flower)
+    with stack:
+        for dev in device:
+            stack.add_gpu_worker(dev)
+        console.print(f"imgpipe up: data in {settings.resolved_data_dir}; logs in {stack.log_dir}")
+        console.print(f"broker {settings.effective_broker_url}")
+        if with_flower:
+            console.print(
+                f"Flower on http://127.0.0.1:{settings.flower_port} (user {settings.flower_user})"
+            )
+        try:
+            while not (dead := stack.check_alive()):
+                time.sleep(0.5)
+            console.print(f"[red]stopping: a process exited:[/red] {', '.join(dead)}")
+            raise typer.Exit(EXIT_FAILED)
+        except KeyboardInterrupt:
+            console.print("stopping...")
+
+
+@app.command("submit")
+def submit_cmd(
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    pipeline: Annotated[str | None, typer.Option()] = None,
+    priority: Annotated[Priority, typer.Option()] = Priority.INTERACTIVE,
+    idempotency_key: Annotated[str | None, typer.Option(help="Only with one image.")] = None,
+    force: Annotated[bool, typer.Option(help="Re-run even if cached results exist.")] = False,
+) -> None:
+    """Submit images to a running stack (`imgpipe up`); prints one job id per line."""
+    from imgpipe.api import submit
+
+    if idempotency_key and len(images) > 1:
+        raise _fail("--idempotency-key applies to one image; submit them one by one")
+    for path in images:
+        try:
+            result = submit(
+                path, pipeline, priority=priority, idempotency_key=idempotency_key, force=force
+            )
+        except ImgpipeError as exc:
+            raise _fail(str(exc)) from None
+        typer.echo(f"{result.job_id}\t{result.status}\t{path}")
+
+
+@app.command()
+def status(job_id: str) -> None:
+    """One line: the job's status, verdict and stages."""
+    from imgpipe.api import results
+
+    report = results(job_id)
+    if report is None:
+        raise _fail(f"no job {job_id}", 1)
+    stages = " ".join(f"{s['stage']}={s['status']}" for s in report["stages"])
+    typer.echo(f"{report['job_id']} {report['status']} verdict={report['verdict']} {stages}")
+
+
+@app.command()
+def results(job_id: str, json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Everything about a job: outputs, provenance, attempts, timings."""
+    from imgpipe.api import results as get_results
+
+    report = get_results(job_id)
+    if report is None:
+        raise _fail(f"no job {job_id}", 1)
+    if json_out:
+        typer.echo(json.dumps(report, indent=2, default=str))
+    else:
+        render_results_table(Console(), [report], [], None, detail=True)
+
+
+@app.command()
+def worker(
+    role: Annotated[str, typer.Argument(help="cpu or gpu")],
+    device: Annotated[
+        str, typer.Option(help="torch device for gpu workers: cuda:N or cpu")
+    ] = "cuda:0",
+    queues: Annotated[
+        str | None, typer.Option(help="Comma-separated queues (default: role's)")
+    ] = None,
+    concurrency: Annotated[int | None, typer.Option()] = None,
+    loglevel: Annotated[str, typer.Option()] = "INFO",
+) -> None:
+    """Run a stage worker in the foreground."""
+    from imgpipe.workerproc import run_worker
+
+    if role not in ("cpu", "gpu"):
+        raise _fail(f"worker role must be cpu or gpu, not {role!r}")
+    run_worker(
+        Settings(), role, device=device if role == "gpu" else "cpu",
+        queues=queues.split(",") if queues else None, concurrency=concurrency, loglevel=loglevel,
+    )  # fmt: skip
+
+
+@app.command()
+def orchestrator(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
+    """Run the control worker (advance, submit, reaper) in the foreground."""
+    from imgpipe.workerproc import run_worker
+
+    run_worker(Settings(), "orchestrator", loglevel=loglevel)
+
+
+add_ops_commands(app, console)
+
+
+def main() -> None:
+    try:
+        app()
+    except ImgpipeError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)

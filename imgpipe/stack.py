@@ -1,0 +1,170 @@
+"""Running the whole service on one machine: embedded broker + worker processes.
+
+Every child runs in its own session (process group) so that stopping the stack stops
+each worker's pool children too: SIGTERM (Celery's warm shutdown: running tasks finish),
+then SIGKILL for whatever is left after ``stop_timeout_s``. Nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from imgpipe.broker import EmbeddedRedis
+from imgpipe.settings import Settings
+
+__all__ = ["Stack", "child_env"]
+
+log = logging.getLogger(__name__)
+
+# The `celery` command line lets these bare variables override the app's config; a
+# stray BROKER_URL in the environment must not redirect imgpipe's workers.
+_CELERY_ENV_OVERRIDES = ("BROKER_URL", "RESULT_BACKEND", "APP", "CONFIG_MODULE", "LOADER")
+
+
+def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _CELERY_ENV_OVERRIDES}
+    env["IMGPIPE_DATA_DIR"] = str(settings.resolved_data_dir)
+    env["IMGPIPE_BROKER_URL"] = settings.effective_broker_url
+    env["IMGPIPE_DATABASE_URL"] = settings.effective_database_url
+    env["IMGPIPE_BLOB_URL"] = settings.effective_blob_url
+    env["IMGPIPE_REDIS_URL"] = settings.effective_redis_url
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    workers: tuple[str, ...] = ("orchestrator", "cpu", "gpu")
+    gpu_device: str = "cpu"
+    flower: bool = False
+    stop_timeout_s: float = 30.0
+    children: list[Child] = field(default_factory=list)
+    broker: EmbeddedRedis | None = None
+
+    @property
+    def log_dir(self) -> Path:
+        return self.settings.resolved_data_dir / "logs"
+
+    def start(self) -> None:
+        from db.migrate import upgrade
+
+        self.settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.settings.uses_embedded_broker:
+            self.broker = EmbeddedRedis(
+                self.settings.resolved_data_dir, self.settings.embedded_socket_path
+            )
+            self.broker.start()
+        upgrade(self.settings.effective_database_url)
+        for role in self.workers:
+            self._spawn(role, self._command(role))
+        if self.flower:
+            self._spawn("flower", self._flower_command())
+
+    def add_gpu_worker(self, device: str) -> None:
+        """One more model worker pinned to ``device`` (``cuda:N`` or ``cpu``)."""
+        command = [sys.executable, "-m", "imgpipe", "worker", "gpu", "--device", device]
+        self._spawn(f"gpu-{device.replace(':', '')}", command)
+
+    def _command(self, role: str) -> list[str]:
+        base = [sys.executable, "-m", "imgpipe"]
+        if role == "orchestrator":
+            return [*base, "orchestrator"]
+        if role == "cpu":
+            return [*base, "worker", "cpu"]
+        if role == "gpu":
+            return [*base, "worker", "gpu", "--device", self.gpu_device]
+        raise ValueError(f"unknown worker role {role!r}")
+
+    def _flower_command(self) -> list[str]:
+        password = self.settings.flower_password
+        assert password is not None
+        return [
+            sys.executable, "-m", "celery",
+            "--broker", self.settings.effective_broker_url,
+            "flower",
+            "--address=127.0.0.1",
+            f"--port={self.settings.flower_port}",
+            f"--basic-auth={self.settings.flower_user}:{password}",
+            f"--db={self.settings.resolved_data_dir / 'flower.db'}",
+        ]  # fmt: skip
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        log_path = self.log_dir / f"{name}.log"
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=child_env(self.settings),
+                start_new_session=True,
+            )
+        self.children.append(Child(name, process, log_path))
+
+    def check_alive(self) -> list[str]:
+        """Names of children that exited (with their log path) — empty when all run."""
+        return [
+            f"{c.name} (exit {c.process.returncode}, see {c.log_path})"
+            for c in self.children
+            if c.process.poll() is not None
+        ]
+
+    def stop(self) -> None:
+        for child in self.children:
+            _signal_group(child.process, signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout_s
+        for child in self.children:
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                child.process.wait(remaining)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in time; killing it", child.name)
+        for child in self.children:
+            # Pool children of a worker that exited can outlive it: kill the whole group.
+            _signal_group(child.process, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.process.wait(5)
+        self.children.clear()
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)

@@ -1,0 +1,64 @@
+"""Starting Celery worker processes for each role (called by the CLI in this process).
+
+- ``orchestrator``: the control queues, with the embedded beat scheduler for the reaper.
+- ``cpu``: quality and enhance, prefork pool.
+- ``gpu``: model stages, one prefork child per device so CUDA initialises in the child
+  only (and a hard time limit can kill a hung forward pass).
+Queue order is ``interactive`` then ``.bulk`` with the ``priority`` strategy.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+
+from imgpipe.celery_app import QUEUES, create_app
+from imgpipe.settings import Settings
+
+__all__ = ["run_worker"]
+
+ROLE_MODULES = {
+    "orchestrator": ["orchestrator.tasks"],
+    "cpu": ["workers.tasks"],
+    "gpu": ["workers.tasks"],
+}
+
+
+def run_worker(
+    settings: Settings,
+    role: str,
+    *,
+    device: str = "cpu",
+    queues: Sequence[str] | None = None,
+    concurrency: int | None = None,
+    loglevel: str = "INFO",
+) -> None:
+    if role not in ROLE_MODULES:
+        raise ValueError(f"unknown worker role {role!r}; choose orchestrator, cpu or gpu")
+    settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(settings, include=ROLE_MODULES[role])
+    role_queues = (
+        list(queues) if queues else list(QUEUES["control" if role == "orchestrator" else role])
+    )
+    if role == "gpu":
+        app.conf["imgpipe_device"] = device
+        if concurrency is None:
+            concurrency = 1
+    if concurrency is None:
+        concurrency = settings.cpu_concurrency if role == "cpu" else 2
+    node = f"{role}-{device.replace(':', '')}-{os.getpid()}@{socket.gethostname()}"
+    argv = [
+        "worker",
+        "--queues", ",".join(role_queues),
+        "--concurrency", str(concurrency),
+        "--pool", "prefork",
+        "--hostname", node,
+        "--loglevel", loglevel,
+        "--without-gossip",
+        "--without-mingle",
+    ]  # fmt: skip
+    if role == "orchestrator":
+        argv.append("--beat")
+        argv += ["--schedule", str(settings.resolved_data_dir / "celerybeat-schedule")]
+    app.worker_main(argv)

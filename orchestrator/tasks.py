@@ -1,0 +1,87 @@
+"""Celery tasks of the control queue: advance, submit, reap. Bodies stay thin."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from typing import Any
+
+from celery import Task, shared_task
+
+from imgpipe.celery_app import settings_of
+from imgpipe.contracts import ADVANCE_TASK, REAP_TASK, SUBMIT_TASK, Priority
+from imgpipe.errors import PermanentError, TransientError
+from orchestrator.context import OrchestratorContext
+from orchestrator.reaper import reap
+from orchestrator.submit import SubmitRequest, submit
+
+__all__ = ["advance_task", "reap_task", "submit_task"]
+
+log = logging.getLogger(__name__)
+
+_contexts: dict[int, OrchestratorContext] = {}
+
+
+def context_for(task: Task) -> OrchestratorContext:
+    app = task.app
+    ctx = _contexts.get(id(app))
+    if ctx is None:
+        ctx = OrchestratorContext(settings_of(app), app)
+        _contexts[id(app)] = ctx
+    return ctx
+
+
+@shared_task(
+    name=ADVANCE_TASK,
+    bind=True,
+    autoretry_for=(TransientError,),
+    retry_backoff=1,
+    retry_backoff_max=30,
+    max_retries=10,
+)
+def advance_task(self: Task, job_id: str) -> None:
+    from orchestrator.advance import advance_job
+
+    advance_job(context_for(self), job_id)
+
+
+@shared_task(name=REAP_TASK, bind=True)
+def reap_task(self: Task) -> dict[str, int]:
+    report = reap(context_for(self))
+    return {"redispatched": report.redispatched, "dead": report.dead, "advanced": report.advanced}
+
+
+@shared_task(
+    name=SUBMIT_TASK,
+    bind=True,
+    autoretry_for=(TransientError,),
+    retry_backoff=1,
+    retry_backoff_max=30,
+    max_retries=10,
+)
+def submit_task(self: Task, **fields: Any) -> dict[str, Any]:
+    """Celery clients: ``send_task("imgpipe.submit", kwargs={"image_b64": ..., ...})``.
+
+    Fields are those of the submit stream (docs/submitting.md); ``image_b64`` carries the
+    bytes because Celery messages are JSON.
+    """
+    try:
+        data = base64.b64decode(fields.pop("image_b64", ""), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise PermanentError(f"image_b64 is not valid base64: {exc}") from exc
+    request = SubmitRequest(
+        data=data,
+        pipeline=str(fields.pop("pipeline", settings_of(self.app).default_pipeline)),
+        priority=Priority(fields.pop("priority", Priority.INTERACTIVE)),
+        idempotency_key=fields.pop("idempotency_key", None),
+        source="celery",
+        metadata=fields.pop("metadata", None),
+        overrides=fields.pop("overrides", None),
+        reply_to=fields.pop("reply_to", None),
+        force=bool(fields.pop("force", False)),
+    )
+    if fields:
+        raise PermanentError(f"unknown submit field(s): {', '.join(sorted(fields))}")
+    result = submit(context_for(self), request)
+    return {"job_id": result.job_id, "status": result.status, "created": result.created}

@@ -1,0 +1,67 @@
+"""Celery tasks: one per stage kind, each three lines. The behaviour lives in
+workers/execute.py (claim, provenance, retries, advance)."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Task, shared_task
+
+from imgpipe.celery_app import settings_of
+from imgpipe.contracts import ADVANCE_TASK, CONTROL_QUEUE, stage_task_name
+from workers.execute import Outcome, StageExecutor
+
+__all__ = ["DEVICE_CONF_KEY", "StageTask"]
+
+log = logging.getLogger(__name__)
+
+DEVICE_CONF_KEY = "imgpipe_device"
+
+
+class StageTask(Task):  # type: ignore[misc]
+    """Base of every stage task: one executor per worker process."""
+
+    _executor: StageExecutor | None = None
+    acks_late = True
+    reject_on_worker_lost = True
+    ignore_result = True
+
+    @property
+    def executor(self) -> StageExecutor:
+        if StageTask._executor is None:
+            device = str(self.app.conf.get(DEVICE_CONF_KEY) or "cpu")
+            StageTask._executor = StageExecutor(settings_of(self.app), device)
+        return StageTask._executor
+
+    def execute_stage(self, stage_run_id: int) -> str:
+        outcome: Outcome = self.executor.run(stage_run_id, self.request.id)
+        if outcome.retry_in_s is not None:
+            raise self.retry(countdown=outcome.retry_in_s, max_retries=None)
+        if outcome.advance and outcome.job_id is not None:
+            self.app.send_task(ADVANCE_TASK, args=[outcome.job_id], queue=CONTROL_QUEUE)
+        return outcome.status
+
+
+@shared_task(name=stage_task_name("quality"), bind=True, base=StageTask)
+def quality(self: StageTask, stage_run_id: int) -> str:
+    return self.execute_stage(stage_run_id)
+
+
+@shared_task(name=stage_task_name("enhance"), bind=True, base=StageTask)
+def enhance(self: StageTask, stage_run_id: int) -> str:
+    return self.execute_stage(stage_run_id)
+
+
+@shared_task(name=stage_task_name("detect"), bind=True, base=StageTask)
+def detect(self: StageTask, stage_run_id: int) -> str:
+    return self.execute_stage(stage_run_id)
+
+
+@shared_task(name=stage_task_name("anomaly"), bind=True, base=StageTask)
+def anomaly(self: StageTask, stage_run_id: int) -> str:
+    return self.execute_stage(stage_run_id)
+
+
+@shared_task(name=stage_task_name("moderate"), bind=True, base=StageTask)
+def moderate(self: StageTask, stage_run_id: int) -> str:
+    return self.execute_stage(stage_run_id)
