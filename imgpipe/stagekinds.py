@@ -27,6 +27,8 @@ class StageKind:
     requires: tuple[str, ...] = ()
     """Importable top-level modules the implementation needs."""
     description: str = ""
+    entry: str = "run_stage_batch"
+    """Name of the ``workers.runtime.BatchRunner`` function in ``implementation``."""
 
 
 STAGE_KINDS: dict[str, StageKind] = {
@@ -35,18 +37,20 @@ STAGE_KINDS: dict[str, StageKind] = {
         StageKind(
             "quality",
             CPU_QUEUE,
-            "workers.stages.quality",
+            "workers.stages.classical",
             "1",
             ("cv2", "numpy"),
             "sharpness, exposure, contrast, noise, resolution, blockiness -> score + flags",
+            entry="run_quality_batch",
         ),
         StageKind(
             "enhance",
             CPU_QUEUE,
-            "workers.stages.enhance",
+            "workers.stages.classical",
             "1",
             ("cv2", "numpy"),
             "gamma/CLAHE, denoise, unsharp chosen from the quality flags",
+            entry="run_enhance_batch",
         ),
         StageKind(
             "detect",

@@ -60,12 +60,12 @@ def job_report(session: Session, job_id: str) -> dict[str, Any] | None:
     job = get_job(session, job_id)
     if job is None:
         return None
-    counts = dict(
+    counts: dict[int, int] = dict(
         session.execute(
             select(Detection.stage_run_id, func.count())
             .where(Detection.job_id == job_id)
             .group_by(Detection.stage_run_id)
-        ).tuples()
+        ).all()
     )
     elapsed_ms = None
     if job.finished_at is not None:
@@ -94,8 +94,8 @@ def job_report(session: Session, job_id: str) -> dict[str, Any] | None:
 
 
 def job_statuses(session: Session, job_ids: Sequence[str]) -> dict[str, str]:
-    rows = session.execute(select(Job.id, Job.status).where(Job.id.in_(list(job_ids)))).tuples()
-    return dict(rows)
+    rows = session.execute(select(Job.id, Job.status).where(Job.id.in_(list(job_ids)))).all()
+    return {job_id: status for job_id, status in rows}
 
 
 def all_terminal(statuses: dict[str, str]) -> bool:

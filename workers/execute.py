@@ -105,8 +105,8 @@ class StageExecutor:
     def runner(self, kind: str) -> BatchRunner:
         runner = self._runners.get(kind)
         if runner is None:
-            module = importlib.import_module(STAGE_KINDS[kind].implementation)
-            runner = module.run_stage_batch
+            spec = STAGE_KINDS[kind]
+            runner = getattr(importlib.import_module(spec.implementation), spec.entry)
             self._runners[kind] = runner
         return runner
 

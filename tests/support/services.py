@@ -1,0 +1,75 @@
+"""Real services for tests: an embedded redis-server, a fresh database, worker processes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+from db.engine import normalize_url
+from imgpipe.celery_app import create_app
+from imgpipe.settings import Settings
+from imgpipe.stack import Stack
+
+__all__ = ["TEST_PG_ENV", "fresh_postgres_database", "short_tmp_dir", "wait_workers_ready"]
+
+TEST_PG_ENV = "IMGPIPE_TEST_DATABASE_URL"
+
+
+def short_tmp_dir(prefix: str) -> Path:
+    """A temp dir with a short path: unix socket paths are limited to ~100 bytes."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@contextmanager
+def fresh_postgres_database(server_url: str) -> Iterator[str]:
+    """Create an empty database on the server of ``server_url``; drop it afterwards."""
+    url = make_url(normalize_url(server_url))
+    name = f"imgpipe_test_{uuid.uuid4().hex[:10]}"
+    admin_dsn = url.set(drivername="postgresql", database=url.database or "postgres")
+    admin = admin_dsn.render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        from db.engine import _engines
+
+        for key, engine in list(_engines.items()):
+            if key[1].endswith(f"/{name}"):
+                engine.dispose()
+        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def wait_workers_ready(
+    settings: Settings, stack: Stack, expected: int, timeout_s: float = 60
+) -> None:
+    """Block until ``expected`` workers answer a broadcast ping."""
+    app = create_app(settings)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            dead = stack.check_alive()
+            if dead:
+                logs = "\n".join(
+                    c.log_path.read_text(errors="replace")[-3000:] for c in stack.children
+                )
+                raise RuntimeError(f"worker exited during start: {dead}\n{logs}")
+            replies = app.control.ping(timeout=0.5) or []
+            if len(replies) >= expected:
+                return
+        raise RuntimeError(f"only some of {expected} workers answered within {timeout_s} s")
+    finally:
+        app.close()
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0", "false")

@@ -1,0 +1,48 @@
+"""Batch runners for the classical stages (quality, enhance): StageInput -> StageOutput.
+
+The pure functions live in quality.py and enhance.py; this module only adapts them to
+the task wrapper's contract (workers/runtime.py). Enhance reads the quality result of the
+stage it needs (the first upstream quality output) to choose its operations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from imgpipe.errors import PermanentError
+from workers.runtime import StageInput, StageOutput, StageSkip
+from workers.stages.enhance import EnhanceParams, enhance_image
+from workers.stages.quality import QualityParams, QualityResult, assess_quality
+
+__all__ = ["run_enhance_batch", "run_quality_batch"]
+
+
+def run_quality_batch(inputs: Sequence[StageInput]) -> list[StageOutput | StageSkip]:
+    results: list[StageOutput | StageSkip] = []
+    for item in inputs:
+        params = QualityParams.from_json(item.params)
+        results.append(StageOutput(output=assess_quality(item.image, params).to_json()))
+    return results
+
+
+def _upstream_quality(upstream: Mapping[str, Mapping[str, Any]]) -> QualityResult:
+    for output in upstream.values():
+        if "score" in output and "flags" in output and "usable" in output:
+            return QualityResult.from_json(output)
+    raise PermanentError(
+        "enhance needs the result of a quality stage: list one in this stage's `needs` "
+        "in the pipeline spec"
+    )
+
+
+def run_enhance_batch(inputs: Sequence[StageInput]) -> list[StageOutput | StageSkip]:
+    results: list[StageOutput | StageSkip] = []
+    for item in inputs:
+        params = EnhanceParams.from_json(item.params)
+        quality = _upstream_quality(item.upstream)
+        enhanced = enhance_image(item.image, quality, params)
+        output = enhanced.to_json()
+        output["width"], output["height"] = item.image_size
+        results.append(StageOutput(output=output, image=enhanced.image))
+    return results
