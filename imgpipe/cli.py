@@ -68,6 +68,8 @@ def run(
     reports: list[dict[str, Any]] = []
     unreadable: list[tuple[Path, str]] = []
     with Stack(settings, workers=roles, gpu_device=device) as stack:
+        with console.status("starting broker and workers"):
+            stack.wait_ready()
         ctx = OrchestratorContext(settings)
         submitted: list[tuple[Path, str]] = []
         started = time.monotonic()

@@ -71,6 +71,7 @@ def render_results_table(
     table.add_column("ms", justify="right")
     for report in reports:
         status = str(report.get("status"))
+        shown_status = f"{status} (cached)" if report.get("cache_hit_of") else status
         stages = {s["stage"]: s for s in report.get("stages", [])}
         cells = [stage_cell(stages[n]) if n in stages else "" for n in stage_names]
         if status == "rejected":
@@ -79,7 +80,7 @@ def render_results_table(
         table.add_row(
             Path(str(report.get("file", report.get("job_id")))).name,
             str(report.get("job_id", ""))[:8],
-            f"[{_STATUS_STYLE.get(status, 'white')}]{status}[/]",
+            f"[{_STATUS_STYLE.get(status, 'white')}]{shown_status}[/]",
             str(report.get("verdict") or ""),
             *cells,
             f"{elapsed:.0f}" if isinstance(elapsed, float) else "",

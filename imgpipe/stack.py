@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 
 from imgpipe.broker import EmbeddedRedis
+from imgpipe.errors import TransientError
 from imgpipe.settings import Settings
 
 __all__ = ["Stack", "child_env"]
@@ -127,6 +128,32 @@ class Stack:
             for c in self.children
             if c.process.poll() is not None
         ]
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Block until every started worker answers a broadcast ping.
+
+        Raises TransientError if a child exits or the timeout passes (with log tails).
+        """
+        from imgpipe.celery_app import create_app
+
+        expected = sum(1 for c in self.children if c.name != "flower")
+        app = create_app(self.settings)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                dead = self.check_alive()
+                if dead:
+                    raise TransientError(f"worker exited during start: {', '.join(dead)}")
+                replies = app.control.ping(timeout=0.5) or []
+                if len(replies) >= expected:
+                    return
+                if time.monotonic() > deadline:
+                    raise TransientError(
+                        f"{len(replies)} of {expected} workers answered within {timeout_s:.0f} s; "
+                        f"see the logs in {self.log_dir}"
+                    )
+        finally:
+            app.close()
 
     def stop(self) -> None:
         for child in self.children:

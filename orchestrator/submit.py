@@ -209,6 +209,7 @@ def submit(ctx: OrchestratorContext, request: SubmitRequest) -> SubmitResult:
     except ImageRejectedError as exc:
         rejection = exc
     job = Job(
+        created_at=utcnow(),
         input_sha256=sha,
         pipeline=spec.name,
         pipeline_hash=p_hash,

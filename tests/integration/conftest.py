@@ -12,7 +12,7 @@ from imgpipe.broker import EmbeddedRedis
 from imgpipe.settings import Settings
 from imgpipe.stack import Stack
 from orchestrator.context import OrchestratorContext
-from tests.support.services import short_tmp_dir, wait_workers_ready
+from tests.support.services import short_tmp_dir
 
 
 def make_settings(broker: EmbeddedRedis, database_url: str, **overrides: object) -> Settings:
@@ -43,7 +43,7 @@ def running_stack(stack_settings: Settings, redis_broker: EmbeddedRedis) -> Iter
     redis_broker.client().flushall()
     stack = Stack(stack_settings, workers=("orchestrator", "cpu"), stop_timeout_s=15)
     with stack:
-        wait_workers_ready(stack_settings, stack, expected=2)
+        stack.wait_ready(60)
         yield stack
 
 

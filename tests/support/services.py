@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,11 +13,8 @@ import psycopg
 from sqlalchemy.engine import make_url
 
 from db.engine import normalize_url
-from imgpipe.celery_app import create_app
-from imgpipe.settings import Settings
-from imgpipe.stack import Stack
 
-__all__ = ["TEST_PG_ENV", "fresh_postgres_database", "short_tmp_dir", "wait_workers_ready"]
+__all__ = ["TEST_PG_ENV", "fresh_postgres_database", "short_tmp_dir"]
 
 TEST_PG_ENV = "IMGPIPE_TEST_DATABASE_URL"
 
@@ -47,28 +43,6 @@ def fresh_postgres_database(server_url: str) -> Iterator[str]:
                 engine.dispose()
         with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def wait_workers_ready(
-    settings: Settings, stack: Stack, expected: int, timeout_s: float = 60
-) -> None:
-    """Block until ``expected`` workers answer a broadcast ping."""
-    app = create_app(settings)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            dead = stack.check_alive()
-            if dead:
-                logs = "\n".join(
-                    c.log_path.read_text(errors="replace")[-3000:] for c in stack.children
-                )
-                raise RuntimeError(f"worker exited during start: {dead}\n{logs}")
-            replies = app.control.ping(timeout=0.5) or []
-            if len(replies) >= expected:
-                return
-        raise RuntimeError(f"only some of {expected} workers answered within {timeout_s} s")
-    finally:
-        app.close()
 
 
 def env_flag(name: str) -> bool:
