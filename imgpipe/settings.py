@@ -7,6 +7,7 @@ built explicitly (``Settings()``) and passed into factories; nothing reads them 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pydantic import Field
@@ -83,12 +84,62 @@ class Settings(BaseSettings):
         default=None, description="Override for the code version stamped on stage runs."
     )
 
+    # Submit stream consumer (orchestrator/ingest.py, `imgpipe ingest`; docs/submitting.md).
+    ingest_batch: int = Field(
+        default=32, ge=1, le=1000, description="Entries read per XREADGROUP (COUNT)."
+    )
+    ingest_block_ms: int = Field(
+        default=1000, ge=1, description="How long one XREADGROUP waits for new entries (BLOCK)."
+    )
+    ingest_claim_idle_ms: int = Field(
+        default=60_000,
+        ge=100,
+        description="An entry pending this long (its consumer died or failed) is reclaimed "
+        "with XAUTOCLAIM and processed again.",
+    )
+    ingest_max_deliveries: int = Field(
+        default=5,
+        ge=1,
+        description="Deliveries (XPENDING delivery count) after which a failing entry moves to "
+        "imgpipe:submit:dead.",
+    )
+    submit_maxlen: int = Field(
+        default=100_000,
+        ge=1000,
+        description="MAXLEN ~ cap of the submit and dead-letter streams (and the cap clients "
+        "should pass to XADD).",
+    )
+    metadata_max_bytes: int = Field(
+        default=16 * 1024, ge=64, description="Largest `metadata` / `overrides` JSON accepted."
+    )
+
+    # Webhooks (orchestrator/webhooks.py): the completed event, POSTed and HMAC-signed.
+    webhook_url: str | None = Field(
+        default=None, description="POST every job's completed event here (http or https)."
+    )
+    webhook_secret: str | None = Field(
+        default=None, description="HMAC-SHA256 key for X-Imgpipe-Signature; required with a URL."
+    )
+    webhook_max_attempts: int = Field(
+        default=8, ge=1, description="Deliveries tried (with exponential backoff) per event."
+    )
+
     # Flower.
     flower_port: int = 5555
     flower_user: str = "admin"
     flower_password: str | None = Field(
         default=None, description="Basic-auth password for Flower; unset: Flower is not started."
     )
+
+    def to_env(self) -> dict[str, str]:
+        """``IMGPIPE_*`` variables that rebuild these settings in a child process."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump(mode="json").items():
+            if value is None:
+                continue
+            key = f"IMGPIPE_{name.upper()}"
+            env[key] = value if isinstance(value, str) else json.dumps(value)
+        return env
 
     def stage_time_limit_s(self, kind: str) -> int:
         return self.stage_time_limits_s.get(kind, DEFAULT_STAGE_TIME_LIMIT_S)

@@ -28,11 +28,19 @@ log = logging.getLogger(__name__)
 
 # The `celery` command line lets these bare variables override the app's config; a
 # stray BROKER_URL in the environment must not redirect imgpipe's workers.
+# Children that answer no Celery ping: Flower and the submit-stream consumer.
+NOT_CELERY_WORKERS = frozenset({"flower", "ingest"})
+
 _CELERY_ENV_OVERRIDES = ("BROKER_URL", "RESULT_BACKEND", "APP", "CONFIG_MODULE", "LOADER")
 
 
 def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _CELERY_ENV_OVERRIDES}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _CELERY_ENV_OVERRIDES and not k.startswith("IMGPIPE_")
+    }
+    env.update(settings.to_env())
     env["IMGPIPE_DATA_DIR"] = str(settings.resolved_data_dir)
     env["IMGPIPE_BROKER_URL"] = settings.effective_broker_url
     env["IMGPIPE_DATABASE_URL"] = settings.effective_database_url
@@ -48,6 +56,7 @@ class Child:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    command: list[str]
 
 
 @dataclass
@@ -93,6 +102,8 @@ class Stack:
             return [*base, "worker", "cpu"]
         if role == "gpu":
             return [*base, "worker", "gpu", "--device", self.gpu_device]
+        if role == "ingest":
+            return [*base, "ingest"]
         raise ValueError(f"unknown worker role {role!r}")
 
     def _flower_command(self) -> list[str]:
@@ -119,7 +130,26 @@ class Stack:
                 env=child_env(self.settings),
                 start_new_session=True,
             )
-        self.children.append(Child(name, process, log_path))
+        self.children.append(Child(name, process, log_path, command))
+
+    def child(self, name: str) -> Child:
+        for child in self.children:
+            if child.name == name:
+                return child
+        raise KeyError(f"no child process named {name!r}")
+
+    def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Signal a child's whole process group (tests use SIGKILL to simulate a crash)."""
+        child = self.child(name)
+        _signal_group(child.process, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.process.wait(10)
+
+    def respawn(self, name: str) -> None:
+        """Start a stopped child again with the same command."""
+        child = self.child(name)
+        self.children.remove(child)
+        self._spawn(name, child.command)
 
     def check_alive(self) -> list[str]:
         """Names of children that exited (with their log path) — empty when all run."""
@@ -136,7 +166,7 @@ class Stack:
         """
         from imgpipe.celery_app import create_app
 
-        expected = sum(1 for c in self.children if c.name != "flower")
+        expected = sum(1 for c in self.children if c.name not in NOT_CELERY_WORKERS)
         app = create_app(self.settings)
         deadline = time.monotonic() + timeout_s
         try:

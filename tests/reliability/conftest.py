@@ -1,0 +1,60 @@
+"""Reliability tests build their own short-deadline stack per test so they can kill it."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from db.migrate import upgrade
+from imgpipe.broker import EmbeddedRedis
+from imgpipe.settings import Settings
+from imgpipe.stack import Stack
+from tests.support.services import short_tmp_dir
+
+SHORT_LIMITS_S = {"quality": 4, "enhance": 4, "detect": 30, "anomaly": 30, "moderate": 30}
+
+
+@pytest.fixture
+def own_broker() -> Iterator[EmbeddedRedis]:
+    directory = short_tmp_dir("iprr-")
+    broker = EmbeddedRedis(directory)
+    broker.start()
+    yield broker
+    broker.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def short_deadline_settings(own_broker: EmbeddedRedis, database_url: str) -> Iterator[Settings]:
+    data_dir = short_tmp_dir("iprd-")
+    settings = Settings(
+        data_dir=data_dir,
+        broker_url=own_broker.celery_url,
+        database_url=database_url,
+        blob_url=(data_dir / "blobs").as_uri(),
+        stage_time_limits_s=SHORT_LIMITS_S,
+        dispatch_grace_s=1,
+        reaper_interval_s=0.5,
+        retry_backoff_s=0.2,
+    )
+    upgrade(database_url)
+    yield settings
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def make_stack(short_deadline_settings: Settings) -> Iterator[Callable[..., Stack]]:
+    stacks: list[Stack] = []
+
+    def start(workers: tuple[str, ...] = ("orchestrator", "cpu")) -> Stack:
+        stack = Stack(short_deadline_settings, workers=workers, stop_timeout_s=10)
+        stack.start()
+        stacks.append(stack)
+        stack.wait_ready(60)
+        return stack
+
+    yield start
+    for stack in stacks:
+        stack.stop()

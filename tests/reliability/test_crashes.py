@@ -1,0 +1,127 @@
+"""Killed workers, refused messages and a crashed broker delay jobs but never lose them."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+
+from db.engine import session_scope
+from db.models import Job, StageRun
+from imgpipe.broker import EmbeddedRedis
+from imgpipe.contracts import JobStatus, StageStatus
+from imgpipe.settings import Settings
+from imgpipe.stack import Stack
+from orchestrator.context import OrchestratorContext
+from orchestrator.submit import SubmitRequest, submit
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+def photo_jpeg(seed: int, size: tuple[int, int] = (1280, 720)) -> bytes:
+    """A textured test image, different per seed (so no cache hits)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)
+    pixels = np.asarray(Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def wait_terminal(settings: Settings, job_ids: list[str], timeout_s: float) -> dict[str, str]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with session_scope(settings.effective_database_url) as session:
+            rows = session.execute(select(Job.id, Job.status).where(Job.id.in_(job_ids))).all()
+        statuses = {job_id: status for job_id, status in rows}
+        if all(JobStatus(s).terminal for s in statuses.values()):
+            return statuses
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not terminal after {timeout_s} s: {statuses}")
+        time.sleep(0.2)
+
+
+class PickleSendingContext(OrchestratorContext):
+    """A misbehaving producer: the same task messages, serialised with pickle."""
+
+    def send(self, task_name: str, args: list[Any], queue: str, **options: Any) -> None:
+        self.celery.send_task(task_name, args=args, queue=queue, serializer="pickle", **options)
+
+
+def test_pickle_message_is_refused_and_the_reaper_redispatches_from_sql(
+    make_stack: Callable[..., Stack], short_deadline_settings: Settings
+) -> None:
+    make_stack()
+    evil = PickleSendingContext(short_deadline_settings)
+    result = submit(evil, SubmitRequest(data=photo_jpeg(1), pipeline="basic"))
+    statuses = wait_terminal(short_deadline_settings, [result.job_id], 60)
+    assert statuses[result.job_id] == JobStatus.SUCCEEDED
+    with session_scope(short_deadline_settings.effective_database_url) as session:
+        quality = session.execute(
+            select(StageRun).where(StageRun.job_id == result.job_id, StageRun.stage == "quality")
+        ).scalar_one()
+        assert quality.attempts == 1, "the pickle message must never have run the stage"
+        assert quality.dispatch_count == 2, "the reaper re-dispatched it once"
+
+
+def test_killed_worker_mid_stage_leaves_one_result_per_stage(
+    make_stack: Callable[..., Stack], short_deadline_settings: Settings
+) -> None:
+    stack = make_stack()
+    ctx = OrchestratorContext(short_deadline_settings)
+    job_ids = [
+        submit(ctx, SubmitRequest(data=photo_jpeg(100 + i, (1920, 1080)), pipeline="basic")).job_id
+        for i in range(12)
+    ]
+    db_url = short_deadline_settings.effective_database_url
+    deadline = time.monotonic() + 30
+    running: list[int] = []
+    while not running and time.monotonic() < deadline:
+        with session_scope(db_url) as session:
+            running = list(
+                session.execute(
+                    select(StageRun.id).where(StageRun.status == StageStatus.RUNNING)
+                ).scalars()
+            )
+        time.sleep(0.005)
+    assert running, "no stage was seen running"
+    stack.kill("cpu")
+    stack.respawn("cpu")
+    statuses = wait_terminal(short_deadline_settings, job_ids, 120)
+    assert set(statuses.values()) == {JobStatus.SUCCEEDED}
+    with session_scope(db_url) as session:
+        per_job = session.execute(
+            select(StageRun.job_id, func.count())
+            .where(StageRun.job_id.in_(job_ids))
+            .group_by(StageRun.job_id)
+        ).all()
+        assert {count for _, count in per_job} == {2}
+        rerun = session.execute(select(StageRun).where(StageRun.id.in_(running))).scalars().all()
+        assert all(r.status == StageStatus.SUCCEEDED for r in rerun)
+        assert all(r.attempts >= 2 or r.dispatch_count >= 2 for r in rerun)
+
+
+def test_broker_crash_and_restart_delays_but_loses_no_job(
+    make_stack: Callable[..., Stack],
+    short_deadline_settings: Settings,
+    own_broker: EmbeddedRedis,
+) -> None:
+    make_stack()
+    ctx = OrchestratorContext(short_deadline_settings)
+    job_ids = [
+        submit(ctx, SubmitRequest(data=photo_jpeg(500 + i), pipeline="basic")).job_id
+        for i in range(20)
+    ]
+    time.sleep(0.3)
+    own_broker.kill()
+    time.sleep(1.0)
+    own_broker.start()
+    statuses = wait_terminal(short_deadline_settings, job_ids, 150)
+    assert set(statuses.values()) == {JobStatus.SUCCEEDED}
