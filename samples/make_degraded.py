@@ -36,7 +36,7 @@ NOISE_SEED = 20240601
 BLUR_SIGMA_PX = 2.5
 DARKEN_FACTOR = 0.3
 NOISE_SIGMA = 15.0
-CONTRAST_FACTOR = 0.3
+CONTRAST_FACTOR = 0.25
 
 
 def blur(image: NDArray[np.uint8], sigma_px: float) -> NDArray[np.uint8]:
@@ -84,7 +84,9 @@ def export_photographs() -> None:
     from skimage import data
 
     for name in PHOTOS:
-        save_jpeg(np.ascontiguousarray(getattr(data, name)(), dtype=np.uint8), SAMPLES_DIR / f"{name}.jpg")
+        save_jpeg(
+            np.ascontiguousarray(getattr(data, name)(), dtype=np.uint8), SAMPLES_DIR / f"{name}.jpg"
+        )
 
     bench = Image.fromarray(np.ascontiguousarray(getattr(data, BENCH_PHOTO)(), dtype=np.uint8))
     width, height = BENCH_SIZE

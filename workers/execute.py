@@ -9,6 +9,7 @@ upserts on the (job, stage) row, detections are replaced, blobs are content-addr
 from __future__ import annotations
 
 import importlib
+import io
 import logging
 import os
 import socket
@@ -53,6 +54,7 @@ class Claim:
     original_size: tuple[int, int]
     upstream: dict[str, dict[str, Any]]
     idempotency_key: str | None
+    priority: str = "interactive"
 
 
 @dataclass(frozen=True)
@@ -64,13 +66,18 @@ class Outcome:
     advance: bool = False
     retry_in_s: float | None = None
     error: str | None = None
+    priority: str | None = None
+    """The job's priority: its ``advance`` goes to the matching control queue."""
 
 
-def _png(pixels: NDArray[np.uint8]) -> bytes:
-    import io
+ARTIFACT_JPEG_QUALITY = 95
 
+
+def _viewable_jpeg(pixels: NDArray[np.uint8]) -> bytes:
+    """The human-viewable copy of an output image. Downstream stages never read it: they
+    read the lossless .npy working copy. (PNG cost ~140 ms at 1080p here, JPEG ~10 ms.)"""
     buffer = io.BytesIO()
-    PILImage.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    PILImage.fromarray(pixels).save(buffer, format="JPEG", quality=ARTIFACT_JPEG_QUALITY)
     return buffer.getvalue()
 
 
@@ -194,6 +201,7 @@ class StageExecutor:
                 original_size=(image.width, image.height),
                 upstream=upstream,
                 idempotency_key=job.idempotency_key,
+                priority=job.priority,
             )
 
     # -- run ----------------------------------------------------------------------------
@@ -253,11 +261,14 @@ class StageExecutor:
         output: dict[str, Any] = {}
         if isinstance(result, StageOutput):
             output = dict(result.output)
-            if result.image is not None:
+            if result.passthrough:
+                output["working_blob_key"] = claim.image_key
+                output["unchanged"] = True
+            elif result.image is not None:
                 output["working_blob_key"] = self.blobs.put(
                     encode_npy(result.image), "application/x-npy"
                 )
-                blob_key = self.blobs.put(_png(result.image), "image/png")
+                blob_key = self.blobs.put(_viewable_jpeg(result.image), "image/jpeg")
             elif result.blob is not None:
                 blob_key = self.blobs.put(
                     result.blob, result.blob_media_type or "application/octet-stream"
@@ -268,7 +279,7 @@ class StageExecutor:
         with session_scope(self.db_url) as session:
             row = lock_stage_run(session, claim.stage_run_id)
             if row is None or StageStatus(row.status).terminal:
-                return Outcome("duplicate", claim.job_id, advance=True)
+                return Outcome("duplicate", claim.job_id, advance=True, priority=claim.priority)
             if row.attempts != claim.attempt:
                 log.info(
                     "stage run %s attempt %s finished after attempt %s started; keeping ours",
@@ -316,7 +327,7 @@ class StageExecutor:
             attempt=claim.attempt,
             compute_ms=round(compute_ms, 2),
         )
-        return Outcome(str(event), claim.job_id, advance=True)
+        return Outcome(str(event), claim.job_id, advance=True, priority=claim.priority)
 
     def _fail(
         self, stage_run_id: int, claim: Claim | None, error: str, *, permanent: bool
@@ -364,4 +375,5 @@ class StageExecutor:
             status=status,
             error=error,
         )
-        return Outcome(status, job_id, advance=True, error=error)
+        priority = claim.priority if claim else None
+        return Outcome(status, job_id, advance=True, error=error, priority=priority)

@@ -59,6 +59,9 @@ class StageOutput:
     """For image-producing stages (enhance): the output pixels, HxWx3 RGB uint8. The
     wrapper stores them as a PNG blob (the viewable artifact, ``output_blob_key``) and as a
     raw working copy that downstream stages load without decoding."""
+    passthrough: bool = False
+    """For image-producing stages that changed nothing: downstream stages read the input
+    image itself, and no new blob is written."""
     model: Mapping[str, str] | None = None
     """``ModelInfo.to_json()`` of the model that produced the result, if any."""
     detections: Sequence[DetectionRow] = field(default_factory=tuple)

@@ -44,5 +44,8 @@ def run_enhance_batch(inputs: Sequence[StageInput]) -> list[StageOutput | StageS
         enhanced = enhance_image(item.image, quality, params)
         output = enhanced.to_json()
         output["width"], output["height"] = item.image_size
-        results.append(StageOutput(output=output, image=enhanced.image))
+        if enhanced.applied:
+            results.append(StageOutput(output=output, image=enhanced.image))
+        else:
+            results.append(StageOutput(output=output, passthrough=True))
     return results

@@ -1,0 +1,152 @@
+"""Orchestration overhead and throughput of the embedded stack (docs/benchmarks.md).
+
+    python -m benchmarks.orchestration [--pipeline basic] [--latency-jobs 30] [--throughput-jobs 200]
+        [--database-url postgresql://postgres@127.0.0.1:5432/bench]
+
+1. Baseline, in this process: decode + the pipeline's stage functions called directly on
+   the 1080p sample (what the work costs with no Celery, Redis or SQL at all).
+2. Latency: one job at a time through the real stack; per job, end-to-end time
+   (submit call to job finished_at) minus the stages' own compute_ms = orchestration
+   overhead (queue hops, claims, DB writes, blob I/O, advance).
+3. Throughput: N jobs submitted at once; images/s from first submit to last finish.
+Every job uses force=True so the result cache is not hit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from db.engine import session_scope
+from db.models import Job, StageRun
+from imgpipe.contracts import JobStatus
+from imgpipe.decode import DecodeLimits, decode_image
+from imgpipe.settings import Settings
+from imgpipe.stack import Stack
+from orchestrator.context import OrchestratorContext
+from orchestrator.submit import SubmitRequest, submit
+
+SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "photo_1080p.jpg"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def baseline_ms(data: bytes, repeats: int) -> dict[str, float]:
+    from workers.stages.enhance import enhance_image
+    from workers.stages.quality import assess_quality
+
+    timings = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        decoded = decode_image(data, DecodeLimits())
+        quality = assess_quality(decoded.pixels)
+        enhance_image(decoded.pixels, quality)
+        timings.append((time.perf_counter() - t0) * 1000)
+    return {"p50_ms": statistics.median(timings), "min_ms": min(timings)}
+
+
+def wait_all(ctx: OrchestratorContext, job_ids: list[str], timeout_s: float = 1800) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = set(job_ids)
+    while pending:
+        with session_scope(ctx.database_url) as session:
+            rows = session.execute(
+                select(Job.id, Job.status).where(Job.id.in_(list(pending)))
+            ).all()
+        pending -= {job_id for job_id, status in rows if JobStatus(status).terminal}
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(pending)} jobs unfinished")
+        time.sleep(0.002 if len(job_ids) == 1 else 0.05)
+
+
+def job_costs(ctx: OrchestratorContext, job_id: str) -> tuple[datetime, datetime, float, str]:
+    with session_scope(ctx.database_url) as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.finished_at is not None
+        compute = sum(
+            r.compute_ms or 0.0
+            for r in session.execute(select(StageRun).where(StageRun.job_id == job_id)).scalars()
+        )
+        return job.created_at, job.finished_at, compute, job.status
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pipeline", default="basic")
+    parser.add_argument("--latency-jobs", type=int, default=30)
+    parser.add_argument("--throughput-jobs", type=int, default=200)
+    parser.add_argument("--database-url", default=None)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    data = SAMPLE.read_bytes()
+    base = baseline_ms(data, 10)
+    data_dir = Path(tempfile.mkdtemp(prefix="ipbench-", dir="/tmp"))
+    settings = Settings(data_dir=data_dir, database_url=args.database_url)
+    needs_gpu = args.pipeline != "basic"
+    roles = ("orchestrator", "cpu", "gpu") if needs_gpu else ("orchestrator", "cpu")
+    result: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
+        "pipeline": args.pipeline,
+        "database": settings.effective_database_url.split(":")[0],
+        "baseline_in_process_ms": base,
+    }
+    with Stack(settings, workers=roles, gpu_device=args.device) as stack:
+        stack.wait_ready()
+        ctx = OrchestratorContext(settings)
+        # warm-up: load models, fill caches
+        for _ in range(3):
+            job_id = submit(ctx, SubmitRequest(data=data, pipeline=args.pipeline, force=True)).job_id
+            wait_all(ctx, [job_id])
+        e2e, overhead, compute = [], [], []
+        for _ in range(args.latency_jobs):
+            t0 = time.perf_counter()
+            job_id = submit(ctx, SubmitRequest(data=data, pipeline=args.pipeline, force=True)).job_id
+            wait_all(ctx, [job_id])
+            total_ms = (time.perf_counter() - t0) * 1000
+            _, _, compute_ms, status = job_costs(ctx, job_id)
+            assert status == JobStatus.SUCCEEDED, status
+            e2e.append(total_ms)
+            compute.append(compute_ms)
+            overhead.append(total_ms - compute_ms)
+        result["latency"] = {
+            "jobs": args.latency_jobs,
+            "e2e_p50_ms": statistics.median(e2e),
+            "e2e_p90_ms": percentile(e2e, 0.9),
+            "stage_compute_p50_ms": statistics.median(compute),
+            "overhead_p50_ms": statistics.median(overhead),
+            "overhead_p90_ms": percentile(overhead, 0.9),
+        }
+        t0 = time.perf_counter()
+        job_ids = [
+            submit(ctx, SubmitRequest(data=data, pipeline=args.pipeline, force=True)).job_id
+            for _ in range(args.throughput_jobs)
+        ]
+        submit_s = time.perf_counter() - t0
+        wait_all(ctx, job_ids)
+        wall_s = time.perf_counter() - t0
+        result["throughput"] = {
+            "jobs": args.throughput_jobs,
+            "submit_s": submit_s,
+            "wall_s": wall_s,
+            "images_per_s": args.throughput_jobs / wall_s,
+            "baseline_in_process_images_per_s": 1000 / base["p50_ms"],
+        }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
