@@ -1,6 +1,6 @@
 """Time the quality and enhance stage functions on samples/photo_1080p.jpg.
 
-    .venv/bin/python samples/bench_quality_enhance.py [--repeat N] [--compare-denoise]
+    .venv/bin/python benchmarks/quality_enhance.py [--repeat N] [--compare-denoise]
 
 Prints the machine, the date and a Markdown table (median / p90 / min in ms) that
 docs/quality-enhance.md quotes. Enhance is timed with its flags forced, so every
@@ -30,7 +30,7 @@ from PIL import Image
 from workers.stages.enhance import EnhanceParams, enhance_image
 from workers.stages.quality import assess_quality
 
-SAMPLES = Path(__file__).resolve().parent
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 PHOTO = SAMPLES / "photo_1080p.jpg"
 Image8 = NDArray[np.uint8]
 

@@ -185,7 +185,7 @@ def test_params_set_the_strength_of_the_operations(load_sample: LoadSample) -> N
 
 
 def test_every_flag_with_an_operation_gets_it_on_a_1080p_photo(load_sample: LoadSample) -> None:
-    # Speed is measured by samples/bench_quality_enhance.py (docs/benchmarks.md), not here.
+    # Speed is measured by benchmarks/quality_enhance.py (docs/benchmarks.md), not here.
     image = load_sample("photo_1080p")
     quality = forced(assess_quality(image), EVERY_FLAG_FIXED_BY_AN_OP)
     result = enhance_image(image, quality, EnhanceParams(contrast_rms_target=1.0))
