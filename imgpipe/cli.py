@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from imgpipe.cli_ingest import add_ingest_commands
 from imgpipe.cli_ops import add_ops_commands
 from imgpipe.cli_render import render_results_table
 from imgpipe.contracts import JobStatus, Priority
@@ -162,7 +163,7 @@ def up(
     with_flower = flower and settings.flower_password is not None
     if flower and not with_flower:
         console.print("Flower not started: set IMGPIPE_FLOWER_PASSWORD to enable it (basic auth).")
-    stack = Stack(settings, workers=("orchestrator", "cpu"), flower=with_flower)
+    stack = Stack(settings, workers=("orchestrator", "cpu", "ingest"), flower=with_flower)
     with stack:
         for dev in device:
             stack.add_gpu_worker(dev)
@@ -262,6 +263,7 @@ def orchestrator(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
 
 
 add_ops_commands(app, console)
+add_ingest_commands(app, console)
 
 
 def main() -> None:

@@ -16,9 +16,11 @@ __all__ = [
     "GPU_QUEUE",
     "REAP_TASK",
     "SUBMIT_DEAD_STREAM",
+    "SUBMIT_FAILURES_KEY",
     "SUBMIT_GROUP",
     "SUBMIT_STREAM",
     "SUBMIT_TASK",
+    "WEBHOOK_TASK",
     "JobStatus",
     "Priority",
     "StageStatus",
@@ -36,12 +38,15 @@ GPU_QUEUE: Final = "imgpipe.gpu"
 ADVANCE_TASK: Final = "imgpipe.advance"
 SUBMIT_TASK: Final = "imgpipe.submit"
 REAP_TASK: Final = "imgpipe.reap"
+WEBHOOK_TASK: Final = "imgpipe.webhook"
 STAGE_TASK_PREFIX: Final = "imgpipe.stage."
 
 # Redis streams.
 SUBMIT_STREAM: Final = "imgpipe:submit"
 SUBMIT_GROUP: Final = "imgpipe"
 SUBMIT_DEAD_STREAM: Final = "imgpipe:submit:dead"
+SUBMIT_FAILURES_KEY: Final = "imgpipe:submit:failures"
+"""Hash: submit entry id -> the last transient error, the reason given if it dead-letters."""
 EVENTS_STREAM: Final = "imgpipe:events"
 
 

@@ -61,6 +61,15 @@ class Settings(BaseSettings):
             "moderate": 300,
         }
     )
+    dispatch_timeout_s: int = Field(
+        default=300,
+        ge=1,
+        description="How long a dispatched stage may wait unclaimed before the reaper looks at "
+        "it; doubled at each re-dispatch. A backlog in its queue postpones it.",
+    )
+    max_dispatches: int = Field(
+        default=8, ge=1, description="Re-dispatches of a never-claimed stage before it is dead."
+    )
     dispatch_grace_s: int = Field(
         default=60, ge=1, description="Extra time past a stage's time limit before the reaper acts."
     )
@@ -161,6 +170,14 @@ class Settings(BaseSettings):
         if self.broker_url is not None:
             return self.broker_url
         return f"redis+socket://{self.embedded_socket_path}"
+
+    @property
+    def broker_redis_url(self) -> str:
+        """The broker as a redis-py URL (``redis+socket://`` becomes ``unix://``)."""
+        broker = self.effective_broker_url
+        if broker.startswith("redis+socket://"):
+            return "unix://" + broker.removeprefix("redis+socket://")
+        return broker
 
     @property
     def effective_redis_url(self) -> str:

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 # stray BROKER_URL in the environment must not redirect imgpipe's workers.
 # Children that answer no Celery ping: Flower and the submit-stream consumer.
 NOT_CELERY_WORKERS = frozenset({"flower", "ingest"})
+
+SUPERVISE_INTERVAL_S = 0.5
+RESTART_LIMIT = 5
+RESTART_WINDOW_S = 60.0
 
 _CELERY_ENV_OVERRIDES = ("BROKER_URL", "RESULT_BACKEND", "APP", "CONFIG_MODULE", "LOADER")
 
@@ -57,6 +62,9 @@ class Child:
     process: subprocess.Popen[bytes]
     log_path: Path
     command: list[str]
+    restarts: list[float] = field(default_factory=list)
+    """Monotonic times of automatic restarts (bounded by RESTART_LIMIT per window)."""
+    given_up: bool = False
 
 
 @dataclass
@@ -66,8 +74,14 @@ class Stack:
     gpu_device: str = "cpu"
     flower: bool = False
     stop_timeout_s: float = 30.0
+    supervise: bool = True
+    """Restart a worker that exits unexpectedly (e.g. Celery's "Unrecoverable error" after
+    a broker connection loss), at most RESTART_LIMIT times per RESTART_WINDOW_S."""
     children: list[Child] = field(default_factory=list)
     broker: EmbeddedRedis | None = None
+    _supervisor: threading.Thread | None = field(default=None, repr=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
     def log_dir(self) -> Path:
@@ -88,6 +102,40 @@ class Stack:
             self._spawn(role, self._command(role))
         if self.flower:
             self._spawn("flower", self._flower_command())
+        if self.supervise:
+            self._stopping.clear()
+            self._supervisor = threading.Thread(
+                target=self._supervise_loop, name="imgpipe-supervisor", daemon=True
+            )
+            self._supervisor.start()
+
+    def _supervise_loop(self) -> None:
+        while not self._stopping.wait(SUPERVISE_INTERVAL_S):
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                for child in list(self.children):
+                    if child.given_up or child.process.poll() is None:
+                        continue
+                    now = time.monotonic()
+                    recent = [t for t in child.restarts if now - t < RESTART_WINDOW_S]
+                    if len(recent) >= RESTART_LIMIT:
+                        log.error(
+                            "%s exited (code %s) %d times within %.0f s; not restarting it. "
+                            "See %s",
+                            child.name, child.process.returncode, len(recent),
+                            RESTART_WINDOW_S, child.log_path,
+                        )  # fmt: skip
+                        child.given_up = True
+                        continue
+                    log.warning(
+                        "%s exited with code %s; restarting it (see %s)",
+                        child.name, child.process.returncode, child.log_path,
+                    )  # fmt: skip
+                    _signal_group(child.process, signal.SIGKILL)  # its pool children too
+                    self.children.remove(child)
+                    self._spawn(child.name, child.command)
+                    self.children[-1].restarts = [*recent, now]
 
     def add_gpu_worker(self, device: str) -> None:
         """One more model worker pinned to ``device`` (``cuda:N`` or ``cpu``)."""
@@ -139,25 +187,27 @@ class Stack:
         raise KeyError(f"no child process named {name!r}")
 
     def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
-        """Signal a child's whole process group (tests use SIGKILL to simulate a crash)."""
-        child = self.child(name)
-        _signal_group(child.process, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.process.wait(10)
+        """Signal a child's whole process group (tests use SIGKILL to simulate a crash).
 
-    def respawn(self, name: str) -> None:
-        """Start a stopped child again with the same command."""
-        child = self.child(name)
-        self.children.remove(child)
-        self._spawn(name, child.command)
+        The supervisor (if on) restarts it like any other crash."""
+        with self._lock:
+            child = self.child(name)
+            _signal_group(child.process, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.process.wait(10)
 
     def check_alive(self) -> list[str]:
-        """Names of children that exited (with their log path) — empty when all run."""
-        return [
-            f"{c.name} (exit {c.process.returncode}, see {c.log_path})"
-            for c in self.children
-            if c.process.poll() is not None
-        ]
+        """Children that exited for good (with their log path) — empty when all run.
+
+        With supervision on, a child that exited is restarted and counts as dead only
+        once it has used up its restarts.
+        """
+        with self._lock:
+            return [
+                f"{c.name} (exit {c.process.returncode}, see {c.log_path})"
+                for c in self.children
+                if c.process.poll() is not None and (c.given_up or not self.supervise)
+            ]
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Block until every started worker answers a broadcast ping.
@@ -186,6 +236,10 @@ class Stack:
             app.close()
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
+            self._supervisor = None
         for child in self.children:
             _signal_group(child.process, signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout_s

@@ -26,6 +26,7 @@ from imgpipe.events import EventType
 from orchestrator.context import OrchestratorContext
 from orchestrator.pipelines import parse_pipeline
 from orchestrator.policy import evaluate_policy
+from orchestrator.webhooks import dispatch_webhook
 
 __all__ = ["AdvanceOutcome", "Dispatch", "advance_job", "send_dispatches"]
 
@@ -47,11 +48,17 @@ class AdvanceOutcome:
     job_status: str | None = None
 
 
-def mark_dispatched(row: StageRun, now: datetime, grace_s: int) -> Dispatch:
+MAX_DISPATCH_BACKOFF_EXPONENT = 6
+
+
+def mark_dispatched(row: StageRun, now: datetime, dispatch_timeout_s: int) -> Dispatch:
+    """Mark ``row`` dispatched. Its deadline is when the reaper will look again if no worker
+    has claimed it: ``dispatch_timeout_s``, doubled for each earlier dispatch."""
     row.status = StageStatus.DISPATCHED
     row.dispatched_at = now
-    row.deadline_at = now + timedelta(seconds=row.time_limit_s + grace_s)
     row.dispatch_count += 1
+    backoff = 2 ** min(row.dispatch_count - 1, MAX_DISPATCH_BACKOFF_EXPONENT)
+    row.deadline_at = now + timedelta(seconds=dispatch_timeout_s * backoff)
     return Dispatch(row.task_name, row.id, row.queue, row.time_limit_s)
 
 
@@ -70,7 +77,9 @@ def _gate_reason(row: StageRun) -> str | None:
     return str(row.output.get("unusable_reason") or "image unusable")
 
 
-def step(job: Job, rows: Sequence[StageRun], now: datetime, grace_s: int) -> AdvanceOutcome:
+def step(
+    job: Job, rows: Sequence[StageRun], now: datetime, dispatch_timeout_s: int
+) -> AdvanceOutcome:
     """Pure DAG step over loaded rows (mutates them); see the module docstring."""
     outcome = AdvanceOutcome()
     by_name = {r.stage: r for r in rows}
@@ -95,7 +104,7 @@ def step(job: Job, rows: Sequence[StageRun], now: datetime, grace_s: int) -> Adv
                 _skip(row, skip_reason, now)
                 changed = True
             elif all(n.status == StageStatus.SUCCEEDED for n in needs):
-                outcome.dispatches.append(mark_dispatched(row, now, grace_s))
+                outcome.dispatches.append(mark_dispatched(row, now, dispatch_timeout_s))
                 changed = True
     if outcome.dispatches and job.status == JobStatus.QUEUED:
         job.status = JobStatus.RUNNING
@@ -165,7 +174,7 @@ def advance_job(ctx: OrchestratorContext, job_id: str) -> AdvanceOutcome:
             return AdvanceOutcome()
         if JobStatus(job.status).terminal:
             return AdvanceOutcome(job_status=job.status)
-        outcome = step(job, job.stage_runs, now, ctx.settings.dispatch_grace_s)
+        outcome = step(job, job.stage_runs, now, ctx.settings.dispatch_timeout_s)
         idempotency_key, reply_to = job.idempotency_key, job.reply_to
     send_dispatches(ctx, outcome.dispatches)
     if outcome.completed is not None:
@@ -176,4 +185,6 @@ def advance_job(ctx: OrchestratorContext, job_id: str) -> AdvanceOutcome:
             reply_to=reply_to,
             **outcome.completed,
         )
+        if ctx.settings.webhook_url:
+            dispatch_webhook(ctx, job_id, idempotency_key, outcome.completed)
     return outcome

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from celery import Celery
 
 from db.blobs import BlobStore, open_blob_store
@@ -21,6 +22,7 @@ class OrchestratorContext:
     app: Celery | None = None
     _blobs: BlobStore | None = field(default=None, repr=False)
     _events: EventPublisher | None = field(default=None, repr=False)
+    _broker_redis: redis.Redis | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.app is None:
@@ -40,6 +42,15 @@ class OrchestratorContext:
         if self._blobs is None:
             self._blobs = open_blob_store(self.settings.effective_blob_url)
         return self._blobs
+
+    @property
+    def broker_redis(self) -> redis.Redis:
+        """A plain client on the broker's Redis (queue lengths for the reaper)."""
+        if self._broker_redis is None:
+            self._broker_redis = redis.Redis.from_url(
+                self.settings.broker_redis_url, socket_timeout=5
+            )
+        return self._broker_redis
 
     @property
     def events(self) -> EventPublisher:

@@ -1,10 +1,11 @@
 """The reaper: SQL notices what the broker lost.
 
 Runs periodically on the control queue (``imgpipe.reap``). It
-- re-dispatches stage runs stuck in ``dispatched`` or ``running`` past their deadline
-  (message dropped, worker killed, broker restarted without the message);
-- marks them ``dead`` once they used up ``max_attempts`` runs or dispatches, and
-  advances the job so it fails with the reason;
+- re-dispatches stage runs stuck in ``running`` past their deadline (worker killed or
+  hung) or in ``dispatched`` with nothing left in their queue (message dropped, refused,
+  or lost in a broker restart) — a queue backlog only postpones the check;
+- marks them ``dead`` once they used up ``max_attempts`` runs or ``max_dispatches``
+  dispatches, and advances the job so it fails with the reason;
 - advances jobs that are not terminal but have nothing in flight (an ``advance``
   message that was lost).
 """
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
+import redis
 from sqlalchemy import exists, select
 
 from db.engine import session_scope
@@ -38,11 +41,22 @@ class ReapReport:
     advanced: int = 0
 
 
-def _reap_stage(ctx: OrchestratorContext, job_id: str, stage_run_id: int) -> str | None:
-    """Handle one overdue stage run under the job lock; returns what was done."""
+def _reap_stage(
+    ctx: OrchestratorContext, job_id: str, stage_run_id: int, backlog: QueueDepths
+) -> str | None:
+    """Handle one overdue stage run under the job lock; returns what was done.
+
+    - ``running`` past its deadline: the worker died or hung mid-stage. Re-dispatch (the
+      next claim counts another attempt) or, with ``max_attempts`` used, ``dead``.
+    - ``dispatched`` past its deadline: nobody claimed the message. If its queue still
+      holds messages, the stage is waiting behind a backlog: postpone. Otherwise the
+      message was lost (broker restart, refused message): re-dispatch, until
+      ``max_dispatches`` re-dispatches made it ``dead``.
+    """
     now = utcnow()
     dispatches: list[Dispatch] = []
     action: str | None = None
+    settings = ctx.settings
     with session_scope(ctx.database_url) as session:
         job = lock_job(session, job_id)
         if job is None or JobStatus(job.status).terminal:
@@ -55,31 +69,50 @@ def _reap_stage(ctx: OrchestratorContext, job_id: str, stage_run_id: int) -> str
             or row.deadline_at > now
         ):
             return None  # someone else moved it on
-        exhausted = row.attempts >= row.max_attempts or row.dispatch_count >= row.max_attempts
+        if row.status == StageStatus.RUNNING:
+            exhausted = row.attempts >= row.max_attempts
+            why = f"it ran {row.attempts} time(s) and never finished (worker killed or hung)"
+        else:
+            if backlog.depth(row.queue) > 0:
+                row.deadline_at = now + timedelta(seconds=settings.dispatch_timeout_s)
+                return "postponed"
+            exhausted = row.dispatch_count >= settings.max_dispatches
+            why = f"it was dispatched {row.dispatch_count} time(s) and no worker claimed it"
         if exhausted:
+            error = f"no result: {why}; check the {row.queue} workers and their logs"
             row.status = StageStatus.DEAD
             row.finished_at = now
-            row.error = (
-                f"no result after {row.attempts} run(s) and {row.dispatch_count} dispatch(es) "
-                f"(state {row.status} past its deadline each time); check the "
-                f"{row.queue} workers' logs"
-            )
-            row.error_history = [*row.error_history, {"at": now.isoformat(), "error": row.error}]
+            row.error = error
+            row.error_history = [*row.error_history, {"at": now.isoformat(), "error": error}]
             action = "dead"
         else:
             log.warning(
-                "reaper: stage %s of job %s stuck in %s past %s; re-dispatching",
-                row.stage,
-                job_id,
-                row.status,
-                row.deadline_at,
-            )
-            dispatches.append(mark_dispatched(row, now, ctx.settings.dispatch_grace_s))
+                "reaper: stage %s of job %s %s past %s; re-dispatching",
+                row.stage, job_id, row.status, row.deadline_at,
+            )  # fmt: skip
+            dispatches.append(mark_dispatched(row, now, settings.dispatch_timeout_s))
             action = "redispatched"
     send_dispatches(ctx, dispatches)
     if action == "dead":
         advance_job(ctx, job_id)
     return action
+
+
+class QueueDepths:
+    """Messages waiting in each broker queue, read once per reaper pass (Redis LLEN)."""
+
+    def __init__(self, ctx: OrchestratorContext) -> None:
+        self.ctx = ctx
+        self._depths: dict[str, int] = {}
+
+    def depth(self, queue: str) -> int:
+        if queue not in self._depths:
+            try:
+                self._depths[queue] = int(self.ctx.broker_redis.llen(queue))
+            except (redis.RedisError, OSError) as exc:
+                log.warning("reaper: cannot read the length of %s: %s", queue, exc)
+                self._depths[queue] = 0
+        return self._depths[queue]
 
 
 def reap(ctx: OrchestratorContext) -> ReapReport:
@@ -101,8 +134,9 @@ def reap(ctx: OrchestratorContext) -> ReapReport:
             .scalars()
             .all()
         )
+    backlog = QueueDepths(ctx)
     for job_id, stage_run_id in overdue:
-        action = _reap_stage(ctx, job_id, stage_run_id)
+        action = _reap_stage(ctx, job_id, stage_run_id, backlog)
         if action == "dead":
             report.dead += 1
         elif action == "redispatched":

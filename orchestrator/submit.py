@@ -260,7 +260,7 @@ def submit(ctx: OrchestratorContext, request: SubmitRequest) -> SubmitResult:
                     rows = _plan(job, resolved, ctx, request.priority)
                     session.add_all(rows)
                     session.flush()
-                    outcome = step(job, rows, utcnow(), ctx.settings.dispatch_grace_s)
+                    outcome = step(job, rows, utcnow(), ctx.settings.dispatch_timeout_s)
             job_id, status = job.id, job.status
     except IntegrityError:
         if not request.idempotency_key:

@@ -1,22 +1,23 @@
-"""Celery tasks of the control queue: advance, submit, reap. Bodies stay thin."""
+"""Celery tasks of the control queue: advance, submit, reap, webhook. Bodies stay thin."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 from typing import Any
 
 from celery import Task, shared_task
 
 from imgpipe.celery_app import settings_of
-from imgpipe.contracts import ADVANCE_TASK, REAP_TASK, SUBMIT_TASK, Priority
-from imgpipe.errors import PermanentError, TransientError
+from imgpipe.contracts import ADVANCE_TASK, REAP_TASK, SUBMIT_TASK, WEBHOOK_TASK, Priority
+from imgpipe.errors import ConfigError, PermanentError, TransientError
 from orchestrator.context import OrchestratorContext
 from orchestrator.reaper import reap
 from orchestrator.submit import SubmitRequest, submit
 
-__all__ = ["advance_task", "reap_task", "submit_task"]
+__all__ = ["advance_task", "reap_task", "submit_task", "webhook_task"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ def reap_task(self: Task) -> dict[str, int]:
     max_retries=10,
 )
 def submit_task(self: Task, **fields: Any) -> dict[str, Any]:
-    """Celery clients: ``send_task("imgpipe.submit", kwargs={"image_b64": ..., ...})``.
+    """Celery clients: ``send_task("imgpipe.submit", kwargs={"image_b64": ..., ...},
+    queue="imgpipe.control")``. The name ``imgpipe.submit`` is a public contract.
 
     Fields are those of the submit stream (docs/submitting.md); ``image_b64`` carries the
     bytes because Celery messages are JSON.
@@ -85,3 +87,32 @@ def submit_task(self: Task, **fields: Any) -> dict[str, Any]:
         raise PermanentError(f"unknown submit field(s): {', '.join(sorted(fields))}")
     result = submit(context_for(self), request)
     return {"job_id": result.job_id, "status": result.status, "created": result.created}
+
+
+@shared_task(name=WEBHOOK_TASK, bind=True, acks_late=True, ignore_result=True)
+def webhook_task(self: Task, body: str) -> str:
+    """POST one completed event (orchestrator/webhooks.py); retried with backoff."""
+    from orchestrator.webhooks import deliver, retry_delay_s
+
+    settings = settings_of(self.app)
+    job_id = json.loads(body).get("job_id")
+    try:
+        result = deliver(settings, body)
+    except ConfigError as exc:
+        log.error("webhook for job %s not sent: %s", job_id, exc)
+        return "misconfigured"
+    if result.delivered:
+        return "delivered"
+    attempt = self.request.retries + 1
+    if result.retry and attempt < settings.webhook_max_attempts:
+        delay_s = retry_delay_s(settings, attempt)
+        log.warning(
+            "webhook for job %s failed (%s), attempt %d of %d; retrying in %.1f s",
+            job_id, result.detail, attempt, settings.webhook_max_attempts, delay_s,
+        )  # fmt: skip
+        raise self.retry(countdown=delay_s, max_retries=None)
+    log.error(
+        "webhook for job %s given up after %d attempt(s): %s; the event is still on the events "
+        "stream", job_id, attempt, result.detail,
+    )  # fmt: skip
+    return "failed"

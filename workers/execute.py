@@ -356,7 +356,7 @@ class StageExecutor:
                 row.status = StageStatus.DISPATCHED
                 row.dispatched_at = now
                 row.deadline_at = now + timedelta(
-                    seconds=retry_in + row.time_limit_s + self.settings.dispatch_grace_s
+                    seconds=retry_in + self.settings.dispatch_timeout_s
                 )
                 status = "retrying"
         if retry_in is not None:

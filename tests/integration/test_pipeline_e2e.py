@@ -74,14 +74,17 @@ def test_photos_get_quality_scores_and_enhanced_blobs_with_provenance(
             assert stage["timings_ms"]["compute"] is not None
             assert stage["timings_ms"]["total"] >= stage["timings_ms"]["compute"]
         assert 0 <= stages["quality"]["output"]["score"] <= 100
-        enhanced_key = stages["enhance"]["output_blob_key"]
-        assert enhanced_key is not None
-        enhanced = Image.open(io.BytesIO(ctx.blobs.get(enhanced_key)))
+        enhance = stages["enhance"]
+        if enhance["output"].get("unchanged"):
+            assert enhance["output_blob_key"] is None, "nothing applied: no new blob"
+            continue
+        enhanced = Image.open(io.BytesIO(ctx.blobs.get(enhance["output_blob_key"])))
         with Image.open(paths[job_ids.index(job_id)]) as original:
             assert enhanced.size == original.size
     dark = {s["stage"]: s for s in report(ctx, job_ids[1])["stages"]}
     assert "dark" in dark["quality"]["output"]["flags"]
     assert dark["enhance"]["output"]["applied"], "a dark photo must get an exposure fix"
+    assert dark["enhance"]["output_blob_key"] is not None
 
 
 def test_corrupt_file_is_rejected_with_reason_and_never_dispatched(

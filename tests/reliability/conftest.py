@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +38,7 @@ def short_deadline_settings(own_broker: EmbeddedRedis, database_url: str) -> Ite
         blob_url=(data_dir / "blobs").as_uri(),
         stage_time_limits_s=SHORT_LIMITS_S,
         dispatch_grace_s=1,
+        dispatch_timeout_s=3,
         reaper_interval_s=0.5,
         retry_backoff_s=0.2,
     )
@@ -44,8 +47,13 @@ def short_deadline_settings(own_broker: EmbeddedRedis, database_url: str) -> Ite
     shutil.rmtree(data_dir, ignore_errors=True)
 
 
+LOG_KEEP_DIR = Path(tempfile.gettempdir()) / "imgpipe-test-logs"
+
+
 @pytest.fixture
-def make_stack(short_deadline_settings: Settings) -> Iterator[Callable[..., Stack]]:
+def make_stack(
+    short_deadline_settings: Settings, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Stack]]:
     stacks: list[Stack] = []
 
     def start(workers: tuple[str, ...] = ("orchestrator", "cpu")) -> Stack:
@@ -58,3 +66,5 @@ def make_stack(short_deadline_settings: Settings) -> Iterator[Callable[..., Stac
     yield start
     for stack in stacks:
         stack.stop()
+        # Keep the worker logs of the last run of each test for post-mortems.
+        shutil.copytree(stack.log_dir, LOG_KEEP_DIR / request.node.name, dirs_exist_ok=True)

@@ -1,0 +1,396 @@
+"""The submit stream consumer: other services submit through Redis (docs/submitting.md).
+
+``SubmitConsumer`` reads ``imgpipe:submit`` through the consumer group ``imgpipe`` with
+``XREADGROUP COUNT ingest_batch BLOCK ingest_block_ms`` and turns each entry into exactly
+one job (``orchestrator.submit.submit``) or one ``rejected`` event:
+
+- An entry is acknowledged only after its job row has committed. A consumer killed in
+  between leaves the entry pending; ``XAUTOCLAIM`` hands it to a live consumer after
+  ``ingest_claim_idle_ms``. An entry without an ``idempotency_key`` gets the key
+  ``stream:<entry id>``, so a redelivered entry finds its job instead of making another.
+- Malformed entries are rejected at once: the ``rejected`` event (on ``imgpipe:events``
+  and the entry's ``reply_to``) and the ``XACK`` go out in one MULTI/EXEC transaction,
+  so a crash cannot publish a rejection without acknowledging it or the reverse.
+- Entries that keep failing for transient reasons (database down, a bug) are processed
+  at most ``ingest_max_deliveries`` times (XPENDING's delivery count), then moved to
+  ``imgpipe:submit:dead`` with the last error and rejected with reason ``dead_lettered``.
+- Acknowledged entries are trimmed (``XTRIM MINID ~``): image bytes do not pile up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from db.engine import session_scope
+from db.models import Job
+from imgpipe.contracts import (
+    EVENTS_STREAM,
+    SUBMIT_DEAD_STREAM,
+    SUBMIT_FAILURES_KEY,
+    SUBMIT_GROUP,
+    SUBMIT_STREAM,
+    JobStatus,
+)
+from imgpipe.errors import PermanentError, TransientError
+from imgpipe.events import EventType, encode_fields
+from orchestrator.advance import summary_scores
+from orchestrator.context import OrchestratorContext
+from orchestrator.ingest_entry import parse_entry, rejection_code, routing_of
+from orchestrator.submit import SubmitResult, submit
+
+__all__ = ["PollReport", "SubmitConsumer", "default_consumer_name"]
+
+log = logging.getLogger(__name__)
+
+HOUSEKEEPING_INTERVAL_S = 30.0
+DEAD_FIELD_PREFIX = "_dead_"
+
+
+def default_consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class PollReport:
+    """What one ``poll_once`` did, entry by entry."""
+
+    read: int = 0
+    reclaimed: int = 0
+    jobs: int = 0
+    """Entries that ended as a job (new, a cache hit, or a rejected image)."""
+    duplicates: int = 0
+    """Of ``jobs``: the idempotency key matched an existing job."""
+    rejected: int = 0
+    """Malformed entries: a ``rejected`` event, no job."""
+    dead: int = 0
+    retrying: int = 0
+    """Failed transiently; left pending for a later delivery."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    entry_id: str
+    fields: dict[bytes, bytes]
+    deliveries: int
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class SubmitConsumer:
+    """One consumer of the submit group. Run several (any hosts) to scale out."""
+
+    def __init__(
+        self,
+        ctx: OrchestratorContext,
+        consumer: str | None = None,
+        client: redis.Redis | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.name = consumer or default_consumer_name()
+        self.client = client or redis.Redis.from_url(
+            self.settings.effective_redis_url,
+            socket_timeout=self.settings.ingest_block_ms / 1000 + 10,
+            socket_connect_timeout=5,
+        )
+        self._group_ready = False
+        self._claim_cursor = "0-0"
+        self._last_housekeeping = 0.0
+
+    # -- the loop -------------------------------------------------------------------------
+    def run_forever(self, stop_event: threading.Event) -> None:
+        """Poll until ``stop_event`` is set; Redis or database outages are waited out."""
+        log.info("ingest consumer %s reading %s", self.name, SUBMIT_STREAM)
+        backoff_s = 0.5
+        while not stop_event.is_set():
+            try:
+                report = self.poll_once()
+            except (redis.ConnectionError, redis.TimeoutError, OSError, TransientError) as exc:
+                log.warning("ingest: %s; retrying in %.1f s", exc, backoff_s)
+                stop_event.wait(backoff_s)
+                backoff_s = min(backoff_s * 2, 30.0)
+                continue
+            backoff_s = 0.5
+            if report.read or report.reclaimed:
+                log.info("ingest: %s", report)
+
+    def ensure_group(self) -> None:
+        """Create the group (at id 0: entries added before any consumer ran are read)."""
+        try:
+            self.client.xgroup_create(SUBMIT_STREAM, SUBMIT_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    def poll_once(self, block_ms: int | None = None) -> PollReport:
+        """Reclaim idle pending entries, else read new ones (blocking), and handle them."""
+        report = PollReport()
+        if not self._group_ready:
+            self.ensure_group()
+        try:
+            entries = self._reclaim()
+            report.reclaimed = len(entries)
+            if not entries:
+                entries = self._read_new(
+                    self.settings.ingest_block_ms if block_ms is None else block_ms
+                )
+                report.read = len(entries)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("ingest: consumer group gone (stream deleted?); recreating it")
+            self._group_ready = False
+            return report
+        if entries:
+            self._handle(entries, report)
+        if time.monotonic() - self._last_housekeeping > HOUSEKEEPING_INTERVAL_S:
+            self.housekeeping()
+        return report
+
+    # -- reading --------------------------------------------------------------------------
+    def _read_new(self, block_ms: int) -> list[_Entry]:
+        response = self.client.xreadgroup(
+            SUBMIT_GROUP,
+            self.name,
+            {SUBMIT_STREAM: ">"},
+            count=self.settings.ingest_batch,
+            block=block_ms if block_ms > 0 else None,
+        )
+        streams: list[Any] = list(response or [])
+        return [
+            _Entry(_text(entry_id), dict(fields), 1)
+            for _stream, items in streams
+            for entry_id, fields in items
+        ]
+
+    def _reclaim(self) -> list[_Entry]:
+        """Entries pending longer than ``ingest_claim_idle_ms`` (any consumer), with counts."""
+        response = self.client.xautoclaim(
+            SUBMIT_STREAM,
+            SUBMIT_GROUP,
+            self.name,
+            min_idle_time=self.settings.ingest_claim_idle_ms,
+            start_id=self._claim_cursor,
+            count=self.settings.ingest_batch,
+        )
+        self._claim_cursor = _text(response[0])
+        claimed = [(_text(i), f) for i, f in response[1] if i is not None]
+        # Entries trimmed before anyone handled them: Redis 7 lists their ids in a third
+        # element (already out of the PEL); Redis 6.2 returns them as nil entries.
+        trimmed = [_text(i) for i in response[2]] if len(response) > 2 else []
+        if any(i is None for i, _ in response[1]):
+            trimmed += self._trimmed_pending()
+        if trimmed:
+            self._reject_trimmed(trimmed)
+        if not claimed:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id, _ in claimed:
+            pipe.xpending_range(SUBMIT_STREAM, SUBMIT_GROUP, entry_id, entry_id, 1)
+        counts = {}
+        for rows in pipe.execute():
+            for row in rows:
+                counts[_text(row["message_id"])] = int(row["times_delivered"])
+        log.warning("ingest: reclaimed %d idle pending entries", len(claimed))
+        return [_Entry(i, dict(f), counts.get(i, 2)) for i, f in claimed]
+
+    def _trimmed_pending(self) -> list[str]:
+        rows = self.client.xpending_range(
+            SUBMIT_STREAM, SUBMIT_GROUP, "-", "+", 1000, consumername=self.name
+        )
+        ids = [_text(row["message_id"]) for row in rows]
+        return [i for i in ids if not self.client.xrange(SUBMIT_STREAM, i, i)]
+
+    def _reject_trimmed(self, entry_ids: list[str]) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        for entry_id in entry_ids:
+            log.error("ingest: entry %s was trimmed before it was handled", entry_id)
+            self._queue_rejection(
+                pipe, entry_id, None, None, "entry_trimmed",
+                f"entry {entry_id} was trimmed from {SUBMIT_STREAM} (MAXLEN) before imgpipe "
+                "handled it; submit it again, and raise the MAXLEN cap or add consumers",
+            )  # fmt: skip
+            pipe.xack(SUBMIT_STREAM, SUBMIT_GROUP, entry_id)
+        pipe.execute()
+
+    # -- handling -------------------------------------------------------------------------
+    def _handle(self, entries: list[_Entry], report: PollReport) -> None:
+        """Submit each entry; then one transaction acks, rejects and dead-letters."""
+        finish = self.client.pipeline(transaction=True)
+        done: list[str] = []
+        for entry in entries:
+            if entry.deliveries > self.settings.ingest_max_deliveries:
+                self._dead_letter(finish, entry)
+                done.append(entry.entry_id)
+                report.dead += 1
+                continue
+            try:
+                request = parse_entry(self.ctx, entry.entry_id, entry.fields)
+                result = submit(self.ctx, request)
+            except PermanentError as exc:
+                key, reply_to = routing_of(entry.fields)
+                log.info("ingest: entry %s rejected: %s", entry.entry_id, exc)
+                self._queue_rejection(
+                    finish, entry.entry_id, key, reply_to, rejection_code(exc), str(exc)
+                )
+                done.append(entry.entry_id)
+                report.rejected += 1
+            except Exception as exc:
+                transient = isinstance(exc, TransientError)
+                log.log(
+                    logging.WARNING if transient else logging.ERROR,
+                    "ingest: entry %s failed (delivery %d): %s",
+                    entry.entry_id, entry.deliveries, exc, exc_info=not transient,
+                )  # fmt: skip
+                finish.hset(SUBMIT_FAILURES_KEY, entry.entry_id, f"{type(exc).__name__}: {exc}")
+                report.retrying += 1
+            else:
+                done.append(entry.entry_id)
+                report.jobs += 1
+                if not result.created:
+                    report.duplicates += 1
+                    self._replay_final(finish, result, request.reply_to)
+        if done:
+            finish.xack(SUBMIT_STREAM, SUBMIT_GROUP, *done)
+            finish.hdel(SUBMIT_FAILURES_KEY, *done)
+        finish.execute()
+
+    def _queue_rejection(
+        self,
+        pipe: redis.client.Pipeline,
+        entry_id: str,
+        idempotency_key: str | None,
+        reply_to: str | None,
+        code: str,
+        message: str,
+    ) -> None:
+        event = encode_fields(
+            {
+                "event": str(EventType.REJECTED),
+                "job_id": None,
+                "idempotency_key": idempotency_key or f"stream:{entry_id}",
+                "entry_id": entry_id,
+                "reason": code,
+                "error": message,
+                "at": time.time(),
+            }
+        )
+        maxlen = self.settings.events_maxlen
+        pipe.xadd(EVENTS_STREAM, event, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+        if reply_to:
+            pipe.xadd(reply_to, event, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+
+    def _dead_letter(self, pipe: redis.client.Pipeline, entry: _Entry) -> None:
+        last_error = self.client.hget(SUBMIT_FAILURES_KEY, entry.entry_id)
+        reason = (
+            _text(last_error)
+            if last_error
+            else "never acknowledged (the consumer handling it crashed each time)"
+        )
+        message = (
+            f"gave up after {entry.deliveries - 1} deliveries; last error: {reason}. The entry "
+            f"is kept in {SUBMIT_DEAD_STREAM}; fix the cause and submit it again"
+        )
+        log.error("ingest: entry %s dead-lettered: %s", entry.entry_id, message)
+        dead: dict[str | bytes, bytes | str] = {k: v for k, v in entry.fields.items()}
+        dead.update(
+            {
+                f"{DEAD_FIELD_PREFIX}entry_id": entry.entry_id,
+                f"{DEAD_FIELD_PREFIX}reason": reason,
+                f"{DEAD_FIELD_PREFIX}deliveries": str(entry.deliveries - 1),
+                f"{DEAD_FIELD_PREFIX}at": str(time.time()),
+            }
+        )
+        pipe.xadd(
+            SUBMIT_DEAD_STREAM,
+            dead,  # type: ignore[arg-type]
+            maxlen=self.settings.submit_maxlen,
+            approximate=True,
+        )
+        key, reply_to = routing_of(entry.fields)
+        self._queue_rejection(pipe, entry.entry_id, key, reply_to, "dead_lettered", message)
+
+    def _replay_final(
+        self, pipe: redis.client.Pipeline, result: SubmitResult, reply_to: str | None
+    ) -> None:
+        """A duplicate of a finished job: its final event again, on this entry's reply_to."""
+        if not reply_to:
+            return
+        try:
+            with session_scope(self.ctx.database_url) as session:
+                job = session.get(Job, result.job_id)
+                if job is None or not JobStatus(job.status).terminal:
+                    return  # the completed event goes to the first submission's reply_to
+                fields = _final_event(job)
+        except TransientError as exc:
+            log.warning("ingest: final event of job %s not replayed: %s", result.job_id, exc)
+            return
+        pipe.xadd(
+            reply_to,
+            encode_fields(fields),  # type: ignore[arg-type]
+            maxlen=self.settings.events_maxlen,
+            approximate=True,
+        )
+
+    # -- housekeeping ---------------------------------------------------------------------
+    def housekeeping(self) -> None:
+        """Trim acknowledged entries; forget long-idle consumers that hold nothing."""
+        self._last_housekeeping = time.monotonic()
+        try:
+            groups = {_text(g["name"]): g for g in self.client.xinfo_groups(SUBMIT_STREAM)}
+        except redis.ResponseError:  # the stream was deleted; poll_once recreates it
+            self._group_ready = False
+            return
+        group = groups.get(SUBMIT_GROUP)
+        if group is None:
+            return
+        summary = self.client.xpending(SUBMIT_STREAM, SUBMIT_GROUP)
+        if summary["pending"]:
+            min_id = _text(summary["min"])
+        else:
+            ms, _, seq = _text(group["last-delivered-id"]).partition("-")
+            min_id = f"{ms}-{int(seq or 0) + 1}"
+        self.client.xtrim(SUBMIT_STREAM, minid=min_id, approximate=True)
+        forget_after_ms = max(10 * self.settings.ingest_claim_idle_ms, 3_600_000)
+        for consumer in self.client.xinfo_consumers(SUBMIT_STREAM, SUBMIT_GROUP):
+            name = _text(consumer["name"])
+            if name != self.name and not consumer["pending"] and consumer["idle"] > forget_after_ms:
+                self.client.xgroup_delconsumer(SUBMIT_STREAM, SUBMIT_GROUP, name)
+
+
+def _final_event(job: Job) -> dict[str, Any]:
+    common = {
+        "job_id": job.id,
+        "idempotency_key": job.idempotency_key,
+        "at": time.time(),
+        "replay": True,
+    }
+    if job.status == JobStatus.REJECTED:
+        reason = job.reasons[0] if job.reasons else None
+        return {"event": str(EventType.REJECTED), **common, "reason": reason, "error": job.error}
+    outputs: Mapping[str, Mapping[str, Any]] = {
+        r.stage: r.output for r in job.stage_runs if r.status == "succeeded" and r.output
+    }
+    return {
+        "event": str(EventType.COMPLETED),
+        **common,
+        "status": job.status,
+        "verdict": job.verdict,
+        "reasons": job.reasons,
+        "error": job.error,
+        "stages": {r.stage: r.status for r in job.stage_runs},
+        "scores": summary_scores(outputs),
+        "cache_hit": job.cache_hit_of is not None,
+    }
