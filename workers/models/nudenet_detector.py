@@ -1,0 +1,300 @@
+"""NudeNet's YOLOv8n (``320n.onnx`` from the ``nudenet`` wheel) run as a native torch module.
+
+Only the weights come from the ONNX file: its initializers are loaded strictly into
+:class:`workers.models.yolov8.YOLOv8`; the class names come from the file's metadata.
+Pre- and post-processing follow Ultralytics conventions, chosen by measurement
+(docs/models.md, "Channel order"):
+
+* **RGB** channel order (nudenet's own ``detect()`` feeds BGR; RGB scored the right face
+  class higher and confused it less on real photographs),
+* **letterbox**: scale the longer side to 320 (bilinear), centre, pad with grey 114,
+* YOLOv8 head decoding (done in the module), per-class NMS with
+  ``torchvision.ops.batched_nms``, boxes mapped back to the input image's pixels.
+
+This module also holds the request/result types every detector in ``workers.models``
+shares (:class:`DetectRequest`, :class:`DetectResult`, :func:`select_detections`).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Final, Literal
+
+import cv2
+import numpy as np
+import torch
+import torchvision  # type: ignore[import-untyped]
+from numpy.typing import NDArray
+
+from imgpipe.errors import PermanentError
+from workers.models.base import InferenceModel
+from workers.models.yolov8 import YOLOv8, load_onnx_initializers, read_onnx_weights
+from workers.runtime import DetectionRow
+
+__all__ = [
+    "CHANNEL_ORDER",
+    "INPUT_SIZE",
+    "NUDENET_LABELS",
+    "PAD_VALUE",
+    "ChannelOrder",
+    "DetectRequest",
+    "DetectResult",
+    "Letterbox",
+    "NudeNetDetector",
+    "check_image",
+    "default_weights_path",
+    "labels_from_metadata",
+    "letterbox_batch",
+    "select_detections",
+    "to_network_input",
+]
+
+INPUT_SIZE: Final = 320
+"""Side of the square network input (the ``imgsz`` the weights were exported with)."""
+PAD_VALUE: Final = 114
+"""Grey used for letterbox padding (Ultralytics' training and inference value)."""
+ChannelOrder = Literal["RGB", "BGR"]
+CHANNEL_ORDER: Final[ChannelOrder] = "RGB"
+"""Order of the channels fed to the network; see docs/models.md for the measurement."""
+
+NUDENET_LABELS: Final[tuple[str, ...]] = (
+    "FEMALE_GENITALIA_COVERED",
+    "FACE_FEMALE",
+    "BUTTOCKS_EXPOSED",
+    "FEMALE_BREAST_EXPOSED",
+    "FEMALE_GENITALIA_EXPOSED",
+    "MALE_BREAST_EXPOSED",
+    "ANUS_EXPOSED",
+    "FEET_EXPOSED",
+    "BELLY_COVERED",
+    "FEET_COVERED",
+    "ARMPITS_COVERED",
+    "ARMPITS_EXPOSED",
+    "FACE_MALE",
+    "BELLY_EXPOSED",
+    "MALE_GENITALIA_EXPOSED",
+    "ANUS_COVERED",
+    "FEMALE_BREAST_COVERED",
+    "BUTTOCKS_COVERED",
+)
+"""Class index -> name, as documented by nudenet 3.4.2 (and stored in 320n.onnx)."""
+
+_INSTALL_HINT = (
+    "pip install 'imgpipe[nudenet]' (AGPL-3.0 weights), or configure a torchvision detector "
+    "(model = 'fasterrcnn_mobilenet_v3_large_fpn' | 'ssdlite320_mobilenet_v3_large' | "
+    "'retinanet_resnet50_fpn_v2')"
+)
+
+
+def default_weights_path() -> Path:
+    """``320n.onnx`` inside the installed ``nudenet`` package (found without importing it)."""
+    spec = importlib.util.find_spec("nudenet")
+    if spec is None or not spec.submodule_search_locations:
+        raise PermanentError(f"the nudenet package is not installed; {_INSTALL_HINT}")
+    return Path(next(iter(spec.submodule_search_locations))) / "320n.onnx"
+
+
+# -- shared detector types --------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class DetectRequest:
+    """One image to detect on, with the thresholds its stage run asked for."""
+
+    image: NDArray[np.uint8]
+    """HxWx3 RGB uint8."""
+    score_threshold: float = 0.25
+    iou_threshold: float = 0.45
+    max_detections: int = 100
+
+
+@dataclass(frozen=True)
+class DetectResult:
+    detections: tuple[DetectionRow, ...]
+    """Boxes in the request image's pixel coordinates, highest score first."""
+    class_scores: dict[str, float] = field(default_factory=dict)
+    """Per class, the highest score the model gave anywhere in the image (before any
+    threshold or NMS); classes the model cannot score are absent."""
+    image_size: tuple[int, int] = (0, 0)
+    """(width, height) of the request image."""
+
+
+def check_image(image: NDArray[np.uint8]) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise PermanentError(
+            f"detector input must be an HxWx3 uint8 RGB array, got shape {image.shape} "
+            f"dtype {image.dtype}; the stage wrapper should decode images to RGB"
+        )
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise PermanentError(f"detector input is empty (shape {image.shape})")
+
+
+def select_detections(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    classes: torch.Tensor,
+    labels: Sequence[str],
+    request: DetectRequest,
+) -> tuple[DetectionRow, ...]:
+    """Threshold, per-class NMS, top-k and clipping of candidate boxes (xyxy, image px)."""
+    height, width = request.image.shape[:2]
+    keep = scores >= request.score_threshold
+    boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+    boxes = torch.stack(
+        (
+            boxes[:, 0].clamp(0, width),
+            boxes[:, 1].clamp(0, height),
+            boxes[:, 2].clamp(0, width),
+            boxes[:, 3].clamp(0, height),
+        ),
+        dim=1,
+    )
+    order = torchvision.ops.batched_nms(
+        boxes.float(), scores.float(), classes, request.iou_threshold
+    )
+    order = order[: request.max_detections]
+    rows_boxes = boxes[order].float().cpu().tolist()
+    rows_scores = scores[order].float().cpu().tolist()
+    rows_classes = classes[order].cpu().tolist()
+    return tuple(
+        DetectionRow(_label(labels, c), float(s), b[0], b[1], b[2], b[3])
+        for b, s, c in zip(rows_boxes, rows_scores, rows_classes, strict=True)
+    )
+
+
+def _label(labels: Sequence[str], index: int) -> str:
+    return labels[index] if 0 <= index < len(labels) else f"class_{index}"
+
+
+# -- preprocessing ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Mapping between an image and its letterboxed square: ``net = img * scale + pad``."""
+
+    scale: float
+    pad_x: int
+    pad_y: int
+
+
+def letterbox_batch(
+    images: Sequence[NDArray[np.uint8]], size: int = INPUT_SIZE, pad_value: int = PAD_VALUE
+) -> tuple[NDArray[np.uint8], list[Letterbox]]:
+    """Resize each image so its longer side is ``size``, centre it on a grey square.
+
+    Returns ``[B, size, size, 3]`` uint8 (channels as given) and the per-image mapping.
+    One OpenCV resize per image; no per-pixel Python work.
+    """
+    batch = np.full((len(images), size, size, 3), pad_value, dtype=np.uint8)
+    boxes: list[Letterbox] = []
+    for i, image in enumerate(images):
+        height, width = image.shape[:2]
+        scale = size / max(height, width)
+        new_w = min(size, max(1, round(width * scale)))
+        new_h = min(size, max(1, round(height * scale)))
+        resized = cv2.resize(
+            np.ascontiguousarray(image), (new_w, new_h), interpolation=cv2.INTER_LINEAR
+        )
+        pad_x, pad_y = (size - new_w) // 2, (size - new_h) // 2
+        batch[i, pad_y : pad_y + new_h, pad_x : pad_x + new_w] = resized
+        boxes.append(Letterbox(scale=scale, pad_x=pad_x, pad_y=pad_y))
+    return batch, boxes
+
+
+def to_network_input(
+    batch: NDArray[np.uint8], device: torch.device, channel_order: ChannelOrder = CHANNEL_ORDER
+) -> torch.Tensor:
+    """``[B, S, S, 3]`` RGB uint8 -> ``[B, 3, S, S]`` float 0..1 on ``device``, channels
+    in ``channel_order`` (``BGR`` reverses them, as nudenet's own ``detect()`` does)."""
+    tensor = torch.from_numpy(batch).to(device)
+    if channel_order == "BGR":
+        tensor = tensor.flip(-1)
+    return tensor.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+
+
+def labels_from_metadata(metadata: dict[str, str], num_classes: int) -> tuple[str, ...]:
+    """Class names from an Ultralytics export's ``names`` metadata (a dict literal)."""
+    raw = metadata.get("names")
+    if raw is not None:
+        try:
+            parsed = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            parsed = None
+        if isinstance(parsed, dict) and sorted(parsed) == list(range(num_classes)):
+            return tuple(str(parsed[i]) for i in range(num_classes))
+    if num_classes == len(NUDENET_LABELS):
+        return NUDENET_LABELS
+    return tuple(f"class_{i}" for i in range(num_classes))
+
+
+# -- the model ----------------------------------------------------------------------------
+
+
+class NudeNetDetector(InferenceModel[DetectRequest, DetectResult]):
+    """YOLOv8n trained by the NudeNet project on 18 body-part/face classes."""
+
+    name = "nudenet-yolov8n"
+    version = "320n-rgb-letterbox114-v1"
+    license = (
+        "AGPL-3.0 (nudenet 3.4.2 LICENSE; ONNX metadata: 'AGPL-3.0 License (ultralytics)'; "
+        "the wheel's METADATA field says MIT)"
+    )
+
+    channel_order: ClassVar[ChannelOrder] = CHANNEL_ORDER
+    labels: tuple[str, ...] = NUDENET_LABELS
+
+    def _load(self, weights_path: Path, device: torch.device) -> torch.nn.Module:
+        if importlib.util.find_spec("onnx") is None:
+            raise PermanentError(
+                "reading the nudenet weights needs the onnx package; " + _INSTALL_HINT
+            )
+        weights = read_onnx_weights(weights_path)
+        module = YOLOv8(weights.num_classes)
+        load_onnx_initializers(module, weights.tensors)
+        self.labels = labels_from_metadata(weights.metadata, weights.num_classes)
+        return module.to(device)
+
+    def _predict(
+        self, module: torch.nn.Module, batch: Sequence[DetectRequest]
+    ) -> list[DetectResult]:
+        for request in batch:
+            check_image(request.image)
+        pixels, boxes = letterbox_batch([r.image for r in batch])
+        raw = module(to_network_input(pixels, self.device, self.channel_order))  # [B, 4 + C, A]
+        class_max = raw[:, 4:, :].amax(dim=2).float().cpu().numpy()
+        return [
+            self._decode(raw[i], boxes[i], class_max[i], request) for i, request in enumerate(batch)
+        ]
+
+    def _decode(
+        self,
+        raw: torch.Tensor,
+        letterbox: Letterbox,
+        class_max: NDArray[np.float32],
+        request: DetectRequest,
+    ) -> DetectResult:
+        cx, cy, w, h = raw[0], raw[1], raw[2], raw[3]
+        scores, classes = raw[4:].max(dim=0)
+        keep = scores >= request.score_threshold
+        half_w, half_h = w[keep] / 2, h[keep] / 2
+        boxes = torch.stack(
+            (cx[keep] - half_w, cy[keep] - half_h, cx[keep] + half_w, cy[keep] + half_h), dim=1
+        )
+        offset = torch.tensor(
+            [letterbox.pad_x, letterbox.pad_y, letterbox.pad_x, letterbox.pad_y],
+            dtype=boxes.dtype,
+            device=boxes.device,
+        )
+        boxes = (boxes - offset) / letterbox.scale
+        detections = select_detections(boxes, scores[keep], classes[keep], self.labels, request)
+        height, width = request.image.shape[:2]
+        return DetectResult(
+            detections=detections,
+            class_scores={label: float(class_max[i]) for i, label in enumerate(self.labels)},
+            image_size=(int(width), int(height)),
+        )
