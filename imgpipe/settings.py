@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     )
     reaper_interval_s: float = Field(default=15.0, gt=0)
     cpu_concurrency: int = Field(default=2, ge=1)
+    model_cpu_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch intra-op threads of a model worker running on the CPU; unset: "
+        "half the cores (measured: 2 threads on a loaded 2-core box collapsed to 5x slower).",
+    )
     working_copy_cache_items: int = Field(default=16, ge=0)
     events_maxlen: int = Field(default=100_000, ge=1000)
     default_pipeline: str = "full"

@@ -8,7 +8,7 @@ import logging
 from celery import Task, shared_task
 
 from imgpipe.celery_app import settings_of
-from imgpipe.contracts import ADVANCE_TASK, CONTROL_QUEUE, stage_task_name
+from imgpipe.contracts import ADVANCE_TASK, CONTROL_QUEUE, Priority, queue_for, stage_task_name
 from workers.execute import Outcome, StageExecutor
 
 __all__ = ["DEVICE_CONF_KEY", "StageTask"]
@@ -29,8 +29,13 @@ class StageTask(Task):  # type: ignore[misc]
     @property
     def executor(self) -> StageExecutor:
         if StageTask._executor is None:
-            device = str(self.app.conf.get(DEVICE_CONF_KEY) or "cpu")
-            StageTask._executor = StageExecutor(settings_of(self.app), device)
+            settings = settings_of(self.app)
+            device = self.app.conf.get(DEVICE_CONF_KEY)
+            if device is not None:  # a model worker: configure torch in this pool child
+                from workers.devices import configure_torch
+
+                configure_torch(str(device), settings.model_cpu_threads)
+            StageTask._executor = StageExecutor(settings, str(device or "cpu"))
         return StageTask._executor
 
     def execute_stage(self, stage_run_id: int) -> str:
@@ -38,7 +43,8 @@ class StageTask(Task):  # type: ignore[misc]
         if outcome.retry_in_s is not None:
             raise self.retry(countdown=outcome.retry_in_s, max_retries=None)
         if outcome.advance and outcome.job_id is not None:
-            self.app.send_task(ADVANCE_TASK, args=[outcome.job_id], queue=CONTROL_QUEUE)
+            queue = queue_for(CONTROL_QUEUE, Priority(outcome.priority or Priority.INTERACTIVE))
+            self.app.send_task(ADVANCE_TASK, args=[outcome.job_id], queue=queue)
         return outcome.status
 
 

@@ -41,7 +41,7 @@ def stack_settings(redis_broker: EmbeddedRedis, database_url: str) -> Iterator[S
 @pytest.fixture(scope="session")
 def running_stack(stack_settings: Settings, redis_broker: EmbeddedRedis) -> Iterator[Stack]:
     redis_broker.client().flushall()
-    stack = Stack(stack_settings, workers=("orchestrator", "cpu"), stop_timeout_s=15)
+    stack = Stack(stack_settings, workers=("orchestrator", "cpu", "gpu"), stop_timeout_s=15)
     with stack:
         stack.wait_ready(60)
         yield stack

@@ -1,0 +1,35 @@
+"""Device set-up for model workers, done once in each pool child (never in the parent,
+so CUDA is initialised in the child only)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from imgpipe.errors import ConfigError
+
+__all__ = ["configure_torch"]
+
+log = logging.getLogger(__name__)
+
+
+def configure_torch(device: str, cpu_threads: int | None) -> None:
+    """Validate ``device`` and size torch's thread pool for CPU inference."""
+    target = torch.device(device)
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {device} requested but CUDA is not available in this process; "
+                "start the model worker with --device cpu or on a machine with a GPU"
+            )
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {device} requested but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+        torch.cuda.set_device(target)
+        return
+    threads = cpu_threads or max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(threads)
+    log.info("model worker on %s with %d torch thread(s)", device, threads)
