@@ -13,6 +13,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from db.engine import session_scope
+from db.models import Image as ImageRow
 from db.models import Job, StageRun
 from imgpipe.broker import EmbeddedRedis
 from imgpipe.contracts import JobStatus, StageStatus
@@ -145,3 +146,36 @@ def test_broker_crash_and_restart_delays_but_loses_no_job(
     assert set(statuses.values()) == {JobStatus.SUCCEEDED}, failures(
         short_deadline_settings, statuses
     )
+
+
+def test_transient_errors_retry_with_backoff_then_dead_letter_with_history(
+    make_stack: Callable[..., Stack], short_deadline_settings: Settings
+) -> None:
+    """A working copy missing from the blob store is transient (a worker may see a blob
+    store that is not shared): retried up to max_attempts, then dead, every error kept."""
+    make_stack(("orchestrator",))
+    ctx = OrchestratorContext(short_deadline_settings)
+    result = submit(ctx, SubmitRequest(data=photo_jpeg(42), pipeline="basic"))
+    with session_scope(short_deadline_settings.effective_database_url) as session:
+        job = session.get(Job, result.job_id)
+        assert job is not None and job.image_sha256 is not None
+        image = session.get(ImageRow, job.image_sha256)
+        assert image is not None and image.working_blob_key is not None
+        working_key = image.working_blob_key
+    blob_path = short_deadline_settings.resolved_data_dir / "blobs" / working_key
+    blob_path.unlink()
+    make_stack(("cpu",))
+    statuses = wait_terminal(short_deadline_settings, [result.job_id], 90)
+    assert statuses[result.job_id] == JobStatus.FAILED
+    with session_scope(short_deadline_settings.effective_database_url) as session:
+        quality = session.execute(
+            select(StageRun).where(StageRun.job_id == result.job_id, StageRun.stage == "quality")
+        ).scalar_one()
+        assert quality.status == StageStatus.DEAD
+        assert quality.attempts == short_deadline_settings.max_attempts
+        assert len(quality.error_history) == short_deadline_settings.max_attempts
+        assert all("is missing" in e["error"] for e in quality.error_history)
+        enhance = session.execute(
+            select(StageRun).where(StageRun.job_id == result.job_id, StageRun.stage == "enhance")
+        ).scalar_one()
+        assert enhance.skip_reason == "upstream_failed:quality"
