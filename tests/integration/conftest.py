@@ -15,11 +15,12 @@ from orchestrator.context import OrchestratorContext
 from tests.support.services import short_tmp_dir
 
 
-def make_settings(broker: EmbeddedRedis, database_url: str, **overrides: object) -> Settings:
+def make_settings(broker: EmbeddedRedis | None, database_url: str, **overrides: object) -> Settings:
+    """Settings for a test stack: its own data dir, short reaper intervals."""
     data_dir = short_tmp_dir("ipd-")
     values: dict[str, object] = {
         "data_dir": data_dir,
-        "broker_url": broker.celery_url,
+        "broker_url": broker.celery_url if broker is not None else None,
         "database_url": database_url,
         "blob_url": (data_dir / "blobs").as_uri(),
         "reaper_interval_s": 1.0,
