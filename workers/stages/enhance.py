@@ -31,7 +31,8 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from workers.stages.quality import QualityResult, check_rgb_image, params_from_json, require
+from workers.stages._params import params_from_json, require
+from workers.stages.quality import QualityResult, check_rgb_image
 
 __all__ = ["AppliedOp", "EnhanceParams", "EnhanceResult", "enhance_image"]
 

@@ -19,17 +19,15 @@ from __future__ import annotations
 import math
 import typing
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Final, TypeVar
+from dataclasses import asdict, dataclass
+from typing import Final
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
 
 from imgpipe.errors import PermanentError
-
-if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
+from workers.stages._params import is_number, params_from_json, require
 
 __all__ = [
     "FLAGS",
@@ -83,50 +81,6 @@ _SCORE_TERMS: Final[dict[str, tuple[_Ramp, float]]] = {
     "blockiness": (_Ramp(good=1.3, bad=2.5), 0.4),
     "resolution": (_Ramp(good=720.0, bad=32.0, log=True), 0.3),
 }
-
-_Params = TypeVar("_Params", bound="DataclassInstance")
-
-
-def require(condition: bool, owner: str, message: str) -> None:
-    """Raise ``PermanentError("<owner>: <message>")`` unless ``condition`` holds."""
-    if not condition:
-        raise PermanentError(f"{owner}: {message}")
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def params_from_json(cls: type[_Params], data: Mapping[str, object]) -> _Params:
-    """Build the frozen dataclass ``cls`` from JSON, refusing unknown keys and wrong types.
-
-    Shared by the stage parameter classes. Only ``int``, ``float`` and ``bool`` fields
-    are supported; an ``int`` is accepted for a ``float`` field, a ``bool`` is never a
-    number, NaN and infinity are refused. Missing keys keep their defaults.
-    """
-    name = cls.__name__
-    require(isinstance(data, Mapping), name, f"expected a JSON object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = sorted(f.name for f in fields(cls))
-    values: dict[str, object] = {}
-    for key, value in data.items():
-        require(key in known, name, f"unknown key {key!r}; expected one of {', '.join(known)}")
-        expected = hints[key]
-        if expected is float and _is_number(value):
-            value = float(typing.cast(float, value))
-            ok = math.isfinite(value)
-        elif expected is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, expected)
-        require(
-            ok,
-            name,
-            f"key {key!r} must be a finite {expected.__name__}, got {type(value).__name__} "
-            f"{value!r}",
-        )
-        values[key] = value
-    return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -217,12 +171,12 @@ class QualityResult:
             require(key in data, own, f"missing key {key!r}")
         score, flags, metrics = data["score"], data["flags"], data["metrics"]
         usable, reason = data["usable"], data["unusable_reason"]
-        if not _is_number(score):
+        if not is_number(score):
             raise PermanentError(f"{own}: 'score' must be a number, got {score!r}")
         if not isinstance(flags, list) or any(f not in FLAGS for f in flags):
             raise PermanentError(f"{own}: 'flags' must be a list of {', '.join(FLAGS)}")
         if not isinstance(metrics, Mapping) or not all(
-            isinstance(k, str) and _is_number(v) for k, v in metrics.items()
+            isinstance(k, str) and is_number(v) for k, v in metrics.items()
         ):
             raise PermanentError(f"{own}: 'metrics' must map names to numbers")
         if not isinstance(usable, bool):
