@@ -111,8 +111,9 @@ def harness(database_url: str) -> Iterator[IngestHarness]:
                 database_url=db_url,
                 blob_url=(data_dir / "blobs").as_uri(),
                 # A consumer killed between a job's commit and its first stage messages
-                # leaves the stages "dispatched" in SQL; the reaper re-sends them after
-                # the stage deadline (time limit + grace). Short limits keep that quick.
+                # leaves the stages "dispatched" in SQL; the reaper re-sends them once
+                # they waited dispatch_timeout_s with their queue empty. Short here.
+                dispatch_timeout_s=2,
                 stage_time_limits_s={"quality": 5, "enhance": 5},
                 reaper_interval_s=0.5,
                 dispatch_grace_s=1,

@@ -1,0 +1,1 @@
+"""Clients of the submit stream that know only the wire contract (docs/submitting.md)."""
