@@ -11,7 +11,6 @@ import hmac
 import io
 import itertools
 import json
-import os
 import shutil
 import threading
 import time
@@ -25,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from db.engine import is_sqlite, session_scope
+from db.engine import session_scope
 from db.migrate import upgrade
 from db.models import Job
 from imgpipe.broker import EmbeddedRedis
@@ -36,7 +35,7 @@ from imgpipe.stack import Stack
 from orchestrator.context import OrchestratorContext
 from orchestrator.submit import SubmitRequest, submit
 from orchestrator.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, deliver, verify
-from tests.support.services import TEST_PG_ENV, fresh_postgres_database, short_tmp_dir
+from tests.support.services import own_database, short_tmp_dir
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -103,18 +102,6 @@ def http_receiver() -> Iterator[tuple[Receiver, str]]:
         server.shutdown()
         server.server_close()
         thread.join(5)
-
-
-@contextmanager
-def own_database(database_url: str) -> Iterator[str]:
-    """A database no other test stack's reaper looks at."""
-    if is_sqlite(database_url):
-        directory = short_tmp_dir("ipwd-")
-        yield f"sqlite:///{directory / 'imgpipe.db'}"
-        shutil.rmtree(directory, ignore_errors=True)
-    else:
-        with fresh_postgres_database(os.environ[TEST_PG_ENV]) as url:
-            yield url
 
 
 @pytest.fixture(scope="module")

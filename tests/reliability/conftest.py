@@ -13,7 +13,7 @@ from db.migrate import upgrade
 from imgpipe.broker import EmbeddedRedis
 from imgpipe.settings import Settings
 from imgpipe.stack import Stack
-from tests.support.services import short_tmp_dir
+from tests.support.services import own_database, short_tmp_dir
 
 SHORT_LIMITS_S = {"quality": 4, "enhance": 4, "detect": 30, "anomaly": 30, "moderate": 30}
 
@@ -31,6 +31,12 @@ def own_broker() -> Iterator[EmbeddedRedis]:
 @pytest.fixture
 def short_deadline_settings(own_broker: EmbeddedRedis, database_url: str) -> Iterator[Settings]:
     data_dir = short_tmp_dir("iprd-")
+    with own_database(database_url) as url:
+        yield _settings(own_broker, url, data_dir)
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _settings(own_broker: EmbeddedRedis, database_url: str, data_dir: Path) -> Settings:
     settings = Settings(
         data_dir=data_dir,
         broker_url=own_broker.celery_url,
@@ -43,8 +49,7 @@ def short_deadline_settings(own_broker: EmbeddedRedis, database_url: str) -> Ite
         retry_backoff_s=0.2,
     )
     upgrade(database_url)
-    yield settings
-    shutil.rmtree(data_dir, ignore_errors=True)
+    return settings
 
 
 LOG_KEEP_DIR = Path(tempfile.gettempdir()) / "imgpipe-test-logs"

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,32 +29,20 @@ import redis
 from PIL import Image
 from sqlalchemy import select
 
-from db.engine import is_sqlite, session_scope
+from db.engine import session_scope
 from db.migrate import upgrade
 from db.models import Job
 from imgpipe.broker import EmbeddedRedis
 from imgpipe.settings import Settings
 from imgpipe.stack import Stack, child_env
 from tests.clients.submit_client import SubmitClient
-from tests.support.services import TEST_PG_ENV, fresh_postgres_database, short_tmp_dir
+from tests.support.services import own_database, short_tmp_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 REPLY_TO = "reliability:replies"
 SUBMIT_STREAM = "imgpipe:submit"
 GROUP = "imgpipe"
-
-
-@contextmanager
-def own_database(database_url: str) -> Iterator[str]:
-    """A database that no other running test stack (and its reaper) looks at."""
-    if is_sqlite(database_url):
-        directory = short_tmp_dir("ipkd-")
-        yield f"sqlite:///{directory / 'imgpipe.db'}"
-        shutil.rmtree(directory, ignore_errors=True)
-    else:
-        with fresh_postgres_database(os.environ[TEST_PG_ENV]) as url:
-            yield url
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -12,9 +13,9 @@ from pathlib import Path
 import psycopg
 from sqlalchemy.engine import make_url
 
-from db.engine import normalize_url
+from db.engine import is_sqlite, normalize_url
 
-__all__ = ["TEST_PG_ENV", "fresh_postgres_database", "short_tmp_dir"]
+__all__ = ["TEST_PG_ENV", "fresh_postgres_database", "own_database", "short_tmp_dir"]
 
 TEST_PG_ENV = "IMGPIPE_TEST_DATABASE_URL"
 
@@ -43,6 +44,20 @@ def fresh_postgres_database(server_url: str) -> Iterator[str]:
                 engine.dispose()
         with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def own_database(database_url: str) -> Iterator[str]:
+    """A fresh database of the same backend as ``database_url``, that no other test
+    stack's reaper looks at (a shared database would let one stack's reaper re-dispatch
+    another stack's stages onto its own broker)."""
+    if is_sqlite(database_url):
+        directory = short_tmp_dir("ipod-")
+        yield f"sqlite:///{directory / 'imgpipe.db'}"
+        shutil.rmtree(directory, ignore_errors=True)
+    else:
+        with fresh_postgres_database(os.environ[TEST_PG_ENV]) as url:
+            yield url
 
 
 def env_flag(name: str) -> bool:
