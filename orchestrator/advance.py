@@ -119,28 +119,50 @@ def finalise(job: Job, rows: Sequence[StageRun], now: datetime) -> dict[str, Any
     spec = parse_pipeline(job.pipeline_spec)
     failed = [r for r in rows if r.status in (StageStatus.FAILED, StageStatus.DEAD)]
     gate = next((g for r in rows if (g := _gate_reason(r)) is not None), None)
-    outputs: Mapping[str, Mapping[str, Any]] = {
-        r.stage: r.output for r in rows if r.status == StageStatus.SUCCEEDED and r.output
-    }
     if failed:
         job.status = JobStatus.FAILED
         job.verdict = None
         job.error = "; ".join(f"{r.stage}: {r.error or r.status}" for r in failed)
         job.reasons = [f"stage {r.stage} {r.status}: {r.error}" for r in failed]
     else:
-        verdict, reasons = evaluate_policy(spec.policy, outputs, gate_tripped=gate)
+        verdict, reasons = evaluate_policy(spec.policy, succeeded_outputs(rows), gate_tripped=gate)
         job.status = JobStatus.SUCCEEDED
         job.verdict = verdict
         job.reasons = reasons
     job.finished_at = now
+    return completed_payload(job, rows)
+
+
+def succeeded_outputs(rows: Sequence[StageRun]) -> dict[str, Mapping[str, Any]]:
+    return {r.stage: r.output for r in rows if r.status == StageStatus.SUCCEEDED and r.output}
+
+
+def completed_payload(job: Job, rows: Sequence[StageRun]) -> dict[str, Any]:
+    """The fields of a job's ``completed`` event (and webhook body)."""
     return {
         "status": job.status,
         "verdict": job.verdict,
         "reasons": job.reasons,
         "error": job.error,
         "stages": {r.stage: r.status for r in rows},
-        "scores": summary_scores(outputs),
+        "scores": summary_scores(succeeded_outputs(rows)),
+        "cache_hit_of": job.cache_hit_of,
     }
+
+
+def publish_completed(
+    ctx: OrchestratorContext,
+    job_id: str,
+    payload: dict[str, Any],
+    idempotency_key: str | None,
+    reply_to: str | None,
+) -> None:
+    """The ``completed`` event on the events stream (and ``reply_to``), then the webhook."""
+    ctx.events.publish(
+        EventType.COMPLETED, job_id, idempotency_key=idempotency_key, reply_to=reply_to, **payload
+    )
+    if ctx.settings.webhook_url:
+        dispatch_webhook(ctx, job_id, idempotency_key, payload)
 
 
 def summary_scores(outputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -178,13 +200,5 @@ def advance_job(ctx: OrchestratorContext, job_id: str) -> AdvanceOutcome:
         idempotency_key, reply_to = job.idempotency_key, job.reply_to
     send_dispatches(ctx, outcome.dispatches)
     if outcome.completed is not None:
-        ctx.events.publish(
-            EventType.COMPLETED,
-            job_id,
-            idempotency_key=idempotency_key,
-            reply_to=reply_to,
-            **outcome.completed,
-        )
-        if ctx.settings.webhook_url:
-            dispatch_webhook(ctx, job_id, idempotency_key, outcome.completed)
+        publish_completed(ctx, job_id, outcome.completed, idempotency_key, reply_to)
     return outcome

@@ -26,7 +26,7 @@ from imgpipe.decode import DecodedImage, DecodeLimits, decode_image
 from imgpipe.errors import ImageRejectedError, PermanentError
 from imgpipe.events import EventType
 from imgpipe.stagekinds import STAGE_KINDS
-from orchestrator.advance import send_dispatches, step
+from orchestrator.advance import completed_payload, publish_completed, send_dispatches, step
 from orchestrator.context import OrchestratorContext
 from orchestrator.pipelines import PipelineSpec, load_pipeline, pipeline_hash
 
@@ -149,11 +149,12 @@ def _find_by_key(session: Session, key: str) -> Job | None:
     return session.execute(select(Job).where(Job.idempotency_key == key)).scalar_one_or_none()
 
 
-def _copy_cached(session: Session, job: Job, source: Job) -> None:
+def _copy_cached(session: Session, job: Job, source: Job) -> list[StageRun]:
     """Reuse a finished job's results: same stage outputs, verdict and reasons."""
     now = utcnow()
+    rows: list[StageRun] = []
     for old in source.stage_runs:
-        session.add(
+        rows.append(
             StageRun(
                 job_id=job.id,
                 stage=old.stage,
@@ -181,12 +182,14 @@ def _copy_cached(session: Session, job: Job, source: Job) -> None:
                 finished_at=now,
             )
         )
+    session.add_all(rows)
     job.status = source.status
     job.verdict = source.verdict
     job.reasons = source.reasons
     job.cache_hit_of = source.id
     job.started_at = now
     job.finished_at = now
+    return rows
 
 
 def submit(ctx: OrchestratorContext, request: SubmitRequest) -> SubmitResult:
@@ -222,7 +225,7 @@ def submit(ctx: OrchestratorContext, request: SubmitRequest) -> SubmitResult:
         overrides={k: dict(v) for k, v in (request.overrides or {}).items()},
         reply_to=request.reply_to,
     )
-    cache_hit = False
+    cached_payload: dict[str, Any] | None = None
     try:
         with session_scope(ctx.database_url) as session:
             if rejection is not None:
@@ -253,8 +256,7 @@ def submit(ctx: OrchestratorContext, request: SubmitRequest) -> SubmitResult:
                         .limit(1)
                     ).scalar_one_or_none()
                 if previous is not None:
-                    _copy_cached(session, job, previous)
-                    cache_hit = True
+                    cached_payload = completed_payload(job, _copy_cached(session, job, previous))
                     outcome = None
                 else:
                     rows = _plan(job, resolved, ctx, request.priority)
@@ -284,6 +286,6 @@ def submit(ctx: OrchestratorContext, request: SubmitRequest) -> SubmitResult:
         image_sha256=sha,
         idempotency_key=request.idempotency_key,
     )
-    if cache_hit:
-        ctx.events.publish(EventType.COMPLETED, job_id, status=status, cache_hit=True, **common)
-    return SubmitResult(job_id, status, created=True, cache_hit=cache_hit)
+    if cached_payload is not None:
+        publish_completed(ctx, job_id, cached_payload, request.idempotency_key, request.reply_to)
+    return SubmitResult(job_id, status, created=True, cache_hit=cached_payload is not None)
