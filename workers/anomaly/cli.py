@@ -1,0 +1,101 @@
+"""The ``imgpipe anomaly fit|eval`` commands (imported lazily by imgpipe/cli_ops.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from rich.console import Console
+from rich.table import Table
+
+from db.engine import session_scope
+from db.migrate import upgrade
+from db.repo import record_model
+from imgpipe.decode import DecodeLimits, decode_image
+from imgpipe.errors import ImageRejectedError, PermanentError
+from imgpipe.settings import Settings
+from workers.anomaly.profile import evaluate_profile, fit_profile
+
+__all__ = ["eval_command", "fit_command", "load_images"]
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+PROFILE_LICENSE = "derived from the operator's own images"
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """Files given directly, plus the images inside given directories (sorted)."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise PermanentError(f"{path} is neither an image file nor a directory")
+    return files
+
+
+def load_images(paths: list[Path], console: Console) -> list[NDArray[np.uint8]]:
+    """Decode with the same limits as submissions; unreadable files are reported and skipped."""
+    limits = DecodeLimits.from_settings(Settings())
+    images = []
+    for path in image_files(paths):
+        try:
+            images.append(decode_image(path.read_bytes(), limits).pixels)
+        except ImageRejectedError as exc:
+            console.print(f"[yellow]skipped {path}: {exc}[/]")
+    return images
+
+
+def fit_command(
+    profile: Path, inputs: list[Path], name: str, device: str, console: Console
+) -> None:
+    images = load_images(inputs, console)
+    if len(images) < 4:
+        raise PermanentError(
+            f"fitting needs at least 4 good images (got {len(images)}); pass more files or a "
+            "directory of them"
+        )
+    profile.parent.mkdir(parents=True, exist_ok=True)
+    with console.status(f"fitting {name!r} on {len(images)} images"):
+        info = fit_profile(images, profile, name=name, device=device)
+    settings = Settings()
+    upgrade(settings.effective_database_url)
+    with session_scope(settings.effective_database_url) as session:
+        record_model(
+            session,
+            name=f"anomaly-profile:{info.name}",
+            version=info.version,
+            weights_sha256=info.sha256,
+            source=str(profile.resolve()),
+            license=PROFILE_LICENSE,
+        )
+    table = Table("profile", "version", "sha256", "images (bank/holdout)", "threshold", "fit s")
+    table.add_row(
+        str(profile),
+        info.version,
+        info.sha256[:16],
+        f"{info.bank_images}/{info.holdout_images}",
+        f"{info.threshold:.3f}",
+        f"{info.fit_s:.1f}",
+    )
+    Console().print(table)
+    console.print(f"use it with IMGPIPE_ANOMALY_PROFILE={profile.resolve()}")
+
+
+def eval_command(profile: Path, good: Path, bad: Path, device: str, console: Console) -> None:
+    good_images = load_images([good], console)
+    bad_images = load_images([bad], console)
+    report = evaluate_profile(profile, good_images, bad_images, device=device)
+    table = Table("AUROC", "threshold", "TP", "FP", "TN", "FN", "ms/image")
+    table.add_row(
+        f"{report.auroc:.3f}",
+        f"{report.threshold:.3f}",
+        str(report.tp),
+        str(report.fp),
+        str(report.tn),
+        str(report.fn),
+        f"{report.score_ms_per_image:.1f}",
+    )
+    Console().print(table)

@@ -1,0 +1,90 @@
+"""Scoring images against a loaded profile (one backbone forward pass per call)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from imgpipe.errors import PermanentError
+from workers.anomaly.patchcore import (
+    FeatureConfig,
+    extract_pooled,
+    fuse_scales,
+    multiscale_maps,
+    nearest_distances,
+    patch_features,
+)
+from workers.models.efficientnet_lite0 import EfficientNetLite0Features, default_weights_path
+from workers.models.registry import cached_model
+
+if TYPE_CHECKING:
+    from workers.anomaly.profile import Profile
+
+__all__ = ["ImageScore", "backbone_for", "distance_maps", "score_images"]
+
+
+def backbone_for(device: str) -> EfficientNetLite0Features:
+    """The process-wide EfficientNet-Lite0 feature extractor on ``device``."""
+    path = default_weights_path()
+    key = f"{EfficientNetLite0Features.name}:{path}:{device}"
+    model = cached_model(key, lambda: EfficientNetLite0Features(path, device=device))
+    return cast(EfficientNetLite0Features, model)
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    score: float
+    heatmap: NDArray[np.float32]
+    """G x G fused z-score map (the profile's grid); its max is ``score``."""
+
+
+def _check_backbone(profile: Profile, backbone: EfficientNetLite0Features) -> None:
+    if backbone.weights_sha256 != profile.backbone["weights_sha256"]:
+        raise PermanentError(
+            f"profile {profile.path} was fitted with {profile.backbone['name']} weights "
+            f"{profile.backbone['weights_sha256']} but this worker has {backbone.weights_sha256}; "
+            "refit the profile with the installed weights"
+        )
+
+
+def distance_maps(
+    backbone: EfficientNetLite0Features,
+    images: Sequence[NDArray[np.uint8]],
+    config: FeatureConfig,
+    layer_scales: torch.Tensor,
+    projection: torch.Tensor | None,
+    bank: torch.Tensor,
+    bank_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """N x S x G x G multiscale nearest-neighbour distance maps (one forward pass)."""
+    feats = patch_features(extract_pooled(backbone, images, config), layer_scales, projection)
+    n, g, _, d = feats.shape
+    dist = nearest_distances(feats.reshape(-1, d), bank, bank_sq).reshape(n, g, g)
+    return multiscale_maps(dist, config.score_scales)
+
+
+def score_images(
+    profile: Profile, images: Sequence[NDArray[np.uint8]], backbone: EfficientNetLite0Features
+) -> list[ImageScore]:
+    """Score ``images`` (HxWx3 RGB uint8) against ``profile`` in one forward pass."""
+    if not images:
+        return []
+    _check_backbone(profile, backbone)
+    bank, bank_sq = profile.bank_on(backbone.device)
+    with torch.inference_mode():
+        maps = distance_maps(
+            backbone,
+            images,
+            profile.config,
+            profile.layer_scales,
+            profile.projection,
+            bank,
+            bank_sq,
+        )
+        fused = fuse_scales(maps, profile.score_scales).cpu().numpy().astype(np.float32)
+    return [ImageScore(score=float(m.max()), heatmap=m) for m in fused]
