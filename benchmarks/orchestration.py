@@ -1,7 +1,7 @@
 """Orchestration overhead and throughput of the embedded stack (docs/benchmarks.md).
 
-    python -m benchmarks.orchestration [--pipeline basic] [--latency-jobs 30] [--throughput-jobs 200]
-        [--database-url postgresql://postgres@127.0.0.1:5432/bench]
+    python -m benchmarks.orchestration [--pipeline basic] [--latency-jobs 30]
+        [--throughput-jobs 200] [--database-url postgresql://postgres@127.0.0.1:5432/bench]
 
 1. Baseline, in this process: decode + the pipeline's stage functions called directly on
    the 1080p sample (what the work costs with no Celery, Redis or SQL at all).
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -55,6 +56,25 @@ def baseline_ms(data: bytes, repeats: int) -> dict[str, float]:
         enhance_image(decoded.pixels, quality)
         timings.append((time.perf_counter() - t0) * 1000)
     return {"p50_ms": statistics.median(timings), "min_ms": min(timings)}
+
+
+def rss_mib_by_child(stack: Stack) -> dict[str, float]:
+    """Resident memory of each stack child's whole process group (main + pool children)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    totals: dict[str, float] = {}
+    for child in stack.children:
+        total = 0
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == child.process.pid:  # pgrp
+                    total += int((proc / "statm").read_text().split()[1]) * page
+            except (OSError, IndexError, ValueError):
+                continue
+        totals[child.name] = round(total / 2**20, 1)
+    return totals
 
 
 def wait_all(ctx: OrchestratorContext, job_ids: list[str], timeout_s: float = 1800) -> None:
@@ -107,14 +127,15 @@ def main() -> None:
     with Stack(settings, workers=roles, gpu_device=args.device) as stack:
         stack.wait_ready()
         ctx = OrchestratorContext(settings)
+        request = SubmitRequest(data=data, pipeline=args.pipeline, force=True)
         # warm-up: load models, fill caches
         for _ in range(3):
-            job_id = submit(ctx, SubmitRequest(data=data, pipeline=args.pipeline, force=True)).job_id
+            job_id = submit(ctx, request).job_id
             wait_all(ctx, [job_id])
         e2e, overhead, compute = [], [], []
         for _ in range(args.latency_jobs):
             t0 = time.perf_counter()
-            job_id = submit(ctx, SubmitRequest(data=data, pipeline=args.pipeline, force=True)).job_id
+            job_id = submit(ctx, request).job_id
             wait_all(ctx, [job_id])
             total_ms = (time.perf_counter() - t0) * 1000
             _, _, compute_ms, status = job_costs(ctx, job_id)
@@ -138,6 +159,7 @@ def main() -> None:
         submit_s = time.perf_counter() - t0
         wait_all(ctx, job_ids)
         wall_s = time.perf_counter() - t0
+        result["rss_mib_by_process_group"] = rss_mib_by_child(stack)
         result["throughput"] = {
             "jobs": args.throughput_jobs,
             "submit_s": submit_s,
