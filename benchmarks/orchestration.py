@@ -3,8 +3,8 @@
     python -m benchmarks.orchestration [--pipeline basic] [--latency-jobs 30]
         [--throughput-jobs 200] [--database-url postgresql://postgres@127.0.0.1:5432/bench]
 
-1. Baseline, in this process: decode + the pipeline's stage functions called directly on
-   the 1080p sample (what the work costs with no Celery, Redis or SQL at all).
+1. Baseline, in this process: decode + the pipeline's stage runners called directly on
+   the 1080p sample, one after the other (the work with no Celery, Redis or SQL at all).
 2. Latency: one job at a time through the real stack; per job, end-to-end time
    (submit call to job finished_at) minus the stages' own compute_ms = orchestration
    overhead (queue hops, claims, DB writes, blob I/O, advance).
@@ -34,7 +34,7 @@ from imgpipe.decode import DecodeLimits, decode_image
 from imgpipe.settings import Settings
 from imgpipe.stack import Stack
 from orchestrator.context import OrchestratorContext
-from orchestrator.submit import SubmitRequest, submit
+from orchestrator.submit import SubmitRequest, resolve_spec, submit
 
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "photo_1080p.jpg"
 
@@ -44,16 +44,38 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def baseline_ms(data: bytes, repeats: int) -> dict[str, float]:
-    from workers.stages.enhance import enhance_image
-    from workers.stages.quality import assess_quality
+def baseline_ms(data: bytes, pipeline: str, settings: Settings, repeats: int) -> dict[str, float]:
+    """Decode + every stage of ``pipeline`` called in this process, in DAG order: the same
+    work as a job with no Celery, Redis, SQL or blob store (models warmed up first)."""
+    import importlib
 
+    from imgpipe.stagekinds import STAGE_KINDS
+    from orchestrator.pipelines import load_pipeline
+    from workers.runtime import StageInput, StageOutput
+
+    spec = resolve_spec(OrchestratorContext(settings), load_pipeline(pipeline), None)
+
+    def run_once() -> None:
+        decoded = decode_image(data, DecodeLimits())
+        size = (decoded.header.width, decoded.header.height)
+        outputs: dict[str, Any] = {}
+        images = {"original": decoded.pixels}
+        for name, stage in spec["stages"].items():
+            kind = STAGE_KINDS[stage["kind"]]
+            runner = getattr(importlib.import_module(kind.implementation), kind.entry)
+            image = images.get(stage["reads"], decoded.pixels)
+            upstream = {n: outputs[n] for n in stage["needs"] if n in outputs}
+            result = runner([StageInput(image, size, stage["params"], upstream)])[0]
+            if isinstance(result, StageOutput):
+                outputs[name] = result.output
+                if result.image is not None:
+                    images[name] = result.image
+
+    run_once()
     timings = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        decoded = decode_image(data, DecodeLimits())
-        quality = assess_quality(decoded.pixels)
-        enhance_image(decoded.pixels, quality)
+        run_once()
         timings.append((time.perf_counter() - t0) * 1000)
     return {"p50_ms": statistics.median(timings), "min_ms": min(timings)}
 
@@ -112,9 +134,9 @@ def main() -> None:
     args = parser.parse_args()
 
     data = SAMPLE.read_bytes()
-    base = baseline_ms(data, 10)
     data_dir = Path(tempfile.mkdtemp(prefix="ipbench-", dir="/tmp"))
     settings = Settings(data_dir=data_dir, database_url=args.database_url)
+    base = baseline_ms(data, args.pipeline, settings, 10)
     needs_gpu = args.pipeline != "basic"
     roles = ("orchestrator", "cpu", "gpu") if needs_gpu else ("orchestrator", "cpu")
     result: dict[str, Any] = {
