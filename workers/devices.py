@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 
 import torch
 
 from imgpipe.errors import ConfigError
 
-__all__ = ["configure_torch"]
+__all__ = ["configure_torch", "start_idle_unloader"]
 
 log = logging.getLogger(__name__)
 
@@ -33,3 +35,29 @@ def configure_torch(device: str, cpu_threads: int | None) -> None:
     threads = cpu_threads or max(1, (os.cpu_count() or 2) // 2)
     torch.set_num_threads(threads)
     log.info("model worker on %s with %d torch thread(s)", device, threads)
+
+
+_unloader_started = False
+
+
+def start_idle_unloader(interval_s: float = 60.0) -> None:
+    """In this process, unload models idle past their ``idle_unload_s`` (frees GPU memory)."""
+    global _unloader_started
+    if _unloader_started:
+        return
+    _unloader_started = True
+
+    def loop() -> None:
+        from workers.models.registry import unload_idle_models
+
+        while True:
+            time.sleep(interval_s)
+            try:
+                unloaded = unload_idle_models()
+            except Exception:  # keep the thread alive whatever one model does
+                log.exception("idle model unload failed")
+                continue
+            if unloaded:
+                log.info("unloaded %d idle model(s)", unloaded)
+
+    threading.Thread(target=loop, name="imgpipe-idle-unloader", daemon=True).start()

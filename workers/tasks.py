@@ -32,9 +32,10 @@ class StageTask(Task):  # type: ignore[misc]
             settings = settings_of(self.app)
             device = self.app.conf.get(DEVICE_CONF_KEY)
             if device is not None:  # a model worker: configure torch in this pool child
-                from workers.devices import configure_torch
+                from workers.devices import configure_torch, start_idle_unloader
 
                 configure_torch(str(device), settings.model_cpu_threads)
+                start_idle_unloader()
             StageTask._executor = StageExecutor(settings, str(device or "cpu"))
         return StageTask._executor
 
