@@ -33,10 +33,16 @@ class StageTask(Task):  # type: ignore[misc]
             device = self.app.conf.get(DEVICE_CONF_KEY)
             if device is not None:  # a model worker: configure torch in this pool child
                 from workers.devices import configure_torch, start_idle_unloader
+                from workers.models.base import add_load_listener
 
                 configure_torch(str(device), settings.model_cpu_threads)
                 start_idle_unloader()
-            StageTask._executor = StageExecutor(settings, str(device or "cpu"))
+                executor = StageExecutor(settings, str(device))
+                # the models row is written when a model first loads in this process
+                add_load_listener(lambda info: executor.record_model(info.to_json()))
+                StageTask._executor = executor
+            else:
+                StageTask._executor = StageExecutor(settings, "cpu")
         return StageTask._executor
 
     def execute_stage(self, stage_run_id: int) -> str:
