@@ -34,6 +34,7 @@ from imgpipe.decode import DecodeLimits, decode_image
 from imgpipe.settings import Settings
 from imgpipe.stack import Stack
 from orchestrator.context import OrchestratorContext
+from orchestrator.reports import all_terminal, wait_terminal
 from orchestrator.submit import SubmitRequest, resolve_spec, submit
 
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "photo_1080p.jpg"
@@ -100,17 +101,10 @@ def rss_mib_by_child(stack: Stack) -> dict[str, float]:
 
 
 def wait_all(ctx: OrchestratorContext, job_ids: list[str], timeout_s: float = 1800) -> None:
-    deadline = time.monotonic() + timeout_s
-    pending = set(job_ids)
-    while pending:
-        with session_scope(ctx.database_url) as session:
-            rows = session.execute(
-                select(Job.id, Job.status).where(Job.id.in_(list(pending)))
-            ).all()
-        pending -= {job_id for job_id, status in rows if JobStatus(status).terminal}
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{len(pending)} jobs unfinished")
-        time.sleep(0.002 if len(job_ids) == 1 else 0.05)
+    poll_s = 0.002 if len(job_ids) == 1 else 0.05
+    statuses = wait_terminal(ctx.database_url, job_ids, timeout_s, poll_s=poll_s)
+    if not all_terminal(statuses, job_ids):
+        raise RuntimeError(f"jobs unfinished after {timeout_s} s: {statuses}")
 
 
 def job_costs(ctx: OrchestratorContext, job_id: str) -> tuple[datetime, datetime, float, str]:

@@ -6,12 +6,11 @@ same database; ``imgpipe run`` does all of it for a one-off batch.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from imgpipe.contracts import JobStatus, Priority
+from imgpipe.contracts import Priority
 from imgpipe.errors import PermanentError
 from imgpipe.settings import Settings
 
@@ -81,14 +80,6 @@ def wait(
     job_ids: list[str], timeout_s: float = 600.0, settings: Settings | None = None
 ) -> dict[str, str]:
     """Poll until every job is terminal (or the timeout); returns job id -> status."""
-    from db.engine import session_scope
-    from orchestrator.reports import job_statuses
+    from orchestrator.reports import wait_terminal
 
-    ctx = _context(settings)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with session_scope(ctx.database_url) as session:
-            statuses = job_statuses(session, job_ids)
-        if all(JobStatus(s).terminal for s in statuses.values()) or time.monotonic() > deadline:
-            return statuses
-        time.sleep(0.1)
+    return wait_terminal(_context(settings).database_url, job_ids, timeout_s)

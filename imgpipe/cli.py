@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -19,6 +19,10 @@ from imgpipe.cli_render import render_results_table
 from imgpipe.contracts import JobStatus, Priority
 from imgpipe.errors import ImgpipeError
 from imgpipe.settings import Settings
+
+if TYPE_CHECKING:
+    from imgpipe.stack import Stack
+    from orchestrator.context import OrchestratorContext
 
 __all__ = ["app", "main"]
 
@@ -107,36 +111,31 @@ def run(
 
 
 def _wait_with_progress(
-    ctx: Any, stack: Any, job_ids: list[str], timeout_s: float
+    ctx: OrchestratorContext, stack: Stack, job_ids: list[str], timeout_s: float
 ) -> dict[str, str]:
-    from db.engine import session_scope
-    from orchestrator.reports import job_statuses
+    from orchestrator.reports import all_terminal, wait_terminal
 
-    deadline = time.monotonic() + timeout_s
-    statuses: dict[str, str] = {}
     with Progress(
         TextColumn("[bold]processing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True,
     ) as progress:  # fmt: skip
         bar = progress.add_task("jobs", total=len(job_ids))
-        while True:
-            with session_scope(ctx.database_url) as session:
-                statuses = job_statuses(session, job_ids)
-            done = sum(1 for s in statuses.values() if JobStatus(s).terminal)
-            progress.update(bar, completed=done)
-            if done == len(job_ids):
-                return statuses
-            dead = stack.check_alive()
-            if dead:
-                console.print(f"[red]worker process exited:[/red] {', '.join(dead)}")
-                return statuses
-            if time.monotonic() > deadline:
-                console.print(f"[red]timed out after {timeout_s:.0f} s[/red]")
-                return statuses
-            time.sleep(0.1)
+        dead: list[str] = []
+
+        def keep_waiting(statuses: dict[str, str]) -> bool:
+            progress.update(bar, completed=sum(JobStatus(s).terminal for s in statuses.values()))
+            dead.extend(stack.check_alive())
+            return not dead
+
+        statuses = wait_terminal(ctx.database_url, job_ids, timeout_s, keep_waiting=keep_waiting)
+    if dead:
+        console.print(f"[red]worker process exited:[/red] {', '.join(dead)}")
+    elif not all_terminal(statuses, job_ids):
+        console.print(f"[red]timed out after {timeout_s:.0f} s[/red]")
+    return statuses
 
 
-def _collect(ctx: Any, submitted: list[tuple[Path, str]]) -> list[dict[str, Any]]:
+def _collect(ctx: OrchestratorContext, submitted: list[tuple[Path, str]]) -> list[dict[str, Any]]:
     from db.engine import session_scope
     from orchestrator.reports import job_report
 

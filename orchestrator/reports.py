@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from db.engine import session_scope
 from db.models import Detection, Job, StageRun
 from db.repo import get_job
 from imgpipe.contracts import JobStatus
 
-__all__ = ["job_report", "job_statuses"]
+__all__ = ["all_terminal", "job_report", "job_statuses", "wait_terminal"]
 
 
 def _iso(value: Any) -> str | None:
@@ -98,5 +100,32 @@ def job_statuses(session: Session, job_ids: Sequence[str]) -> dict[str, str]:
     return {job_id: status for job_id, status in rows}
 
 
-def all_terminal(statuses: dict[str, str]) -> bool:
-    return all(JobStatus(s).terminal for s in statuses.values())
+def all_terminal(statuses: Mapping[str, str], job_ids: Sequence[str]) -> bool:
+    """True when every one of ``job_ids`` exists and is terminal."""
+    return len(statuses) == len(set(job_ids)) and all(
+        JobStatus(s).terminal for s in statuses.values()
+    )
+
+
+def wait_terminal(
+    database_url: str,
+    job_ids: Sequence[str],
+    timeout_s: float,
+    *,
+    poll_s: float = 0.1,
+    keep_waiting: Callable[[dict[str, str]], bool] | None = None,
+) -> dict[str, str]:
+    """Poll the jobs' rows until all are terminal, ``timeout_s`` passes, or
+    ``keep_waiting(statuses)`` returns False. Returns the last statuses (job id -> status;
+    ids not found are absent): callers check ``all_terminal`` to tell the cases apart."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with session_scope(database_url) as session:
+            statuses = job_statuses(session, job_ids)
+        if (
+            all_terminal(statuses, job_ids)
+            or time.monotonic() > deadline
+            or (keep_waiting is not None and not keep_waiting(statuses))
+        ):
+            return statuses
+        time.sleep(poll_s)

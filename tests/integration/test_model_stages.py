@@ -13,9 +13,8 @@ from db.models import Detection, ModelRecord
 from imgpipe.contracts import JobStatus, StageStatus
 from orchestrator.context import OrchestratorContext
 from orchestrator.submit import SubmitRequest, submit
-from tests.integration.test_pipeline_e2e import report, wait_done
-
-pytest.importorskip("nudenet", reason="the nudenet extra provides the default detector")
+from tests.integration.test_pipeline_e2e import report
+from tests.support.jobs import wait_jobs
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -25,7 +24,7 @@ def test_moderation_pipeline_finds_the_face_and_records_model_provenance(
 ) -> None:
     data = (samples_dir / "astronaut.jpg").read_bytes()
     result = submit(ctx, SubmitRequest(data=data, pipeline="moderation", force=True))
-    assert wait_done(ctx, [result.job_id], 180)[result.job_id] == JobStatus.SUCCEEDED
+    assert wait_jobs(ctx.database_url, [result.job_id], 180)[result.job_id] == JobStatus.SUCCEEDED
     final = report(ctx, result.job_id)
     stages = {s["stage"]: s for s in final["stages"]}
     assert final["verdict"] == "allow"
@@ -61,7 +60,7 @@ def test_moderation_thresholds_change_per_submission_without_a_restart(
     result = submit(
         ctx, SubmitRequest(data=data, pipeline="moderation", overrides=overrides, force=True)
     )
-    wait_done(ctx, [result.job_id], 180)
+    wait_jobs(ctx.database_url, [result.job_id], 180)
     final = report(ctx, result.job_id)
     moderate = {s["stage"]: s for s in final["stages"]}["moderate"]
     assert moderate["output"]["verdict"] == "review"

@@ -18,7 +18,7 @@ from imgpipe.stack import Stack
 from orchestrator.context import OrchestratorContext
 from orchestrator.submit import SubmitRequest, submit
 from tests.integration.conftest import make_settings
-from tests.integration.test_pipeline_e2e import wait_done
+from tests.support.jobs import wait_jobs
 from tests.support.services import short_tmp_dir
 
 PASSWORD = "s3cret-imgpipe"
@@ -75,5 +75,7 @@ def test_stack_on_a_password_protected_redis_url(
         ctx = OrchestratorContext(settings)
         data = (samples_dir / "coffee.jpg").read_bytes()
         result = submit(ctx, SubmitRequest(data=data, pipeline="basic"))
-        assert wait_done(ctx, [result.job_id], 60)[result.job_id] == JobStatus.SUCCEEDED
+        assert (
+            wait_jobs(ctx.database_url, [result.job_id], 60)[result.job_id] == JobStatus.SUCCEEDED
+        )
     assert redis.Redis.from_url(url).xlen("imgpipe:events") >= 3

@@ -16,26 +16,11 @@ from db.models import Job, StageRun
 from imgpipe.contracts import EVENTS_STREAM, JobStatus, StageStatus
 from imgpipe.errors import StageNotInstalledError, UnknownPipelineError
 from orchestrator.context import OrchestratorContext
-from orchestrator.reports import job_report, job_statuses
+from orchestrator.reports import job_report
 from orchestrator.submit import SubmitRequest, submit
+from tests.support.jobs import wait_jobs
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def wait_done(
-    ctx: OrchestratorContext, job_ids: list[str], timeout_s: float = 90
-) -> dict[str, str]:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with session_scope(ctx.database_url) as session:
-            statuses = job_statuses(session, job_ids)
-        if all(JobStatus(s).terminal for s in statuses.values()):
-            return statuses
-        if time.monotonic() > deadline:
-            raise AssertionError(f"jobs not finished in {timeout_s} s: {statuses}")
-        time.sleep(0.1)
 
 
 def report(ctx: OrchestratorContext, job_id: str) -> dict[str, Any]:
@@ -59,7 +44,7 @@ def test_photos_get_quality_scores_and_enhanced_blobs_with_provenance(
         submit(ctx, SubmitRequest(data=p.read_bytes(), pipeline="basic", force=True)).job_id
         for p in paths
     ]
-    statuses = wait_done(ctx, job_ids)
+    statuses = wait_jobs(ctx.database_url, job_ids, 90)
     assert set(statuses.values()) == {JobStatus.SUCCEEDED}
     for job_id in job_ids:
         result = report(ctx, job_id)
@@ -104,7 +89,7 @@ def test_corrupt_file_is_rejected_with_reason_and_never_dispatched(
 def test_blank_image_trips_the_quality_gate_and_skips_enhancement(ctx: OrchestratorContext) -> None:
     grey = np.full((480, 640, 3), 128, dtype=np.uint8)
     result = submit(ctx, SubmitRequest(data=png_bytes(grey), pipeline="basic", force=True))
-    wait_done(ctx, [result.job_id])
+    wait_jobs(ctx.database_url, [result.job_id], 90)
     final = report(ctx, result.job_id)
     stages = {s["stage"]: s for s in final["stages"]}
     assert stages["quality"]["output"]["usable"] is False
@@ -125,7 +110,7 @@ def test_same_idempotency_key_twice_gives_one_job(
     assert first.job_id == second.job_id
     with session_scope(ctx.database_url) as session:
         assert session.query(Job).filter(Job.idempotency_key == "rocket-1").count() == 1
-    wait_done(ctx, [first.job_id])
+    wait_jobs(ctx.database_url, [first.job_id], 90)
 
 
 def test_identical_image_and_pipeline_reuses_results_unless_forced(
@@ -133,7 +118,7 @@ def test_identical_image_and_pipeline_reuses_results_unless_forced(
 ) -> None:
     data = (samples_dir / "chelsea.jpg").read_bytes()
     first = submit(ctx, SubmitRequest(data=data, pipeline="basic", force=True))
-    wait_done(ctx, [first.job_id])
+    wait_jobs(ctx.database_url, [first.job_id], 90)
     again = submit(ctx, SubmitRequest(data=data, pipeline="basic"))
     assert again.cache_hit
     cached = report(ctx, again.job_id)
@@ -141,7 +126,7 @@ def test_identical_image_and_pipeline_reuses_results_unless_forced(
     assert cached["verdict"] == report(ctx, first.job_id)["verdict"]
     forced = submit(ctx, SubmitRequest(data=data, pipeline="basic", force=True))
     assert not forced.cache_hit
-    wait_done(ctx, [forced.job_id])
+    wait_jobs(ctx.database_url, [forced.job_id], 90)
 
 
 def test_events_stream_tells_the_story_of_a_job(
@@ -151,7 +136,7 @@ def test_events_stream_tells_the_story_of_a_job(
     result = submit(
         ctx, SubmitRequest(data=data, pipeline="basic", force=True, reply_to="test:replies")
     )
-    wait_done(ctx, [result.job_id])
+    wait_jobs(ctx.database_url, [result.job_id], 90)
     client = ctx.events.client
     events = [
         {k.decode(): json.loads(v) for k, v in fields.items()}
@@ -189,7 +174,7 @@ def test_celery_clients_submit_by_task_name(ctx: OrchestratorContext, samples_di
             job_id = job.id if job else None
         time.sleep(0.1)
     assert job_id is not None
-    assert wait_done(ctx, [job_id])[job_id] == JobStatus.SUCCEEDED
+    assert wait_jobs(ctx.database_url, [job_id], 90)[job_id] == JobStatus.SUCCEEDED
 
 
 def test_unknown_pipeline_is_refused_with_the_known_names(ctx: OrchestratorContext) -> None:

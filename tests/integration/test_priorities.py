@@ -24,12 +24,12 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
-from db.engine import is_sqlite, session_scope
+from db.engine import session_scope
 from db.models import Job
 from imgpipe.contracts import CPU_QUEUE, JobStatus, Priority, bulk_queue
 from orchestrator.context import OrchestratorContext
-from orchestrator.reports import job_statuses
 from orchestrator.submit import SubmitRequest, submit
+from tests.support.jobs import wait_jobs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(280)]
 
@@ -42,19 +42,6 @@ def small_png(seed: int, side_px: int = 48) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def wait_terminal(ctx: OrchestratorContext, job_ids: list[str], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with session_scope(ctx.database_url) as session:
-            statuses = job_statuses(session, job_ids)
-        if all(JobStatus(s).terminal for s in statuses.values()):
-            return
-        if time.monotonic() > deadline:
-            running = sum(1 for s in statuses.values() if not JobStatus(s).terminal)
-            raise AssertionError(f"{running} of {len(job_ids)} jobs unfinished after {timeout_s} s")
-        time.sleep(0.2)
 
 
 @contextmanager
@@ -74,8 +61,6 @@ def cpu_worker_paused(ctx: OrchestratorContext) -> Iterator[None]:
 
 
 def test_interactive_job_overtakes_500_queued_bulk_jobs(ctx: OrchestratorContext) -> None:
-    if not is_sqlite(ctx.database_url):
-        pytest.skip("queue order is the broker's: one database backend is enough (~30 s)")
     images = [small_png(10_000 + i) for i in range(BULK_JOBS + 1)]
     started = time.monotonic()
     with cpu_worker_paused(ctx):
@@ -89,9 +74,9 @@ def test_interactive_job_overtakes_500_queued_bulk_jobs(ctx: OrchestratorContext
         interactive_id = submit(
             ctx, SubmitRequest(data=images[-1], pipeline="basic", force=True)
         ).job_id
-    wait_terminal(ctx, [interactive_id], 60)
+    wait_jobs(ctx.database_url, [interactive_id], 60)
     interactive_s = time.monotonic() - started
-    wait_terminal(ctx, bulk_ids, 240)
+    wait_jobs(ctx.database_url, bulk_ids, 240)
     with session_scope(ctx.database_url) as session:
         interactive = session.get(Job, interactive_id)
         assert interactive is not None and interactive.finished_at is not None

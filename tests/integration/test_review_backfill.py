@@ -20,13 +20,14 @@ from typer.testing import CliRunner
 from db.engine import session_scope
 from db.models import Job, Review, StageRun
 from imgpipe.cli import app
-from imgpipe.contracts import EVENTS_STREAM, JobStatus, StageStatus
+from imgpipe.contracts import EVENTS_STREAM, StageStatus
 from imgpipe.stack import child_env
 from orchestrator.backfill import Backfill, BackfillError, BackfillOptions
 from orchestrator.context import OrchestratorContext
 from orchestrator.reports import job_statuses
 from orchestrator.review import ReviewError, decide, pending_reviews
 from orchestrator.submit import SubmitRequest, submit
+from tests.support.jobs import wait_jobs
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -63,17 +64,6 @@ def fresh_images(count: int) -> list[bytes]:
     return [noise_png(base + i) for i in range(count)]
 
 
-def wait_jobs(ctx: OrchestratorContext, job_ids: list[str], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with session_scope(ctx.database_url) as session:
-            statuses = job_statuses(session, job_ids)
-        if all(JobStatus(s).terminal for s in statuses.values()):
-            return
-        assert time.monotonic() < deadline, f"jobs not finished: {statuses}"
-        time.sleep(0.1)
-
-
 def run_cli(ctx: OrchestratorContext, *args: str) -> tuple[int, str]:
     result = CliRunner().invoke(app, list(args), env=child_env(ctx.settings))
     return result.exit_code, result.output
@@ -98,7 +88,7 @@ def reviewed_jobs(
         submit(ctx, SubmitRequest(data=data, pipeline=pipeline, reply_to=reply_to)).job_id
         for data in fresh_images(count)
     ]
-    wait_jobs(ctx, ids)
+    wait_jobs(ctx.database_url, ids, 60)
     return ids
 
 
@@ -162,7 +152,7 @@ def test_decisions_are_checked_against_the_pipeline_vocabulary(
         submit(ctx, SubmitRequest(data=d, pipeline="basic", force=True)).job_id
         for d in fresh_images(1)
     ]
-    wait_jobs(ctx, [plain])
+    wait_jobs(ctx.database_url, [plain], 60)
     with session_scope(ctx.database_url) as session:
         verdict = session.get(Job, plain).verdict  # type: ignore[union-attr]
     if verdict != "review":
@@ -177,7 +167,7 @@ def submit_and_wait(ctx: OrchestratorContext, images: list[bytes], **kwargs: obj
         submit(ctx, SubmitRequest(data=d, pipeline="basic", force=True, **kwargs)).job_id  # type: ignore[arg-type]
         for d in images
     ]
-    wait_jobs(ctx, ids)
+    wait_jobs(ctx.database_url, ids, 60)
     return ids
 
 
@@ -203,7 +193,7 @@ def test_reprocess_resubmits_stored_images_as_new_bulk_jobs_and_resumes(
     assert (resumed.submitted, resumed.skipped, resumed.total) == (4, 0, 4)
     new_jobs = run_jobs(ctx, run_id)
     assert len(new_jobs) == 4
-    wait_jobs(ctx, [j.id for j in new_jobs])
+    wait_jobs(ctx.database_url, [j.id for j in new_jobs], 60)
     with session_scope(ctx.database_url) as session:
         for job in new_jobs:
             assert (job.priority, job.source, job.cache_hit_of) == ("bulk", "reprocess", None)
@@ -241,7 +231,7 @@ def test_where_model_version_differs_selects_images_whose_latest_job_has_another
         previous = session.get(Job, stale_job)
         assert previous is not None and job.image_sha256 == previous.image_sha256
         assert job.pipeline_hash != previous.pipeline_hash
-    wait_jobs(ctx, [job.id])
+    wait_jobs(ctx.database_url, [job.id], 60)
 
 
 def test_reprocess_cli_with_stage_picks_images_whose_stage_did_not_succeed(
@@ -268,7 +258,7 @@ def test_reprocess_cli_with_stage_picks_images_whose_stage_did_not_succeed(
     with session_scope(ctx.database_url) as session:
         blank = session.get(Job, blank_id)
         assert blank is not None and job.image_sha256 == blank.image_sha256
-    wait_jobs(ctx, [job.id])
+    wait_jobs(ctx.database_url, [job.id], 60)
     code, out = run_cli(ctx, "reprocess", "--pipeline", "basic", "--where", "newer")
     assert code == 2 and "--where 'newer' is not supported" in out
     code, out = run_cli(ctx, "reprocess", "--pipeline", "basic", "--stage", "detect")

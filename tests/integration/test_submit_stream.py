@@ -32,8 +32,8 @@ from imgpipe.contracts import (
 )
 from orchestrator.context import OrchestratorContext
 from orchestrator.ingest import SubmitConsumer
-from orchestrator.reports import job_statuses
 from tests.clients.submit_client import SubmitClient, decode_event
+from tests.support.jobs import wait_jobs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -99,17 +99,6 @@ def drain(consumer: SubmitConsumer, timeout_s: float = 30) -> None:
     )
 
 
-def wait_jobs(ctx: OrchestratorContext, job_ids: list[str], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with session_scope(ctx.database_url) as session:
-            statuses = job_statuses(session, job_ids)
-        if len(statuses) == len(job_ids) and all(JobStatus(s).terminal for s in statuses.values()):
-            return
-        assert time.monotonic() < deadline, f"jobs not finished: {statuses}"
-        time.sleep(0.1)
-
-
 def jobs_by_key(ctx: OrchestratorContext, keys: list[str]) -> dict[str, Job]:
     with session_scope(ctx.database_url) as session:
         rows = session.query(Job).filter(Job.idempotency_key.in_(keys)).all()
@@ -155,7 +144,7 @@ def test_same_idempotency_key_twice_through_the_stream_is_one_job(
     with session_scope(stream_ctx.database_url) as session:
         assert session.query(Job).filter(Job.idempotency_key == "dup-1").count() == 1
     job = jobs_by_key(stream_ctx, ["dup-1"])["dup-1"]
-    wait_jobs(stream_ctx, [job.id])
+    wait_jobs(stream_ctx.database_url, [job.id], 60)
     client.submit(
         image=noise_png(200), pipeline="basic", idempotency_key="dup-1", reply_to="test:late"
     )
@@ -171,7 +160,7 @@ def test_same_bytes_and_pipeline_reuse_results_unless_forced(
     first = client.submit(image=data, pipeline="basic", reply_to="test:cache")
     drain(consumer)
     first_job = jobs_by_key(stream_ctx, [f"stream:{first}"])[f"stream:{first}"]
-    wait_jobs(stream_ctx, [first_job.id])
+    wait_jobs(stream_ctx.database_url, [first_job.id], 60)
     again = client.submit(image=data, pipeline="basic", reply_to="test:cache")
     forced = client.submit(image=data, pipeline="basic", reply_to="test:cache", force=True)
     drain(consumer)
@@ -299,7 +288,7 @@ def test_overrides_reach_the_stage_params(
     )  # fmt: skip
     drain(consumer)
     job = jobs_by_key(stream_ctx, ["ovr-1"])["ovr-1"]
-    wait_jobs(stream_ctx, [job.id])
+    wait_jobs(stream_ctx.database_url, [job.id], 60)
     with session_scope(stream_ctx.database_url) as session:
         quality = (
             session.query(StageRun).filter(StageRun.job_id == job.id, StageRun.stage == "quality")
@@ -347,7 +336,7 @@ def test_entry_failing_transiently_goes_to_the_dead_stream_after_max_deliveries(
     client.submit(image=noise_png(800), pipeline="basic", idempotency_key="blob-src")
     drain(consumer)
     job = jobs_by_key(stream_ctx, ["blob-src"])["blob-src"]
-    wait_jobs(stream_ctx, [job.id])
+    wait_jobs(stream_ctx.database_url, [job.id], 60)
     with session_scope(stream_ctx.database_url) as session:
         from db.models import Image as ImageRow
 

@@ -21,6 +21,7 @@ from imgpipe.settings import Settings
 from imgpipe.stack import Stack
 from orchestrator.context import OrchestratorContext
 from orchestrator.submit import SubmitRequest, submit
+from tests.support.jobs import wait_jobs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -36,19 +37,6 @@ def photo_jpeg(seed: int, size: tuple[int, int] = (1280, 720)) -> bytes:
     return buffer.getvalue()
 
 
-def wait_terminal(settings: Settings, job_ids: list[str], timeout_s: float) -> dict[str, str]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with session_scope(settings.effective_database_url) as session:
-            rows = session.execute(select(Job.id, Job.status).where(Job.id.in_(job_ids))).all()
-        statuses = {job_id: status for job_id, status in rows}
-        if all(JobStatus(s).terminal for s in statuses.values()):
-            return statuses
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not terminal after {timeout_s} s: {statuses}")
-        time.sleep(0.2)
-
-
 def failures(settings: Settings, statuses: dict[str, str]) -> list[str]:
     """The errors of the jobs that did not succeed (for assertion messages)."""
     bad = [job_id for job_id, status in statuses.items() if status != JobStatus.SUCCEEDED]
@@ -60,7 +48,10 @@ def failures(settings: Settings, statuses: dict[str, str]) -> list[str]:
 
 
 class PickleSendingContext(OrchestratorContext):
-    """A misbehaving producer: the same task messages, serialised with pickle."""
+    """A misbehaving producer: the same task messages, serialised with pickle.
+
+    imgpipe itself never sends pickle; this test proves a worker refuses such a message
+    (JSON-only ``accept_content``) and that SQL and the reaper recover the stage."""
 
     def send(self, task_name: str, args: list[Any], queue: str, **options: Any) -> None:
         self.celery.send_task(task_name, args=args, queue=queue, serializer="pickle", **options)
@@ -72,7 +63,7 @@ def test_pickle_message_is_refused_and_the_reaper_redispatches_from_sql(
     make_stack()
     evil = PickleSendingContext(short_deadline_settings)
     result = submit(evil, SubmitRequest(data=photo_jpeg(1), pipeline="basic"))
-    statuses = wait_terminal(short_deadline_settings, [result.job_id], 60)
+    statuses = wait_jobs(short_deadline_settings.effective_database_url, [result.job_id], 60)
     assert statuses[result.job_id] == JobStatus.SUCCEEDED
     with session_scope(short_deadline_settings.effective_database_url) as session:
         quality = session.execute(
@@ -110,7 +101,7 @@ def test_killed_worker_mid_stage_leaves_one_result_per_stage(
                 select(StageRun.id).where(StageRun.status == StageStatus.RUNNING)
             ).scalars()
         )
-    statuses = wait_terminal(short_deadline_settings, job_ids, 120)
+    statuses = wait_jobs(short_deadline_settings.effective_database_url, job_ids, 120)
     assert set(statuses.values()) == {JobStatus.SUCCEEDED}, failures(
         short_deadline_settings, statuses
     )
@@ -142,7 +133,7 @@ def test_broker_crash_and_restart_delays_but_loses_no_job(
     own_broker.kill()
     time.sleep(1.0)
     own_broker.start()
-    statuses = wait_terminal(short_deadline_settings, job_ids, 150)
+    statuses = wait_jobs(short_deadline_settings.effective_database_url, job_ids, 150)
     assert set(statuses.values()) == {JobStatus.SUCCEEDED}, failures(
         short_deadline_settings, statuses
     )
@@ -165,7 +156,7 @@ def test_transient_errors_retry_with_backoff_then_dead_letter_with_history(
     blob_path = short_deadline_settings.resolved_data_dir / "blobs" / working_key
     blob_path.unlink()
     make_stack(("cpu",))
-    statuses = wait_terminal(short_deadline_settings, [result.job_id], 90)
+    statuses = wait_jobs(short_deadline_settings.effective_database_url, [result.job_id], 90)
     assert statuses[result.job_id] == JobStatus.FAILED
     with session_scope(short_deadline_settings.effective_database_url) as session:
         quality = session.execute(

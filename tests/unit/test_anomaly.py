@@ -13,6 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+import skimage.data as skimage_data
 import torch
 from numpy.typing import NDArray
 
@@ -38,8 +39,6 @@ from workers.models.efficientnet_lite0 import (
 )
 from workers.runtime import StageInput, StageOutput, StageSkip
 from workers.stages.anomaly import AnomalyParams, run_stage_batch
-
-skimage_data = pytest.importorskip("skimage.data")
 
 
 @pytest.fixture(scope="module")

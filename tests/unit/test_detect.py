@@ -15,6 +15,9 @@ from typing import Any
 
 import cv2
 import numpy as np
+
+# The `test` extra installs all three; a missing one must fail loudly, not skip.
+import onnxruntime as ort
 import pytest
 import torch
 from numpy.typing import NDArray
@@ -36,13 +39,9 @@ from workers.runtime import StageInput, StageOutput
 from workers.stages import detect
 from workers.stages.detect import DetectParams
 
-ort = pytest.importorskip("onnxruntime", reason="onnxruntime is the reference implementation")
-if importlib.util.find_spec("nudenet") is None:
-    pytest.skip("the nudenet extra is not installed", allow_module_level=True)
-
+assert importlib.util.find_spec("nudenet") is not None, "install imgpipe[nudenet,test]"
 _SKIMAGE = importlib.util.find_spec("skimage")
-if _SKIMAGE is None or not _SKIMAGE.submodule_search_locations:
-    pytest.skip("scikit-image (its sample photographs) is not installed", allow_module_level=True)
+assert _SKIMAGE is not None and _SKIMAGE.submodule_search_locations, "install imgpipe[test]"
 SKIMAGE_DATA = Path(next(iter(_SKIMAGE.submodule_search_locations))) / "data"
 
 Image8 = NDArray[np.uint8]

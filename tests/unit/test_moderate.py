@@ -137,10 +137,6 @@ def test_importing_the_stage_does_not_import_torch() -> None:
 # -- the stage on photographs (needs the nudenet extra) ------------------------------------
 
 _SKIMAGE = importlib.util.find_spec("skimage")
-needs_nudenet = pytest.mark.skipif(
-    importlib.util.find_spec("nudenet") is None or _SKIMAGE is None,
-    reason="needs the nudenet extra and scikit-image's sample photographs",
-)
 
 
 def photo(name: str) -> NDArray[np.uint8]:
@@ -165,7 +161,6 @@ def stage_input(image: NDArray[np.uint8], params: dict[str, Any]) -> StageInput:
     return StageInput(image, (image.shape[1], image.shape[0]), params, {})
 
 
-@needs_nudenet
 def test_the_stage_scores_every_category_and_applies_the_thresholds() -> None:
     astronaut, gradient = photo("astronaut.png"), photo("color.png")
     override = {"thresholds": {"FACE_FEMALE": {"review": 0.5}}}
@@ -195,7 +190,6 @@ def test_the_stage_scores_every_category_and_applies_the_thresholds() -> None:
     assert "AGPL-3.0" in model["license"]
 
 
-@needs_nudenet
 def test_moderate_and_detect_share_one_model_per_process() -> None:
     from workers.stages.detect import detector_model
 
