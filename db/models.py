@@ -148,6 +148,8 @@ class StageRun(Base):
     load_ms: Mapped[float | None] = mapped_column(Float)
     compute_ms: Mapped[float | None] = mapped_column(Float)
     total_ms: Mapped[float | None] = mapped_column(Float)
+    batch_size: Mapped[int | None] = mapped_column(Integer)
+    """How many stage runs shared this run's forward pass (micro-batching model workers)."""
 
     job: Mapped[Job] = relationship(back_populates="stage_runs")
 

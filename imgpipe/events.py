@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -19,7 +20,7 @@ import redis
 
 from imgpipe.contracts import EVENTS_STREAM
 
-__all__ = ["EventPublisher", "EventType", "encode_fields"]
+__all__ = ["EventPublisher", "EventType", "PendingEvent", "encode_fields"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,28 @@ class EventType(StrEnum):
     STAGE_SKIPPED = "stage_skipped"
     COMPLETED = "completed"
     REVIEWED = "reviewed"
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    """An event decided inside a transaction, published after it commits."""
+
+    event: EventType
+    job_id: str
+    idempotency_key: str | None = None
+    reply_to: str | None = None
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+    def entry(self) -> dict[str, str]:
+        return encode_fields(
+            {
+                "event": str(self.event),
+                "job_id": self.job_id,
+                "idempotency_key": self.idempotency_key,
+                "at": time.time(),
+                **self.fields,
+            }
+        )
 
 
 def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
@@ -60,23 +83,32 @@ class EventPublisher:
         **fields: Any,
     ) -> str | None:
         """Append one event; returns its stream id, or None if Redis was unreachable."""
-        entry = encode_fields(
-            {
-                "event": str(event),
-                "job_id": job_id,
-                "idempotency_key": idempotency_key,
-                "at": time.time(),
-                **fields,
-            }
-        )
+        ids = self.publish_many([PendingEvent(event, job_id, idempotency_key, reply_to, fields)])
+        return ids[0] if ids else None
+
+    def publish_many(self, events: Sequence[PendingEvent]) -> list[str]:
+        """Append events in one round trip; returns their ids on the events stream (empty
+        if Redis was unreachable: the events are logged and dropped, SQL has the state)."""
+        if not events:
+            return []
         try:
             pipe = self.client.pipeline(transaction=False)
-            pipe.xadd(EVENTS_STREAM, entry, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
-            if reply_to:
-                pipe.xadd(reply_to, entry, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+            for pending in events:
+                entry = pending.entry()
+                pipe.xadd(EVENTS_STREAM, entry, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+                if pending.reply_to:
+                    pipe.xadd(pending.reply_to, entry, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
             results = pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            log.warning("event %s for job %s not published: %s", event, job_id, exc)
-            return None
-        stream_id = results[0]
-        return stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
+            log.warning(
+                "%d event(s) (first: %s for job %s) not published: %s",
+                len(events), events[0].event, events[0].job_id, exc,
+            )  # fmt: skip
+            return []
+        ids: list[str] = []
+        position = 0
+        for pending in events:
+            stream_id = results[position]
+            ids.append(stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id))
+            position += 2 if pending.reply_to else 1
+        return ids

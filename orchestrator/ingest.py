@@ -30,6 +30,7 @@ from typing import Any
 
 import redis
 
+from db.dag import summary_scores
 from db.engine import session_scope
 from db.models import Job
 from imgpipe.contracts import (
@@ -42,7 +43,6 @@ from imgpipe.contracts import (
 )
 from imgpipe.errors import PermanentError, TransientError
 from imgpipe.events import EventType, encode_fields
-from orchestrator.advance import summary_scores
 from orchestrator.context import OrchestratorContext
 from orchestrator.ingest_entry import parse_entry, rejection_code, routing_of
 from orchestrator.submit import SubmitResult, submit

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe.errors import PipelineSpecError, StageNotInstalledError, UnknownPipelineError
+from imgpipe.policy import Policy, parse_policy
 from imgpipe.stagekinds import STAGE_KINDS, missing_requirements
-from orchestrator.policy import Policy, parse_policy
 
 __all__ = [
     "PipelineSpec",

@@ -19,11 +19,13 @@ from datetime import timedelta
 import redis
 from sqlalchemy import exists, select
 
+from db.dag import mark_dispatched
 from db.engine import session_scope
 from db.models import Job, StageRun, utcnow
 from db.repo import lock_job
+from imgpipe.aftercommit import AfterCommit, Dispatch
 from imgpipe.contracts import JobStatus, StageStatus
-from orchestrator.advance import Dispatch, advance_job, mark_dispatched, send_dispatches
+from orchestrator.advance import advance_job, deliver_after_commit
 from orchestrator.context import OrchestratorContext
 
 __all__ = ["ReapReport", "reap"]
@@ -92,7 +94,7 @@ def _reap_stage(
             )  # fmt: skip
             dispatches.append(mark_dispatched(row, now, settings.dispatch_timeout_s))
             action = "redispatched"
-    send_dispatches(ctx, dispatches)
+    deliver_after_commit(ctx, AfterCommit(dispatches=dispatches))
     if action == "dead":
         advance_job(ctx, job_id)
     return action
@@ -142,8 +144,8 @@ def reap(ctx: OrchestratorContext) -> ReapReport:
         elif action == "redispatched":
             report.redispatched += 1
     for job_id in idle_jobs:
-        outcome = advance_job(ctx, job_id)
-        if outcome.dispatches or outcome.completed is not None:
+        after = advance_job(ctx, job_id)
+        if after.dispatches or after.events:
             report.advanced += 1
     if report.redispatched or report.dead or report.advanced:
         log.info("reaper: %s", report)

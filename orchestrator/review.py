@@ -22,8 +22,8 @@ from db.repo import lock_job
 from imgpipe.contracts import JobStatus
 from imgpipe.errors import PermanentError
 from imgpipe.events import EventType
+from imgpipe.policy import VOCABULARIES
 from orchestrator.context import OrchestratorContext
-from orchestrator.policy import VOCABULARIES
 
 __all__ = ["ReviewError", "ReviewItem", "ReviewOutcome", "decide", "pending_reviews"]
 

@@ -19,14 +19,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.blobs import sha256_bytes
+from db.dag import completed_payload, step
 from db.engine import session_scope
 from db.models import Image, Job, StageRun, utcnow
+from imgpipe.aftercommit import AfterCommit
 from imgpipe.contracts import JobStatus, Priority, StageStatus, queue_for, stage_task_name
 from imgpipe.decode import DecodedImage, DecodeLimits, decode_image
 from imgpipe.errors import ImageRejectedError, PermanentError
 from imgpipe.events import EventType
 from imgpipe.stagekinds import STAGE_KINDS
-from orchestrator.advance import completed_payload, publish_completed, send_dispatches, step
+from orchestrator.advance import deliver_after_commit
 from orchestrator.context import OrchestratorContext
 from orchestrator.pipelines import PipelineSpec, load_pipeline, pipeline_hash
 
@@ -271,21 +273,32 @@ def submit(ctx: OrchestratorContext, request: SubmitRequest) -> SubmitResult:
             existing = _find_by_key(session, request.idempotency_key)
             assert existing is not None
             return SubmitResult(existing.id, existing.status, created=False)
-    if outcome is not None:
-        send_dispatches(ctx, outcome.dispatches)
-    common = {"idempotency_key": request.idempotency_key, "reply_to": request.reply_to}
+    after = AfterCommit(dispatches=list(outcome.dispatches) if outcome is not None else [])
     if rejection is not None:
-        ctx.events.publish(
-            EventType.REJECTED, job_id, reason=rejection.code, error=str(rejection), **common
+        after.event(
+            EventType.REJECTED,
+            job_id,
+            idempotency_key=request.idempotency_key,
+            reply_to=request.reply_to,
+            reason=rejection.code,
+            error=str(rejection),
         )
+        deliver_after_commit(ctx, after)
         return SubmitResult(job_id, status, created=True, reason=str(rejection))
-    ctx.events.publish(
+    after.event(
         EventType.ACCEPTED,
         job_id,
+        idempotency_key=request.idempotency_key,
         pipeline=spec.name,
         image_sha256=sha,
-        idempotency_key=request.idempotency_key,
     )
     if cached_payload is not None:
-        publish_completed(ctx, job_id, cached_payload, request.idempotency_key, request.reply_to)
+        after.completed(
+            job_id,
+            cached_payload,
+            request.idempotency_key,
+            request.reply_to,
+            webhook=bool(ctx.settings.webhook_url),
+        )
+    deliver_after_commit(ctx, after)
     return SubmitResult(job_id, status, created=True, cache_hit=cached_payload is not None)

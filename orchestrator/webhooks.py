@@ -1,9 +1,10 @@
 """Webhooks: every job's ``completed`` event, POSTed as JSON and signed.
 
-``advance_job`` publishes the completed event, then (when IMGPIPE_WEBHOOK_URL is set)
-sends the Celery task ``imgpipe.webhook`` with the event's JSON body to the control
-``.bulk`` queue: delivery never holds a database lock or delays a stage, and interactive
-``advance`` messages go before it. The task POSTs the body with
+Whichever transaction completes a job publishes the completed event, then (when
+IMGPIPE_WEBHOOK_URL is set; imgpipe/aftercommit.py) sends the Celery task
+``imgpipe.webhook`` with the event's JSON body to the control ``.bulk`` queue: delivery
+never holds a database lock or delays a stage, and interactive control work goes first.
+The task POSTs the body with
 
     X-Imgpipe-Timestamp: <unix seconds>
     X-Imgpipe-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>
@@ -19,28 +20,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from imgpipe.contracts import CONTROL_QUEUE, WEBHOOK_TASK, bulk_queue
 from imgpipe.errors import ConfigError
-from imgpipe.events import EventType
 from imgpipe.settings import Settings
-from orchestrator.context import OrchestratorContext
 
 __all__ = [
     "SIGNATURE_HEADER",
     "TIMESTAMP_HEADER",
     "WebhookResult",
     "deliver",
-    "dispatch_webhook",
     "retry_delay_s",
     "sign",
     "verify",
@@ -50,7 +45,6 @@ log = logging.getLogger(__name__)
 
 TIMESTAMP_HEADER = "X-Imgpipe-Timestamp"
 SIGNATURE_HEADER = "X-Imgpipe-Signature"
-WEBHOOK_QUEUE = bulk_queue(CONTROL_QUEUE)
 REQUEST_TIMEOUT_S = 5.0
 RETRY_STATUSES = frozenset({408, 425, 429})
 
@@ -80,31 +74,6 @@ def verify(
     except ValueError:
         return False
     return age_s <= max_age_s and hmac.compare_digest(sign(secret, timestamp, body), signature)
-
-
-def event_body(job_id: str, idempotency_key: str | None, completed: Mapping[str, Any]) -> str:
-    """The JSON body: the completed event's fields as one object (values not re-encoded)."""
-    event = {
-        "event": str(EventType.COMPLETED),
-        "job_id": job_id,
-        "idempotency_key": idempotency_key,
-        "at": time.time(),
-        **completed,
-    }
-    return json.dumps(event, separators=(",", ":"), default=str)
-
-
-def dispatch_webhook(
-    ctx: OrchestratorContext,
-    job_id: str,
-    idempotency_key: str | None,
-    completed: Mapping[str, Any],
-) -> None:
-    """Queue the delivery; never raises (a broker error is logged: the event stream has it)."""
-    try:
-        ctx.send(WEBHOOK_TASK, [event_body(job_id, idempotency_key, completed)], WEBHOOK_QUEUE)
-    except Exception as exc:
-        log.warning("webhook for job %s not queued: %s", job_id, exc)
 
 
 @dataclass(frozen=True)

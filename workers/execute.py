@@ -1,9 +1,15 @@
-"""Running one stage run: claim, load, compute, persist — with provenance.
+"""Running stage runs: claim, load, compute, persist + step — for one message or a batch.
 
-This is the shared base of every stage task (DESIGN.md "worker" flow). Task bodies in
-workers/tasks.py only call ``StageExecutor.run``. Every step is written for
-at-least-once delivery: a duplicate message for a finished row is a no-op, results are
-upserts on the (job, stage) row, detections are replaced, blobs are content-addressed.
+This is the shared base of every stage worker (DESIGN.md "worker" flow). The Celery task
+bodies in workers/tasks.py call ``StageExecutor.run`` with one stage run; the
+micro-batching model worker (workers/batching.py) calls ``run_batch`` with up to
+``batch_size``. Either way a batch costs two transactions: one claims every row, one
+records every result *and* runs the DAG step for each touched job (workers/persist.py),
+after which the next stages' messages and the events go out (imgpipe/aftercommit.py).
+
+Every step is written for at-least-once delivery: a duplicate message for a finished row
+is a no-op, results are updates of the (job, stage) row, detections are replaced, blobs
+are content-addressed. One bad image fails only its own stage run.
 """
 
 from __future__ import annotations
@@ -14,82 +20,82 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image as PILImage
-from sqlalchemy import delete
 
 from db.blobs import BlobStore, open_blob_store
+from db.dag import advance_in_session
 from db.engine import session_scope
-from db.models import Detection, Image, Job, StageRun, utcnow
-from db.repo import lock_stage_run, record_model
-from imgpipe.contracts import JobStatus, StageStatus
+from db.models import utcnow
+from db.repo import record_model
+from imgpipe.aftercommit import AfterCommit, deliver
+from imgpipe.celery_app import create_app
 from imgpipe.errors import PermanentError, TransientError
-from imgpipe.events import EventPublisher, EventType
+from imgpipe.events import EventPublisher
 from imgpipe.settings import Settings
 from imgpipe.stagekinds import STAGE_KINDS
+from workers.claims import Claim, ClaimRequest, NoInput, Outcome, WorkerIdentity, claim_rows
+from workers.persist import Failure, Finished, persist_finished
 from workers.pixels import PixelCache, encode_npy
 from workers.runtime import BatchRunner, StageInput, StageOutput, StageSkip
 from workers.version import code_version
 
-__all__ = ["Claim", "Outcome", "StageExecutor"]
+__all__ = ["Claim", "ClaimRequest", "Outcome", "StageExecutor"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Claim:
-    stage_run_id: int
-    job_id: str
-    stage: str
-    kind: str
-    attempt: int
-    params: dict[str, Any]
-    image_key: str
-    original_size: tuple[int, int]
-    upstream: dict[str, dict[str, Any]]
-    idempotency_key: str | None
-    priority: str = "interactive"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What happened; ``retry_in_s`` set means: raise a Celery retry after this delay."""
-
-    status: str
-    job_id: str | None = None
-    advance: bool = False
-    retry_in_s: float | None = None
-    error: str | None = None
-    priority: str | None = None
-    """The job's priority: its ``advance`` goes to the matching control queue."""
-
-
 ARTIFACT_JPEG_QUALITY = 95
+LOAD_THREADS = 4
+"""Threads that load a batch's pixels (blob reads and decodes release the GIL)."""
+
+Result = StageOutput | StageSkip | Failure
 
 
 def _viewable_jpeg(pixels: NDArray[np.uint8]) -> bytes:
     """The human-viewable copy of an output image. Downstream stages never read it: they
-    read the lossless .npy working copy. (PNG cost ~140 ms at 1080p here, JPEG ~10 ms.)"""
+    read the working copy. (PNG cost ~140 ms at 1080p here, JPEG ~10 ms.)"""
     buffer = io.BytesIO()
     PILImage.fromarray(pixels).save(buffer, format="JPEG", quality=ARTIFACT_JPEG_QUALITY)
     return buffer.getvalue()
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError"
+
+
+@dataclass
+class _Work:
+    claim: Claim
+    pixels: NDArray[np.uint8] | None = None
+    load_ms: float = 0.0
+    result: Result | None = None
+    compute_ms: float = 0.0
+    batch_size: int = 1
 
 
 class StageExecutor:
     def __init__(self, settings: Settings, device: str = "cpu") -> None:
         self.settings = settings
         self.device = device
-        self.host = socket.gethostname()
-        self.code_version = settings.code_version or code_version()
+        self.identity = WorkerIdentity(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            device=device,
+            code_version=settings.code_version or code_version(),
+            dispatch_grace_s=settings.dispatch_grace_s,
+        )
         self._blobs: BlobStore | None = None
         self._pixels: PixelCache | None = None
+        self._loader: ThreadPoolExecutor | None = None
         self.events = EventPublisher(settings.effective_redis_url, settings.events_maxlen)
+        self._app: Any = None
         self._runners: dict[str, BatchRunner] = {}
         self._recorded_models: set[tuple[str, str, str]] = set()
 
@@ -108,6 +114,16 @@ class StageExecutor:
         if self._pixels is None:
             self._pixels = PixelCache(self.blobs, self.settings.working_copy_cache_items)
         return self._pixels
+
+    @property
+    def app(self) -> Any:
+        """The Celery app used to send the next stages' messages."""
+        if self._app is None:
+            self._app = create_app(self.settings)
+        return self._app
+
+    def use_app(self, app: Any) -> None:
+        self._app = app
 
     def runner(self, kind: str) -> BatchRunner:
         runner = self._runners.get(kind)
@@ -133,247 +149,197 @@ class StageExecutor:
             )
         self._recorded_models.add(key)
 
-    # -- claim --------------------------------------------------------------------------
-    def claim(self, stage_run_id: int, celery_task_id: str | None) -> Claim | Outcome:
-        now = utcnow()
-        with session_scope(self.db_url) as session:
-            row = lock_stage_run(session, stage_run_id)
-            if row is None:
-                log.warning("stage run %s does not exist; dropping the message", stage_run_id)
-                return Outcome("missing")
-            if StageStatus(row.status).terminal:
-                return Outcome("duplicate", row.job_id)
-            if row.status == StageStatus.PENDING:
-                log.warning("stage run %s is still pending; not dispatched yet", stage_run_id)
-                return Outcome("not_dispatched", row.job_id)
-            job = session.get(Job, row.job_id)
-            assert job is not None
-            if JobStatus(job.status).terminal:
-                row.status = StageStatus.SKIPPED
-                row.skip_reason = f"job_{job.status}"
-                row.finished_at = now
-                return Outcome("skipped", row.job_id)
-            row.attempts += 1
-            if row.attempts > row.max_attempts:
-                row.status = StageStatus.DEAD
-                row.finished_at = now
-                row.error = (
-                    f"gave up after {row.max_attempts} attempts; last error: "
-                    f"{row.error or 'worker lost'}"
-                )
-                return Outcome("dead", row.job_id, advance=True, error=row.error)
-            row.status = StageStatus.RUNNING
-            row.started_at = now
-            row.deadline_at = now + timedelta(
-                seconds=row.time_limit_s + self.settings.dispatch_grace_s
-            )
-            row.worker_host = self.host
-            row.worker_pid = os.getpid()
-            row.device = self.device
-            row.code_version = self.code_version
-            row.celery_task_id = celery_task_id
-            if row.dispatched_at is not None:
-                row.queue_wait_ms = (now - row.dispatched_at).total_seconds() * 1000
-            image = session.get(Image, job.image_sha256) if job.image_sha256 else None
-            if image is None or image.working_blob_key is None:
-                raise PermanentError(f"job {job.id} has no stored image; resubmit it")
-            siblings = {
-                s.stage: s for s in session.query(StageRun).filter(StageRun.job_id == job.id)
-            }
-            image_key = image.working_blob_key
-            if row.reads != "original":
-                source = siblings[row.reads]
-                key = (source.output or {}).get("working_blob_key")
-                if not isinstance(key, str):
-                    raise PermanentError(
-                        f"stage {row.stage} reads the output of {row.reads}, which stored no image"
-                    )
-                image_key = key
-            upstream = {n: dict(siblings[n].output or {}) for n in row.needs}
-            return Claim(
-                stage_run_id=row.id,
-                job_id=job.id,
-                stage=row.stage,
-                kind=row.kind,
-                attempt=row.attempts,
-                params=dict(row.params),
-                image_key=image_key,
-                original_size=(image.width, image.height),
-                upstream=upstream,
-                idempotency_key=job.idempotency_key,
-                priority=job.priority,
-            )
-
-    # -- run ----------------------------------------------------------------------------
+    # -- the whole path -------------------------------------------------------------------
     def run(self, stage_run_id: int, celery_task_id: str | None = None) -> Outcome:
+        return self.run_batch([ClaimRequest(stage_run_id, celery_task_id)])[0]
+
+    def run_batch(self, requests: Sequence[ClaimRequest]) -> list[Outcome]:
+        """Claim, load, compute and persist ``requests``; one outcome per request.
+
+        Raises TransientError only when the database cannot be reached to claim or to
+        persist: nothing was recorded then, and the messages should be retried."""
         started = time.perf_counter()
+        with session_scope(self.db_url) as session:
+            claimed = claim_rows(session, requests, utcnow(), self.identity)
+        outcomes: dict[int, Outcome] = {}
+        work: list[_Work] = []
+        finished: list[Finished] = []
+        dead_jobs: set[str] = set()
+        for index, item in enumerate(claimed):
+            if isinstance(item, Outcome):
+                outcomes[index] = item
+                if item.status == "dead" and item.job_id:
+                    dead_jobs.add(item.job_id)
+            elif isinstance(item, NoInput):
+                failure = Failure(item.error, permanent=True)
+                finished.append(
+                    Finished(item.claim_row_id, item.job_id, item.stage, item.attempt,
+                             item.idempotency_key, failure, started_perf_s=started)
+                )  # fmt: skip
+            else:
+                work.append(_Work(item))
+        self._load(work)
+        self._compute(work)
+        finished.extend(self._finish(w, started) for w in work)
+        if finished:
+            with session_scope(self.db_url) as session:
+                results, after = persist_finished(session, finished, utcnow(), self.settings)
+            by_id = {f.stage_run_id: r for f, r in zip(finished, results, strict=True)}
+        else:
+            by_id, after = {}, AfterCommit()
+        if dead_jobs:
+            after.extend(self._advance(dead_jobs))
+        deliver(self.app, self.events, after)
+        for index, item in enumerate(claimed):
+            if index not in outcomes:
+                row_id = item.claim_row_id if isinstance(item, NoInput) else item.stage_run_id  # type: ignore[union-attr]
+                outcomes[index] = by_id[row_id]
+        return [outcomes[i] for i in range(len(claimed))]
+
+    def _advance(self, job_ids: set[str]) -> AfterCommit:
+        """Step jobs whose stage went dead at claim time (rare: attempts exhausted)."""
+        after = AfterCommit()
+        webhook = bool(self.settings.webhook_url)
+        with session_scope(self.db_url) as session:
+            for job_id in sorted(job_ids):
+                after.extend(
+                    advance_in_session(
+                        session, job_id, utcnow(), self.settings.dispatch_timeout_s,
+                        webhook=webhook,
+                    )
+                )  # fmt: skip
+        return after
+
+    # -- load -----------------------------------------------------------------------------
+    def _load_one(self, w: _Work) -> None:
+        t0 = time.perf_counter()
         try:
-            claimed = self.claim(stage_run_id, celery_task_id)
+            w.pixels = self.pixels.get(w.claim.image_key)
         except PermanentError as exc:
-            return self._fail(stage_run_id, None, str(exc), permanent=True)
-        if isinstance(claimed, Outcome):
-            return claimed
-        claim = claimed
-        try:
-            t0 = time.perf_counter()
-            pixels = self.pixels.get(claim.image_key)
-            load_ms = (time.perf_counter() - t0) * 1000
-            stage_input = StageInput(
-                image=pixels,
-                original_size=claim.original_size,
-                params=claim.params,
-                upstream=claim.upstream,
+            w.result = Failure(str(exc), permanent=True)
+        except (TransientError, OSError) as exc:
+            w.result = Failure(f"could not load the stage's input image: {exc}", permanent=False)
+        w.load_ms = (time.perf_counter() - t0) * 1000
+
+    def _load(self, work: Sequence[_Work]) -> None:
+        if len(work) <= 1:
+            for w in work:
+                self._load_one(w)
+            return
+        if self._loader is None:
+            self._loader = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="imgpipe-load")
+        list(self._loader.map(self._load_one, work))
+
+    # -- compute --------------------------------------------------------------------------
+    def _compute(self, work: Sequence[_Work]) -> None:
+        by_kind: dict[str, list[_Work]] = defaultdict(list)
+        for w in work:
+            if w.result is None:
+                by_kind[w.claim.kind].append(w)
+        for kind, group in by_kind.items():
+            self._compute_group(kind, group)
+
+    def _compute_group(self, kind: str, group: list[_Work]) -> None:
+        """One forward pass for the whole group; on a failure that is not transient the
+        group is split so that one bad input fails only its own stage run. A CUDA
+        out-of-memory error halves the batch and tries again."""
+        assert all(w.pixels is not None for w in group)
+        inputs = [
+            StageInput(
+                image=w.pixels,  # type: ignore[arg-type]
+                original_size=w.claim.original_size,
+                params=w.claim.params,
+                upstream=w.claim.upstream,
                 device=self.device,
             )
-            t1 = time.perf_counter()
-            result = self.runner(claim.kind)([stage_input])[0]
-            compute_ms = (time.perf_counter() - t1) * 1000
-            return self._persist(claim, result, load_ms, compute_ms, started)
-        except PermanentError as exc:
-            return self._fail(stage_run_id, claim, str(exc), permanent=True)
+            for w in group
+        ]
+        t0 = time.perf_counter()
+        try:
+            results = self.runner(kind)(inputs)
         except TransientError as exc:
-            return self._fail(stage_run_id, claim, str(exc), permanent=False)
+            if _is_cuda_oom(exc.__cause__ or exc) and len(group) > 1:
+                self._split(kind, group)
+                return
+            for w in group:
+                w.result = Failure(str(exc), permanent=False)
+            return
         except Exception as exc:
-            # SoftTimeLimitExceeded lands here too: Celery raises it inside the task.
-            name = type(exc).__name__
-            if name == "SoftTimeLimitExceeded":
-                return self._fail(
-                    stage_run_id, claim, "stage exceeded its time limit", permanent=False
-                )
-            log.exception("stage %s of job %s crashed", claim.stage, claim.job_id)
-            return self._fail(
-                stage_run_id,
-                claim,
-                f"internal error in stage {claim.stage}: {name}: {exc}; this is a bug, "
-                "please report it with the job id",
-                permanent=True,
-            )
+            if len(group) > 1:
+                self._split(kind, group)
+                return
+            for w in group:
+                w.result = self._failure_of(w.claim, exc)
+            return
+        compute_ms = (time.perf_counter() - t0) * 1000
+        for w, result in zip(group, results, strict=True):
+            w.result = result
+            w.compute_ms = compute_ms / len(group)
+            w.batch_size = len(group)
 
-    def _persist(
-        self,
-        claim: Claim,
-        result: StageOutput | StageSkip,
-        load_ms: float,
-        compute_ms: float,
-        started: float,
-    ) -> Outcome:
+    def _split(self, kind: str, group: list[_Work]) -> None:
+        half = len(group) // 2
+        self._compute_group(kind, group[:half])
+        self._compute_group(kind, group[half:])
+
+    @staticmethod
+    def _failure_of(claim: Claim, exc: BaseException) -> Failure:
+        if isinstance(exc, PermanentError):
+            return Failure(str(exc), permanent=True)
+        if _is_cuda_oom(exc):
+            return Failure(f"CUDA out of memory on one image: {exc}", permanent=False)
+        if type(exc).__name__ == "SoftTimeLimitExceeded":
+            return Failure("stage exceeded its time limit", permanent=False)
+        log.exception("stage %s of job %s crashed", claim.stage, claim.job_id, exc_info=exc)
+        return Failure(
+            f"internal error in stage {claim.stage}: {type(exc).__name__}: {exc}; this is a "
+            "bug, please report it with the job id",
+            permanent=True,
+        )
+
+    # -- prepare the record ---------------------------------------------------------------
+    def _finish(self, w: _Work, started: float) -> Finished:
+        claim, result = w.claim, w.result
+        assert result is not None
+        output: dict[str, Any] | None = None
         blob_key: str | None = None
-        output: dict[str, Any] = {}
         if isinstance(result, StageOutput):
-            output = dict(result.output)
-            if result.passthrough:
-                output["working_blob_key"] = claim.image_key
-                output["unchanged"] = True
-            elif result.image is not None:
-                output["working_blob_key"] = self.blobs.put(
-                    encode_npy(result.image), "application/x-npy"
-                )
-                blob_key = self.blobs.put(_viewable_jpeg(result.image), "image/jpeg")
-            elif result.blob is not None:
-                blob_key = self.blobs.put(
-                    result.blob, result.blob_media_type or "application/octet-stream"
-                )
-            if result.model is not None:
-                self.record_model(result.model)
-        now = utcnow()
-        with session_scope(self.db_url) as session:
-            row = lock_stage_run(session, claim.stage_run_id)
-            if row is None or StageStatus(row.status).terminal:
-                return Outcome("duplicate", claim.job_id, advance=True, priority=claim.priority)
-            if row.attempts != claim.attempt:
-                log.info(
-                    "stage run %s attempt %s finished after attempt %s started; keeping ours",
-                    row.id,
-                    claim.attempt,
-                    row.attempts,
-                )
-            row.finished_at = now
-            row.load_ms = load_ms
-            row.compute_ms = compute_ms
-            row.total_ms = (time.perf_counter() - started) * 1000
-            if isinstance(result, StageSkip):
-                row.status = StageStatus.SKIPPED
-                row.skip_reason = result.reason
-                row.output = {"skipped": result.reason, "detail": result.detail}
-                event = EventType.STAGE_SKIPPED
-            else:
-                row.status = StageStatus.SUCCEEDED
-                row.output = output
-                row.output_blob_key = blob_key
-                if result.model is not None:
-                    row.model_name = result.model.get("name")
-                    row.model_version = result.model.get("version")
-                    row.model_weights_sha256 = result.model.get("weights_sha256")
-                session.execute(delete(Detection).where(Detection.stage_run_id == row.id))
-                session.add_all(
-                    Detection(
-                        stage_run_id=row.id,
-                        job_id=row.job_id,
-                        label=d.label,
-                        score=d.score,
-                        x1=d.x1,
-                        y1=d.y1,
-                        x2=d.x2,
-                        y2=d.y2,
-                    )
-                    for d in result.detections
-                )
-                event = EventType.STAGE_SUCCEEDED
-        self.events.publish(
-            event,
-            claim.job_id,
-            idempotency_key=claim.idempotency_key,
+            try:
+                output, blob_key = self._store_outputs(claim, result)
+            except (TransientError, OSError) as exc:
+                result = Failure(f"could not store the stage's output: {exc}", permanent=False)
+        return Finished(
+            stage_run_id=claim.stage_run_id,
+            job_id=claim.job_id,
             stage=claim.stage,
             attempt=claim.attempt,
-            compute_ms=round(compute_ms, 2),
+            idempotency_key=claim.idempotency_key,
+            result=result,
+            output=output,
+            blob_key=blob_key,
+            load_ms=w.load_ms,
+            compute_ms=w.compute_ms,
+            started_perf_s=started,
+            batch_size=w.batch_size,
         )
-        return Outcome(str(event), claim.job_id, advance=True, priority=claim.priority)
 
-    def _fail(
-        self, stage_run_id: int, claim: Claim | None, error: str, *, permanent: bool
-    ) -> Outcome:
-        now = utcnow()
-        with session_scope(self.db_url) as session:
-            row = lock_stage_run(session, stage_run_id)
-            if row is None or StageStatus(row.status).terminal:
-                return Outcome("duplicate", row.job_id if row else None)
-            row.error = error
-            row.error_history = [
-                *row.error_history,
-                {"at": now.isoformat(), "attempt": row.attempts, "error": error},
-            ]
-            job_id = row.job_id
-            retry_in: float | None = None
-            if permanent or row.attempts >= row.max_attempts:
-                row.status = StageStatus.FAILED if permanent else StageStatus.DEAD
-                row.finished_at = now
-                status = str(row.status)
-            else:
-                retry_in = min(
-                    self.settings.retry_backoff_s * 2 ** max(row.attempts - 1, 0),
-                    self.settings.retry_backoff_max_s,
-                )
-                row.status = StageStatus.DISPATCHED
-                row.dispatched_at = now
-                row.deadline_at = now + timedelta(
-                    seconds=retry_in + self.settings.dispatch_timeout_s
-                )
-                status = "retrying"
-        if retry_in is not None:
-            log.warning(
-                "stage run %s failed transiently (%s); retry in %.1f s",
-                stage_run_id,
-                error,
-                retry_in,
+    def _store_outputs(
+        self, claim: Claim, result: StageOutput
+    ) -> tuple[dict[str, Any], str | None]:
+        output = dict(result.output)
+        blob_key: str | None = None
+        if result.passthrough:
+            output["working_blob_key"] = claim.image_key
+            output["unchanged"] = True
+        elif result.image is not None:
+            output["working_blob_key"] = self.blobs.put(
+                encode_npy(result.image), "application/x-npy"
             )
-            return Outcome(status, job_id, retry_in_s=retry_in, error=error)
-        self.events.publish(
-            EventType.STAGE_FAILED,
-            job_id,
-            idempotency_key=claim.idempotency_key if claim else None,
-            stage=claim.stage if claim else None,
-            status=status,
-            error=error,
-        )
-        priority = claim.priority if claim else None
-        return Outcome(status, job_id, advance=True, error=error, priority=priority)
+            blob_key = self.blobs.put(_viewable_jpeg(result.image), "image/jpeg")
+        elif result.blob is not None:
+            blob_key = self.blobs.put(
+                result.blob, result.blob_media_type or "application/octet-stream"
+            )
+        if result.model is not None:
+            self.record_model(result.model)
+        return output, blob_key

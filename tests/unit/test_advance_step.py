@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from db.dag import step
 from db.models import Job, StageRun
 from imgpipe.contracts import JobStatus, StageStatus
-from orchestrator.advance import step
 from orchestrator.pipelines import load_pipeline
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

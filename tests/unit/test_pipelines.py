@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from imgpipe.errors import PipelineSpecError
+from imgpipe.policy import evaluate_policy
 from orchestrator.pipelines import load_pipeline, parse_pipeline, pipeline_hash, pipeline_names
-from orchestrator.policy import evaluate_policy
 
 
 def spec(**stages: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,198 @@
+"""Claiming stage runs: one transaction for a whole batch of stage messages.
+
+A claim moves a row ``dispatched -> running`` and counts the attempt; a message for a row
+that is finished, missing or not yet dispatched claims nothing (at-least-once delivery
+makes duplicates normal). Rows are locked in id order so that concurrent claimers and
+the job-locking persist step never wait on each other in a cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import Image, Job, StageRun
+from imgpipe.contracts import JobStatus, StageStatus
+
+__all__ = ["Claim", "ClaimRequest", "Outcome", "WorkerIdentity", "claim_rows"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    stage_run_id: int
+    celery_task_id: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    host: str
+    pid: int
+    device: str
+    code_version: str
+    dispatch_grace_s: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    stage_run_id: int
+    job_id: str
+    stage: str
+    kind: str
+    attempt: int
+    params: dict[str, Any]
+    image_key: str
+    original_size: tuple[int, int]
+    upstream: dict[str, dict[str, Any]]
+    idempotency_key: str | None
+    priority: str = "interactive"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one stage message; ``retry_in_s`` set means: send it again after
+    this delay (the row is already back to ``dispatched``)."""
+
+    status: str
+    job_id: str | None = None
+    retry_in_s: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class NoInput:
+    """A claimed row whose input image cannot exist: it fails for good with ``error``."""
+
+    claim_row_id: int
+    job_id: str
+    stage: str
+    attempt: int
+    idempotency_key: str | None
+    error: str
+
+
+def _lock_rows(session: Session, ids: Sequence[int]) -> dict[int, StageRun]:
+    stmt = (
+        select(StageRun)
+        .where(StageRun.id.in_(sorted(set(ids))))
+        .order_by(StageRun.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    return {row.id: row for row in session.execute(stmt).scalars()}
+
+
+def _start(row: StageRun, request: ClaimRequest, now: datetime, me: WorkerIdentity) -> None:
+    row.status = StageStatus.RUNNING
+    row.started_at = now
+    row.deadline_at = now + timedelta(seconds=row.time_limit_s + me.dispatch_grace_s)
+    row.worker_host = me.host
+    row.worker_pid = me.pid
+    row.device = me.device
+    row.code_version = me.code_version
+    row.celery_task_id = request.celery_task_id
+    if row.dispatched_at is not None:
+        row.queue_wait_ms = (now - row.dispatched_at).total_seconds() * 1000
+
+
+def claim_rows(
+    session: Session, requests: Sequence[ClaimRequest], now: datetime, me: WorkerIdentity
+) -> list[Claim | Outcome | NoInput]:
+    """Claim every requested row in the caller's transaction; one result per request."""
+    rows = _lock_rows(session, [r.stage_run_id for r in requests])
+    job_ids = {row.job_id for row in rows.values()}
+    jobs = {
+        job.id: job for job in session.execute(select(Job).where(Job.id.in_(job_ids))).scalars()
+    }
+    shas = {job.image_sha256 for job in jobs.values() if job.image_sha256}
+    images = {
+        image.sha256: image
+        for image in session.execute(select(Image).where(Image.sha256.in_(shas))).scalars()
+    }
+    needs_siblings = {row.job_id for row in rows.values() if row.needs or row.reads != "original"}
+    siblings: dict[str, dict[str, StageRun]] = {}
+    if needs_siblings:
+        for sibling in session.execute(
+            select(StageRun).where(StageRun.job_id.in_(needs_siblings))
+        ).scalars():
+            siblings.setdefault(sibling.job_id, {})[sibling.stage] = sibling
+    results: list[Claim | Outcome | NoInput] = []
+    seen: set[int] = set()
+    for request in requests:
+        row = rows.get(request.stage_run_id)
+        if row is None:
+            log.warning("stage run %s does not exist; dropping the message", request.stage_run_id)
+            results.append(Outcome("missing"))
+            continue
+        if row.id in seen or StageStatus(row.status).terminal:
+            results.append(Outcome("duplicate", row.job_id))
+            continue
+        seen.add(row.id)
+        if row.status == StageStatus.PENDING:
+            log.warning("stage run %s is still pending; not dispatched yet", row.id)
+            results.append(Outcome("not_dispatched", row.job_id))
+            continue
+        job = jobs[row.job_id]
+        if JobStatus(job.status).terminal:
+            row.status = StageStatus.SKIPPED
+            row.skip_reason = f"job_{job.status}"
+            row.finished_at = now
+            results.append(Outcome("skipped", row.job_id))
+            continue
+        row.attempts += 1
+        if row.attempts > row.max_attempts:
+            row.status = StageStatus.DEAD
+            row.finished_at = now
+            row.error = (
+                f"gave up after {row.max_attempts} attempts; last error: "
+                f"{row.error or 'worker lost'}"
+            )
+            results.append(Outcome("dead", row.job_id, error=row.error))
+            continue
+        _start(row, request, now, me)
+        results.append(_claim_of(row, job, images, siblings.get(row.job_id, {})))
+    return results
+
+
+def _claim_of(
+    row: StageRun, job: Job, images: dict[str, Image], siblings: dict[str, StageRun]
+) -> Claim | NoInput:
+    image = images.get(job.image_sha256) if job.image_sha256 else None
+    if image is None or image.working_blob_key is None:
+        return NoInput(
+            row.id, job.id, row.stage, row.attempts, job.idempotency_key,
+            f"job {job.id} has no stored image; resubmit it",
+        )  # fmt: skip
+    image_key = image.working_blob_key
+    if row.reads != "original":
+        key = (siblings[row.reads].output or {}).get("working_blob_key")
+        if not isinstance(key, str):
+            return NoInput(
+                row.id,
+                job.id,
+                row.stage,
+                row.attempts,
+                job.idempotency_key,
+                f"stage {row.stage} reads the output of {row.reads}, which stored no image",
+            )
+        image_key = key
+    return Claim(
+        stage_run_id=row.id,
+        job_id=job.id,
+        stage=row.stage,
+        kind=row.kind,
+        attempt=row.attempts,
+        params=dict(row.params),
+        image_key=image_key,
+        original_size=(image.width, image.height),
+        upstream={n: dict(siblings[n].output or {}) for n in row.needs},
+        idempotency_key=job.idempotency_key,
+        priority=job.priority,
+    )
