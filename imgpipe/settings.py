@@ -18,6 +18,12 @@ __all__ = ["Settings"]
 DEFAULT_STAGE_TIME_LIMIT_S = 300
 
 
+DEFAULT_BATCH_SIZE_CUDA = 64
+DEFAULT_BATCH_SIZE_CPU = 4
+DEFAULT_BATCH_WAIT_MS_CUDA = 5.0
+DEFAULT_BATCH_WAIT_MS_CPU = 2.0
+
+
 class Settings(BaseSettings):
     """Every knob of imgpipe. Environment prefix: ``IMGPIPE_``."""
 
@@ -80,6 +86,20 @@ class Settings(BaseSettings):
         ge=1,
         description="torch intra-op threads of a model worker running on the CPU; unset: "
         "half the cores (measured: 2 threads on a loaded 2-core box collapsed to 5x slower).",
+    )
+    model_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most stage messages a model worker runs in one forward pass; unset: "
+        f"{DEFAULT_BATCH_SIZE_CUDA} on CUDA, {DEFAULT_BATCH_SIZE_CPU} on the CPU "
+        "(docs/benchmarks.md has the measurements behind both).",
+    )
+    model_batch_wait_ms: float | None = Field(
+        default=None,
+        ge=0,
+        description="How long a model worker waits for more messages after the first of a "
+        f"batch; unset: {DEFAULT_BATCH_WAIT_MS_CUDA} ms on CUDA, {DEFAULT_BATCH_WAIT_MS_CPU} ms "
+        "on the CPU.",
     )
     working_copy_cache_items: int = Field(default=16, ge=0)
     events_maxlen: int = Field(default=100_000, ge=1000)
@@ -206,3 +226,15 @@ class Settings(BaseSettings):
         if self.blob_url is not None:
             return self.blob_url
         return (self.resolved_data_dir / "blobs").as_uri()
+
+    def batch_size_for(self, device: str) -> int:
+        """Micro-batch size of a model worker on ``device`` (setting or per-device default)."""
+        if self.model_batch_size is not None:
+            return self.model_batch_size
+        return DEFAULT_BATCH_SIZE_CUDA if device.startswith("cuda") else DEFAULT_BATCH_SIZE_CPU
+
+    def batch_wait_ms_for(self, device: str) -> float:
+        if self.model_batch_wait_ms is not None:
+            return self.model_batch_wait_ms
+        cuda = device.startswith("cuda")
+        return DEFAULT_BATCH_WAIT_MS_CUDA if cuda else DEFAULT_BATCH_WAIT_MS_CPU

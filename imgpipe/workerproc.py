@@ -2,8 +2,8 @@
 
 - ``orchestrator``: the control queues, with the embedded beat scheduler for the reaper.
 - ``cpu``: quality and enhance, prefork pool.
-- ``gpu``: model stages, one prefork child per device so CUDA initialises in the child
-  only (and a hard time limit can kill a hung forward pass).
+- ``gpu``: model stages, one micro-batching consumer process per device
+  (workers/batching.py): many messages, one forward pass, acks after commit.
 Queue order is ``interactive`` then ``.bulk`` with the ``priority`` strategy.
 """
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Sequence
+
+from celery import Celery
 
 from imgpipe.celery_app import QUEUES, create_app
 from imgpipe.settings import Settings
@@ -42,9 +44,8 @@ def run_worker(
         list(queues) if queues else list(QUEUES["control" if role == "orchestrator" else role])
     )
     if role == "gpu":
-        app.conf["imgpipe_device"] = device
-        if concurrency is None:
-            concurrency = 1
+        run_model_worker(settings, app, device, role_queues)
+        return
     if concurrency is None:
         concurrency = settings.cpu_concurrency if role == "cpu" else 2
     node = f"{role}-{device.replace(':', '')}-{os.getpid()}@{socket.gethostname()}"
@@ -62,3 +63,24 @@ def run_worker(
         argv.append("--beat")
         argv += ["--schedule", str(settings.resolved_data_dir / "celerybeat-schedule")]
     app.worker_main(argv)
+
+
+def run_model_worker(settings: Settings, app: Celery, device: str, queues: Sequence[str]) -> None:
+    """The model worker for ``device``: the micro-batching consumer in this process."""
+    import logging
+
+    from workers.batching import BatchingConsumer
+    from workers.tasks import make_executor
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s] %(message)s")
+    executor = make_executor(app, device)
+    consumer = BatchingConsumer(
+        app,
+        executor,
+        queues,
+        batch_size=settings.batch_size_for(device),
+        batch_wait_ms=settings.batch_wait_ms_for(device),
+        hostname=f"gpu-{device.replace(':', '')}-{os.getpid()}@{socket.gethostname()}",
+    )
+    consumer.install_signal_handlers()
+    consumer.run()

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def deliver_after_commit(ctx: OrchestratorContext, after: AfterCommit) -> None:
-    deliver(ctx.celery, ctx.events, after)
+    deliver(ctx, ctx.events, after)
 
 
 def advance_job(ctx: OrchestratorContext, job_id: str) -> AfterCommit:

@@ -62,3 +62,9 @@ class OrchestratorContext:
 
     def send(self, task_name: str, args: list[Any], queue: str, **options: Any) -> None:
         self.celery.send_task(task_name, args=args, queue=queue, **options)
+
+    def send_task(self, name: str, args: Any = (), **options: Any) -> None:
+        """``imgpipe.aftercommit.TaskSender``: every message the orchestrator sends goes
+        through ``send``."""
+        queue = options.pop("queue")
+        self.send(name, list(args), queue, **options)
