@@ -241,7 +241,10 @@ class Stack:
             self._supervisor.join(timeout=5)
             self._supervisor = None
         for child in self.children:
-            _signal_group(child.process, signal.SIGTERM)
+            # The main process only: Celery's warm shutdown lets pool children finish the
+            # task in hand (a SIGTERM to the whole group killed them mid-stage).
+            with contextlib.suppress(ProcessLookupError):
+                child.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout_s
         for child in self.children:
             remaining = max(0.1, deadline - time.monotonic())
