@@ -81,7 +81,15 @@ class Settings(BaseSettings):
         description="torch intra-op threads of a model worker running on the CPU; unset: "
         "half the cores (measured: 2 threads on a loaded 2-core box collapsed to 5x slower).",
     )
-    working_copy_cache_items: int = Field(default=16, ge=0)
+    working_copy_cache_items: int = Field(
+        default=16, ge=0, description="Deprecated: replaced by working_copy_cache_mb."
+    )
+    working_copy_cache_mb: int = Field(
+        default=256,
+        ge=0,
+        description="Decoded pixels each worker process keeps (LRU, workers/pixels.py); a "
+        "1080p frame is 6 MB at full size, 0.7 MB at 640 px; 0 switches the cache off.",
+    )
     events_maxlen: int = Field(default=100_000, ge=1000)
     default_pipeline: str = "full"
     pipelines_dir: Path | None = Field(
