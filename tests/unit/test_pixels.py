@@ -250,7 +250,7 @@ def _stored_image(tmp_path: Path, data: bytes) -> tuple[Any, LocalBlobStore]:
 
 
 def test_submit_reuses_a_jpeg_upload_as_its_working_copy(tmp_path: Path, photo: bytes) -> None:
-    row, store = _stored_image(tmp_path, photo)
+    row, _ = _stored_image(tmp_path, photo)
     assert row.working_blob_key == row.blob_key
     assert len(list((tmp_path / "blobs").rglob("*.*"))) == 1  # no second blob
 
