@@ -49,7 +49,7 @@ def _job(image: Image, status: JobStatus, enhanced: tuple[str, str] | None = Non
                 status=StageStatus.SUCCEEDED,
                 output={"working_blob_key": working, "gain": 1},
                 output_blob_key=viewable,
-            )  # fmt: skip
+            )
         )
     return job
 
