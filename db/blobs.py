@@ -43,6 +43,10 @@ class BlobStore:
     def exists(self, key: str) -> bool:
         raise NotImplementedError
 
+    def delete(self, key: str) -> int:
+        """Remove ``key``; returns the bytes freed (0 if it was not there)."""
+        raise NotImplementedError
+
 
 def blob_key(digest: str, media_type: str) -> str:
     try:
@@ -98,6 +102,17 @@ class LocalBlobStore(BlobStore):
 
     def exists(self, key: str) -> bool:
         return self.path_for(key).exists()
+
+    def delete(self, key: str) -> int:
+        path = self.path_for(key)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise TransientError(f"could not delete blob {key}: {exc}") from exc
+        return size
 
 
 def open_blob_store(url: str) -> BlobStore:

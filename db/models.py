@@ -61,7 +61,9 @@ class Image(Base):
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     blob_key: Mapped[str] = mapped_column(String(128))
     working_blob_key: Mapped[str | None] = mapped_column(String(128))
-    """Decoded, orientation-applied RGB pixels (raw .npy) so stages never decode again."""
+    """The blob stages decode pixels from (docs/pixels.md): normally ``blob_key`` itself;
+    a lossless PNG for GIF/TIFF uploads; a raw .npy on rows written before that. NULL after
+    ``db.gc`` collected it: the next submission of the image stores a new one."""
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     format: Mapped[str] = mapped_column(String(16))
     width: Mapped[int] = mapped_column(Integer)

@@ -19,9 +19,11 @@ def add_ops_commands(app: typer.Typer, console: Console) -> None:
     db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
     models_app = typer.Typer(help="Models this installation has loaded.", no_args_is_help=True)
     anomaly_app = typer.Typer(help="Anomaly profiles.", no_args_is_help=True)
+    blobs_app = typer.Typer(help="The blob store.", no_args_is_help=True)
     app.add_typer(db_app, name="db")
     app.add_typer(models_app, name="models")
     app.add_typer(anomaly_app, name="anomaly")
+    app.add_typer(blobs_app, name="blobs")
 
     @db_app.command("upgrade")
     def db_upgrade(revision: str = "head") -> None:
@@ -83,6 +85,27 @@ def add_ops_commands(app: typer.Typer, console: Console) -> None:
         report = reap(OrchestratorContext(Settings()))
         console.print(
             f"redispatched {report.redispatched}, dead {report.dead}, advanced {report.advanced}"
+        )
+
+    @blobs_app.command("gc")
+    def blobs_gc(
+        dry_run: Annotated[bool, typer.Option(help="Report, change nothing.")] = False,
+    ) -> None:
+        """Delete working copies no queued or running job needs (results are kept)."""
+        from db.blobs import open_blob_store
+        from db.gc import collect_working_copies
+
+        settings = Settings()
+        report = collect_working_copies(
+            settings.effective_database_url,
+            open_blob_store(settings.effective_blob_url),
+            dry_run=dry_run,
+        )
+        verb = "would delete" if dry_run else "deleted"
+        console.print(
+            f"released {report.images} image and {report.stage_outputs} stage working "
+            f"copies; {verb} {len(report.keys)} blobs ({report.bytes_freed:,} bytes freed), "
+            f"{report.kept_shared} kept because other rows name them"
         )
 
     @anomaly_app.command("fit")

@@ -68,6 +68,7 @@ __all__ = [
     "RejectCode",
     "decode_image",
     "probe_image",
+    "reduction_factor",
 ]
 
 SUPPORTED_FORMATS: Final = ("JPEG", "PNG", "WEBP", "GIF", "TIFF")
@@ -152,10 +153,27 @@ def probe_image(data: bytes, limits: DecodeLimits) -> ImageHeader:
     return header
 
 
-def decode_image(data: bytes, limits: DecodeLimits) -> DecodedImage:
-    """Decode to upright HxWx3 RGB uint8 under the same checks as :func:`probe_image`."""
+def decode_image(data: bytes, limits: DecodeLimits, max_side_px: int | None = None) -> DecodedImage:
+    """Decode to upright HxWx3 RGB uint8 under the same checks as :func:`probe_image`.
+
+    ``max_side_px`` (None: full resolution) says the caller needs no more than that many
+    pixels on the longer side: the image is reduced by the largest whole factor that
+    keeps the longer side at least ``max_side_px`` (so it ends between ``max_side_px``
+    and twice that, or as it was if smaller). A JPEG is decoded at 1/2, 1/4 or 1/8 scale
+    inside libjpeg (Pillow's draft mode); what remains, and other formats, is a box-filter
+    ``Image.reduce``. Not resizing to an exact size is deliberate: at 1080p an exact
+    antialiased resize cost more than the draft decode saved (docs/pixels.md), and every
+    stage resizes to its network's input anyway. Every check runs on the declared full
+    size first, exactly as without it; the returned header gives the returned size.
+    """
+    if max_side_px is not None and max_side_px < 1:
+        raise ValueError(f"max_side_px must be >= 1 or None, got {max_side_px}")
     im, header, conversions = _open_checked(data, limits)
     with im, _mapped_errors(header.format):
+        factor = reduction_factor(im.size, max_side_px)
+        if factor > 1 and isinstance(im, JpegImagePlugin.JpegImageFile):
+            width, height = im.size  # draft picks the largest of 1/8, 1/4, 1/2 within
+            im.draft(im.mode, (-(-width // factor), -(-height // factor)))
         pillow_orients = isinstance(im, TiffImagePlugin.TiffImageFile) and (
             ORIENTATION in im.tag_v2
         )
@@ -167,6 +185,9 @@ def decode_image(data: bytes, limits: DecodeLimits) -> DecodedImage:
         method = TRANSPOSE.get(header.orientation)
         if method is not None and not pillow_orients:
             rgb = rgb.transpose(method)
+        factor = reduction_factor(rgb.size, max_side_px)
+        if factor > 1:
+            rgb = rgb.reduce(factor)
         # A view on the bytes Pillow hands out: no second copy (measurably slower on
         # 1080p), and read-only, so a cached decode can be shared between stages.
         pixels = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
@@ -174,6 +195,14 @@ def decode_image(data: bytes, limits: DecodeLimits) -> DecodedImage:
     height, width = pixels.shape[:2]
     final = ImageHeader(header.format, width, height, header.mode, header.orientation)
     return DecodedImage(pixels=pixels, header=final, conversions=tuple(conversions))
+
+
+def reduction_factor(size: tuple[int, int], max_side_px: int | None) -> int:
+    """Largest whole factor that keeps ``size``'s longer side at least ``max_side_px``
+    (1: keep the size). A reduced side is ``ceil(side / factor)``."""
+    if max_side_px is None:
+        return 1
+    return max(1, max(size) // max_side_px)
 
 
 @contextmanager

@@ -101,7 +101,12 @@ class Settings(BaseSettings):
         f"batch; unset: {DEFAULT_BATCH_WAIT_MS_CUDA} ms on CUDA, {DEFAULT_BATCH_WAIT_MS_CPU} ms "
         "on the CPU.",
     )
-    working_copy_cache_items: int = Field(default=16, ge=0)
+    working_copy_cache_mb: int = Field(
+        default=256,
+        ge=0,
+        description="Decoded pixels each worker process keeps (LRU, workers/pixels.py); a "
+        "1080p frame is 6 MB at full size, 0.7 MB at 640 px; 0 switches the cache off.",
+    )
     events_maxlen: int = Field(default=100_000, ge=1000)
     default_pipeline: str = "full"
     pipelines_dir: Path | None = Field(

@@ -9,11 +9,19 @@ here instead of letting a job wait forever.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from imgpipe.contracts import CPU_QUEUE, GPU_QUEUE
 
-__all__ = ["STAGE_KINDS", "StageKind", "missing_requirements"]
+__all__ = [
+    "ANOMALY_INPUT_SIDE_PX",
+    "DETECTOR_INPUT_SIDE_PX",
+    "STAGE_KINDS",
+    "StageKind",
+    "missing_requirements",
+]
 
 
 @dataclass(frozen=True)
@@ -29,7 +37,29 @@ class StageKind:
     description: str = ""
     entry: str = "run_stage_batch"
     """Name of the ``workers.runtime.BatchRunner`` function in ``implementation``."""
+    max_input_side_px: int | None = None
+    """Longest image side this stage can use: the worker decodes its input at most this
+    large (JPEG draft mode) and caches it so. None: full resolution. Chosen per kind by
+    tests that compare results with full-resolution input (docs/pixels.md)."""
+    reduced_input_models: tuple[str, ...] = ()
+    """If set, ``max_input_side_px`` holds only while the stage's ``model`` parameter
+    (default: the first entry) is one of these; any other model gets full resolution."""
 
+    def input_side_px(self, params: Mapping[str, Any]) -> int | None:
+        """What ``workers.pixels.PixelCache.get`` should be asked for, given the params."""
+        if self.reduced_input_models:
+            model = params.get("model", self.reduced_input_models[0])
+            if model not in self.reduced_input_models:
+                return None
+        return self.max_input_side_px
+
+
+DETECTOR_INPUT_SIDE_PX = 640
+"""NudeNet's YOLOv8n sees a 320 px letterbox; twice that keeps its results (boxes within
+2 px, scores within 0.02: tests/unit/test_reduced_input.py)."""
+ANOMALY_INPUT_SIDE_PX = 640
+"""Profiles squash the image to 256x256 (default resolution); 640 keeps the shorter side
+above 256 up to an aspect ratio of 2.5 (tests/unit/test_reduced_input.py)."""
 
 STAGE_KINDS: dict[str, StageKind] = {
     k.name: k
@@ -59,6 +89,9 @@ STAGE_KINDS: dict[str, StageKind] = {
             "1",
             ("torch", "torchvision"),
             "boxes, labels, scores from a torch detector",
+            # nudenet letterboxes to 320; torchvision detectors resize to 800 themselves
+            max_input_side_px=DETECTOR_INPUT_SIDE_PX,
+            reduced_input_models=("nudenet-yolov8n",),
         ),
         StageKind(
             "anomaly",
@@ -67,6 +100,7 @@ STAGE_KINDS: dict[str, StageKind] = {
             "1",
             ("torch",),
             "PatchCore-style anomaly score and heat map against a fitted profile",
+            max_input_side_px=ANOMALY_INPUT_SIDE_PX,
         ),
         StageKind(
             "moderate",
@@ -75,6 +109,7 @@ STAGE_KINDS: dict[str, StageKind] = {
             "1",
             ("torch", "torchvision", "nudenet"),
             "per-category nudity scores and an allow/review/block verdict",
+            max_input_side_px=DETECTOR_INPUT_SIDE_PX,
         ),
     )
 }

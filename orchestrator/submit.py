@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -96,16 +96,32 @@ def resolve_spec(
     return resolved
 
 
+_WORKING_COPY_IS_UPLOAD = frozenset({"JPEG", "PNG", "WEBP"})
+"""Upload formats whose bytes serve as the working copy (docs/pixels.md); others
+(opt-in GIF, TIFF) get a lossless PNG, so workers never need their decoders."""
+
+
 def _store_image(
     ctx: OrchestratorContext, session: Session, data: bytes, sha: str, decoded: DecodedImage
 ) -> None:
-    if session.get(Image, sha) is not None:
+    """The images row, the upload's blob and its working copy (docs/pixels.md): the upload
+    itself for JPEG/PNG/WebP, a PNG (compress level 1) otherwise. A row whose working copy
+    was collected (``working_blob_key`` NULL) gets a new one."""
+    image = session.get(Image, sha)
+    if image is not None and image.working_blob_key is not None:
         return
     header = decoded.header
     blob_key = ctx.blobs.put(data, _MEDIA_TYPES.get(header.format, "application/octet-stream"))
-    buffer = io.BytesIO()
-    np.save(buffer, decoded.pixels, allow_pickle=False)
-    working_key = ctx.blobs.put(buffer.getvalue(), "application/x-npy")
+    if header.format in _WORKING_COPY_IS_UPLOAD:
+        working_key = blob_key
+    else:
+        buffer = io.BytesIO()
+        PILImage.fromarray(decoded.pixels).save(buffer, format="PNG", compress_level=1)
+        working_key = ctx.blobs.put(buffer.getvalue(), "image/png")
+    if image is not None:
+        image.working_blob_key = working_key
+        session.flush()
+        return
     session.add(
         Image(
             sha256=sha,

@@ -15,7 +15,6 @@ are content-addressed. One bad image fails only its own stage run.
 from __future__ import annotations
 
 import importlib
-import io
 import logging
 import os
 import socket
@@ -28,7 +27,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image as PILImage
 
 from db.blobs import BlobStore, open_blob_store
 from db.dag import advance_in_session
@@ -37,13 +35,14 @@ from db.models import utcnow
 from db.repo import record_model
 from imgpipe.aftercommit import AfterCommit, deliver
 from imgpipe.celery_app import create_app
+from imgpipe.decode import DecodeLimits
 from imgpipe.errors import PermanentError, TransientError
 from imgpipe.events import EventPublisher
 from imgpipe.settings import Settings
 from imgpipe.stagekinds import STAGE_KINDS
 from workers.claims import Claim, ClaimRequest, NoInput, Outcome, WorkerIdentity, claim_rows
 from workers.persist import Failure, Finished, persist_finished
-from workers.pixels import PixelCache, encode_npy
+from workers.pixels import PixelCache, encode_working_copy
 from workers.runtime import BatchRunner, StageInput, StageOutput, StageSkip
 from workers.version import code_version
 
@@ -51,19 +50,10 @@ __all__ = ["Claim", "ClaimRequest", "Outcome", "StageExecutor"]
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_JPEG_QUALITY = 95
 LOAD_THREADS = 4
 """Threads that load a batch's pixels (blob reads and decodes release the GIL)."""
 
 Result = StageOutput | StageSkip | Failure
-
-
-def _viewable_jpeg(pixels: NDArray[np.uint8]) -> bytes:
-    """The human-viewable copy of an output image. Downstream stages never read it: they
-    read the working copy. (PNG cost ~140 ms at 1080p here, JPEG ~10 ms.)"""
-    buffer = io.BytesIO()
-    PILImage.fromarray(pixels).save(buffer, format="JPEG", quality=ARTIFACT_JPEG_QUALITY)
-    return buffer.getvalue()
 
 
 def _is_cuda_oom(exc: BaseException) -> bool:
@@ -112,7 +102,11 @@ class StageExecutor:
     @property
     def pixels(self) -> PixelCache:
         if self._pixels is None:
-            self._pixels = PixelCache(self.blobs, self.settings.working_copy_cache_items)
+            self._pixels = PixelCache(
+                self.blobs,
+                self.settings.working_copy_cache_mb * 1024 * 1024,
+                DecodeLimits.from_settings(self.settings),
+            )
         return self._pixels
 
     @property
@@ -214,7 +208,8 @@ class StageExecutor:
     def _load_one(self, w: _Work) -> None:
         t0 = time.perf_counter()
         try:
-            w.pixels = self.pixels.get(w.claim.image_key)
+            side_px = STAGE_KINDS[w.claim.kind].input_side_px(w.claim.params)
+            w.pixels = self.pixels.get(w.claim.image_key, side_px)
         except PermanentError as exc:
             w.result = Failure(str(exc), permanent=True)
         except (TransientError, OSError) as exc:
@@ -332,10 +327,10 @@ class StageExecutor:
             output["working_blob_key"] = claim.image_key
             output["unchanged"] = True
         elif result.image is not None:
-            output["working_blob_key"] = self.blobs.put(
-                encode_npy(result.image), "application/x-npy"
-            )
-            blob_key = self.blobs.put(_viewable_jpeg(result.image), "image/jpeg")
+            # one blob: the viewable artifact is also what downstream stages read
+            data, media_type = encode_working_copy(result.image)
+            blob_key = self.blobs.put(data, media_type)
+            output["working_blob_key"] = blob_key
         elif result.blob is not None:
             blob_key = self.blobs.put(
                 result.blob, result.blob_media_type or "application/octet-stream"

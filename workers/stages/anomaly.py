@@ -35,7 +35,8 @@ from workers.runtime import StageInput, StageOutput, StageSkip
 __all__ = ["HEATMAP_MAX_SIDE_PX", "AnomalyParams", "heatmap_png", "run_stage_batch"]
 
 HEATMAP_MAX_SIDE_PX = 1024
-"""The heat map has the working image's size, shrunk to at most this many pixels a side."""
+"""The heat map has the original upload's aspect and size, shrunk to at most this many
+pixels a side (the stage may read a reduced copy: the map does not depend on it)."""
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
@@ -136,7 +137,8 @@ def run_stage_batch(inputs: Sequence[StageInput]) -> list[StageOutput | StageSki
         model = backbone.info().to_json()
         for i, scored in zip(members, scores, strict=True):
             threshold = params[i].threshold or profile.threshold
-            png, (width, height) = heatmap_png(scored.heatmap, threshold, inputs[i].image_size)
+            # In the upload's frame, whatever size the stage was given to read.
+            png, (width, height) = heatmap_png(scored.heatmap, threshold, inputs[i].original_size)
             output: dict[str, Any] = {
                 "score": scored.score,
                 "threshold": threshold,
