@@ -76,6 +76,14 @@ STAGE_KINDS: dict[str, StageKind] = {
             ("torch", "torchvision", "nudenet"),
             "per-category nudity scores and an allow/review/block verdict",
         ),
+        StageKind(
+            "noop",
+            CPU_QUEUE,
+            "workers.stages.noop",
+            "1",
+            (),
+            "returns a tiny output without reading the pixels (measures the DAG's own cost)",
+        ),
     )
 }
 
