@@ -27,6 +27,7 @@ import redis
 from celery import Celery, chain, group
 
 from imgpipe.bench.stats import summary
+from imgpipe.celery_app import DELIVERY_SETTINGS
 
 __all__ = ["CANVAS_QUEUE", "CanvasWorker", "create_canvas_app", "measure_canvas", "result_url"]
 
@@ -70,13 +71,7 @@ def create_canvas_app(broker_url: str, backend_url: str) -> Celery:
     on worker loss, prefetch 1) and a result backend, which the chord's join needs."""
     app = Celery("imgpipe-bench-canvas", broker=broker_url, backend=backend_url)
     app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
+        **DELIVERY_SETTINGS,
         task_default_queue=CANVAS_QUEUE,
         result_expires=600,
         broker_connection_retry_on_startup=True,

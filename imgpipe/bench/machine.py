@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GpuSampler", "machine_info", "rss_mib", "rss_mib_of_group"]
+__all__ = ["GpuSampler", "cpu_model", "machine_info", "rss_mib", "rss_mib_of_group"]
 
 NVIDIA_SMI_TIMEOUT_S = 5.0
 
@@ -25,14 +25,14 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str | None:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or None
+    return platform.processor() or "unknown CPU"
 
 
 def _cuda_index(device: str) -> int | None:
@@ -67,14 +67,14 @@ def machine_info(device: str) -> dict[str, Any]:
     return {
         "platform": platform.platform(),
         "node": platform.node(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
         "torch": _dist_version("torch"),
         "celery": _dist_version("celery"),
         "device": device,
-        "device_name": gpu[0] if gpu else _cpu_model(),
+        "device_name": gpu[0] if gpu else cpu_model(),
         "gpu_memory_total_mib": float(gpu[1]) if gpu else None,
         "gpu_driver": gpu[2] if gpu else None,
     }
