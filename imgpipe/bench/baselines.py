@@ -19,7 +19,7 @@ from typing import Any
 from imgpipe.contracts import GPU_QUEUE
 from imgpipe.decode import DecodeLimits, decode_image
 from imgpipe.stagekinds import STAGE_KINDS
-from workers.runtime import BatchRunner, StageInput, StageOutput
+from workers.runtime import BatchRunner, StageInput, StageOutput, StageSkip
 
 __all__ = ["batched_baseline", "model_stages", "sequential_baseline"]
 
@@ -56,15 +56,15 @@ def _run_image(data: bytes, spec: Mapping[str, Any], device: str, inputs: StageI
 
 
 def sequential_baseline(
-    images: Sequence[bytes], spec: Mapping[str, Any], device: str, passes: int
+    images: Sequence[bytes], spec: Mapping[str, Any], device: str, runs: int
 ) -> tuple[dict[str, Any], StageInputs]:
-    """Decode + all stages, image after image, ``passes`` times over ``images`` after one
-    warm-up pass. Returns the figures and the stage inputs of the warm-up pass."""
+    """Decode + all stages, image after image, ``runs`` images (``images`` cycled) after
+    one warm-up pass over ``images``. Returns the figures and the warm-up's stage inputs."""
     inputs: StageInputs = {}
     for data in images:  # warm-up: loads models, fills caches
         _run_image(data, spec, device, inputs)
     timings: list[float] = []
-    for data in itertools.islice(itertools.cycle(images), passes * len(images)):
+    for data in itertools.islice(itertools.cycle(images), runs):
         t0 = time.perf_counter()
         _run_image(data, spec, device, {})
         timings.append((time.perf_counter() - t0) * 1000)
@@ -82,13 +82,19 @@ def batched_baseline(
 ) -> dict[str, Any] | None:
     """Images/s of each model stage's runner per batch size (one warm-up call per size,
     then two timed calls), and what the model stages together could sustain in one
-    process at each stage's best batch size. None when the pipeline has no model stage."""
+    process at each stage's best batch size. None when the pipeline has no model stage;
+    a stage that skips (anomaly without a profile) is listed and left out of the limit."""
     if not stages:
         return None
     per_stage: dict[str, dict[str, float]] = {}
+    skipped: dict[str, str] = {}
     for name in stages:
         runner = _runner(kinds[name])
         per_size: dict[str, float] = {}
+        probe = runner(inputs[name][:1])[0]
+        if isinstance(probe, StageSkip):  # e.g. anomaly without a profile
+            skipped[name] = probe.reason
+            continue
         for size in batch_sizes:
             batch = list(itertools.islice(itertools.cycle(inputs[name]), size))
             runner(batch)
@@ -101,5 +107,6 @@ def batched_baseline(
     return {
         "batch_sizes": list(batch_sizes),
         "images_per_s_by_stage": per_stage,
-        "model_stages_images_per_s": round(1 / seconds_per_image, 3),
+        "skipped_stages": skipped,
+        "model_stages_images_per_s": round(1 / seconds_per_image, 3) if per_stage else None,
     }
