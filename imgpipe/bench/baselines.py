@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import statistics
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,7 +22,7 @@ from imgpipe.decode import DecodeLimits, decode_image
 from imgpipe.stagekinds import STAGE_KINDS
 from workers.runtime import BatchRunner, StageInput, StageOutput, StageSkip
 
-__all__ = ["batched_baseline", "model_stages", "sequential_baseline"]
+__all__ = ["batched_baseline", "model_stages", "release_device_memory", "sequential_baseline"]
 
 StageInputs = dict[str, list[StageInput]]
 """Per stage name, the StageInput of every image of a sequential pass."""
@@ -110,3 +111,10 @@ def batched_baseline(
         "skipped_stages": skipped,
         "model_stages_images_per_s": round(1 / seconds_per_image, 3) if per_stage else None,
     }
+
+
+def release_device_memory(device: str) -> None:
+    """Hand the baselines' cached CUDA memory back before the stack's model worker starts."""
+    torch = sys.modules.get("torch")
+    if torch is not None and device.startswith("cuda"):
+        torch.cuda.empty_cache()

@@ -92,7 +92,12 @@ def _redact(url: str | None, default: str) -> str:
 
 
 def run_bench(config: BenchConfig, progress: Progress = lambda _: None) -> dict[str, Any]:
-    from imgpipe.bench.baselines import batched_baseline, model_stages, sequential_baseline
+    from imgpipe.bench.baselines import (
+        batched_baseline,
+        model_stages,
+        release_device_memory,
+        sequential_baseline,
+    )
     from orchestrator.context import OrchestratorContext
     from orchestrator.pipelines import load_pipeline
     from orchestrator.submit import resolve_spec
@@ -138,6 +143,8 @@ def run_bench(config: BenchConfig, progress: Progress = lambda _: None) -> dict[
         progress("in-process batched baseline" if models else "no model stages to batch")
         kinds = {n: s["kind"] for n, s in resolved["stages"].items()}
         batched = batched_baseline(inputs, models, kinds, config.batch_sizes)
+        del inputs
+        release_device_memory(config.device)
         report["baselines"] = {"in_process_sequential": sequential, "in_process_batched": batched}
         report["imgpipe"], canvas = _through_the_stack(config, settings, pipeline, images, progress)
         report["baselines"]["celery_canvas"] = canvas
