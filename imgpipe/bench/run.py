@@ -260,7 +260,7 @@ def _ratios(report: dict[str, Any]) -> dict[str, float | None]:
             rate, _get(report, "baselines", "celery_canvas", "throughput", "dags_per_s")
         ),
         "latency_p50_vs_in_process_sequential": ratio(
-            _get(report, "imgpipe", "latency", "e2e_ms", "p50"),
+            _get(report, "imgpipe", "latency", "e2e_from_submit_call_ms", "p50"),
             _get(report, "baselines", "in_process_sequential", "p50_ms"),
         ),
         "latency_p50_vs_celery_canvas": ratio(
