@@ -31,8 +31,13 @@ lint: install-test
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: install-test
-	$(BIN)/python -m benchmarks.orchestration
+# Throughput and latency through the embedded stack against the in-process and Celery
+# canvas baselines, measured in the same run (docs/benchmarks.md). BENCH_ARGS adds options,
+# e.g. `make bench BENCH_ARGS="--device cuda:0 --json"`.
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/imgpipe bench --stages noop --images 200 $(BENCH_ARGS)
+	$(BIN)/imgpipe bench --pipeline full --images 200 $(BENCH_ARGS)
 
 clean:
 	rm -rf .imgpipe .pytest_cache .mypy_cache .ruff_cache

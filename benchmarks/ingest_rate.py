@@ -36,6 +36,7 @@ from PIL import Image
 from db.engine import engine_for, normalize_url, session_scope
 from db.migrate import upgrade
 from db.models import Job
+from imgpipe.bench.machine import cpu_model
 from imgpipe.broker import EmbeddedRedis
 from imgpipe.contracts import SUBMIT_GROUP, SUBMIT_STREAM
 from imgpipe.settings import Settings
@@ -52,16 +53,6 @@ def image_bytes(seed: int, side_px: int, fmt: str) -> bytes:
     buffer = io.BytesIO()
     pixels.save(buffer, format=fmt.upper(), **({"quality": 90} if fmt == "jpeg" else {}))
     return buffer.getvalue()
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 @contextmanager

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import datetime
 import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from imgpipe.bench.machine import cpu_model
 from workers.stages.enhance import EnhanceParams, enhance_image
 from workers.stages.quality import assess_quality
 
@@ -53,16 +53,6 @@ def timings_ms(fn: Callable[[], object], repeat: int) -> list[float]:
 def row(label: str, values: list[float]) -> str:
     median, p90, low = np.median(values), np.percentile(values, 90), min(values)
     return f"| {label} | {median:.1f} | {p90:.1f} | {low:.1f} |"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from imgpipe.contracts import (
 )
 from imgpipe.settings import Settings
 
-__all__ = ["QUEUES", "create_app", "settings_of"]
+__all__ = ["DELIVERY_SETTINGS", "QUEUES", "create_app", "settings_of"]
 
 QUEUES: dict[str, tuple[str, ...]] = {
     "control": (CONTROL_QUEUE, bulk_queue(CONTROL_QUEUE)),
@@ -33,6 +33,18 @@ QUEUES: dict[str, tuple[str, ...]] = {
 }
 
 _SETTINGS_KEY = "imgpipe_settings"
+
+DELIVERY_SETTINGS: dict[str, Any] = {
+    "task_serializer": "json",
+    "result_serializer": "json",
+    "accept_content": ["json"],
+    "result_accept_content": ["json"],
+    "task_acks_late": True,
+    "task_reject_on_worker_lost": True,
+    "worker_prefetch_multiplier": 1,
+}
+"""JSON only, late acks, reject on worker loss, prefetch 1: how every imgpipe worker
+takes messages (also the Celery canvas baseline of ``imgpipe bench``)."""
 
 
 def visibility_timeout_s(settings: Settings) -> int:
@@ -47,15 +59,9 @@ def create_app(settings: Settings, include: Sequence[str] = ()) -> Celery:
         "queue_order_strategy": "priority",
     }
     app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
+        **DELIVERY_SETTINGS,
         task_ignore_result=True,
         result_backend=None,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         task_default_queue=CONTROL_QUEUE,

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from imgpipe.cli_bench import add_bench_commands
 from imgpipe.cli_ingest import add_ingest_commands
 from imgpipe.cli_ops import add_ops_commands
 from imgpipe.cli_render import render_results_table
@@ -263,6 +264,7 @@ def orchestrator(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
 
 add_ops_commands(app, console)
 add_ingest_commands(app, console)
+add_bench_commands(app, console)
 
 
 def main() -> None:

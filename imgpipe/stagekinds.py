@@ -111,6 +111,14 @@ STAGE_KINDS: dict[str, StageKind] = {
             "per-category nudity scores and an allow/review/block verdict",
             max_input_side_px=DETECTOR_INPUT_SIDE_PX,
         ),
+        StageKind(
+            "noop",
+            CPU_QUEUE,
+            "workers.stages.noop",
+            "1",
+            (),
+            "returns a tiny output without reading the pixels (measures the DAG's own cost)",
+        ),
     )
 }
 

@@ -80,3 +80,26 @@ def test_hash_changes_with_params_and_not_with_key_order() -> None:
     changed = load_pipeline("basic").to_json()
     changed["stages"]["enhance"]["params"] = {"unsharp_amount": 2.0}
     assert pipeline_hash(base) != pipeline_hash(changed)
+
+
+def test_noop_pipeline_has_the_shape_of_full_and_always_passes() -> None:
+    full, noop = load_pipeline("full"), load_pipeline("noop")
+    assert {(s.name, s.needs) for s in noop.stages} == {(s.name, s.needs) for s in full.stages}
+    assert {s.kind for s in noop.stages} == {"noop"}
+    assert all(s.reads == "original" and not s.gate for s in noop.stages)
+    outputs = {s.name: {"noop": True} for s in noop.stages}
+    assert evaluate_policy(noop.policy, outputs) == ("pass", [])
+    noop.require_installed()
+
+
+def test_noop_stage_returns_a_small_output_per_input_without_pixels() -> None:
+    import numpy as np
+
+    from workers.runtime import StageInput, StageOutput
+    from workers.stages.noop import run_stage_batch
+
+    image = np.zeros((4, 4, 3), np.uint8)
+    inputs = [StageInput(image, (4, 4), {}, {"quality": {"noop": True}}) for _ in range(3)]
+    results = run_stage_batch(inputs)
+    assert len(results) == 3
+    assert all(isinstance(r, StageOutput) and r.image is None and r.blob is None for r in results)
