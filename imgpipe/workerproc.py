@@ -22,7 +22,7 @@ __all__ = ["run_worker"]
 
 ROLE_MODULES = {
     "orchestrator": ["orchestrator.tasks"],
-    "cpu": ["workers.tasks", "workers.tasks_noop"],
+    "cpu": ["workers.tasks"],
     "gpu": ["workers.tasks"],
 }
 

@@ -90,3 +90,9 @@ def anomaly(self: StageTask, stage_run_id: int) -> str:
 @shared_task(name=stage_task_name("moderate"), bind=True, base=StageTask)
 def moderate(self: StageTask, stage_run_id: int) -> str:
     return self.execute_stage(stage_run_id)
+
+
+@shared_task(name=stage_task_name("noop"), bind=True, base=StageTask)
+def noop(self: StageTask, stage_run_id: int) -> str:
+    """Benchmarks only (``imgpipe bench --stages noop``): the stage path with no compute."""
+    return self.execute_stage(stage_run_id)
