@@ -80,7 +80,21 @@ class Settings(BaseSettings):
         default=60, ge=1, description="Extra time past a stage's time limit before the reaper acts."
     )
     reaper_interval_s: float = Field(default=15.0, gt=0)
-    cpu_concurrency: int = Field(default=2, ge=1)
+    cpu_concurrency: int = Field(
+        default=2, ge=1, description="Consumer processes of `imgpipe worker cpu`."
+    )
+    cpu_batch_size: int = Field(
+        default=8,
+        ge=1,
+        description="Most stage messages a CPU worker process claims and records in one "
+        "transaction each (the stages themselves run one after the other).",
+    )
+    cpu_batch_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="How long a CPU worker process waits for more messages after the first; "
+        "0: take what the broker has at once, never wait.",
+    )
     model_cpu_threads: int | None = Field(
         default=None,
         ge=1,

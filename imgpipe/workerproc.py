@@ -1,7 +1,8 @@
-"""Starting Celery worker processes for each role (called by the CLI in this process).
+"""Starting the worker processes of each role (called by the CLI in this process).
 
 - ``orchestrator``: the control queues, with the embedded beat scheduler for the reaper.
-- ``cpu``: quality and enhance, prefork pool.
+- ``cpu``: quality and enhance, ``cpu_concurrency`` batching consumer processes
+  (workers/pool.py): one claim and one persist transaction per batch of messages.
 - ``gpu``: model stages, one micro-batching consumer process per device
   (workers/batching.py): many messages, one forward pass, acks after commit.
 Queue order is ``interactive`` then ``.bulk`` with the ``priority`` strategy.
@@ -46,6 +47,9 @@ def run_worker(
     if role == "gpu":
         run_model_worker(settings, app, device, role_queues)
         return
+    if role == "cpu":
+        run_cpu_worker(settings, role_queues, concurrency or settings.cpu_concurrency)
+        return
     if concurrency is None:
         concurrency = settings.cpu_concurrency if role == "cpu" else 2
     node = f"{role}-{device.replace(':', '')}-{os.getpid()}@{socket.gethostname()}"
@@ -65,14 +69,44 @@ def run_worker(
     app.worker_main(argv)
 
 
-def run_model_worker(settings: Settings, app: Celery, device: str, queues: Sequence[str]) -> None:
-    """The model worker for ``device``: the micro-batching consumer in this process."""
+def _log_to_stderr() -> None:
     import logging
 
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s] %(message)s")
+
+
+def run_cpu_worker(settings: Settings, queues: Sequence[str], processes: int) -> None:
+    """``processes`` batching consumers (quality, enhance) under one supervising parent."""
+    from workers.pool import run_pool
+
+    _log_to_stderr()
+    base = f"cpu-{os.getpid()}"
+
+    def consume(index: int) -> None:
+        from workers.batching import BatchingConsumer
+        from workers.tasks import make_executor
+
+        app = create_app(settings, include=ROLE_MODULES["cpu"])
+        consumer = BatchingConsumer(
+            app,
+            make_executor(app, None),
+            queues,
+            batch_size=settings.cpu_batch_size,
+            batch_wait_ms=settings.cpu_batch_wait_ms,
+            hostname=f"{base}-{index}@{socket.gethostname()}",
+        )
+        consumer.install_signal_handlers()
+        consumer.run()
+
+    run_pool(processes, consume)
+
+
+def run_model_worker(settings: Settings, app: Celery, device: str, queues: Sequence[str]) -> None:
+    """The model worker for ``device``: the micro-batching consumer in this process."""
     from workers.batching import BatchingConsumer
     from workers.tasks import make_executor
 
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s] %(message)s")
+    _log_to_stderr()
     executor = make_executor(app, device)
     consumer = BatchingConsumer(
         app,

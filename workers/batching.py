@@ -42,6 +42,7 @@ from typing import Any
 
 from celery import Celery
 from kombu.messaging import Consumer
+from kombu.serialization import prepare_accept_content
 
 from imgpipe.contracts import STAGE_TASK_PREFIX
 from imgpipe.errors import TransientError
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 2.0
 DB_RETRY_S = 2.0
 WATCHDOG_GRACE_S = 30.0
+MIN_DRAIN_S = 0.0005
+"""Shortest wait for one more message: what "immediately available" means."""
 POLL_S = 1.0
 """Longest idle wait for a message, so stop requests and held messages are seen."""
 
@@ -105,6 +108,9 @@ class BatchingConsumer:
         self._stop = threading.Event()
         self._batch_deadline: float | None = None
         self._dispatcher: Any = None
+        self._channel: Any = None
+        self._consumer: Any = None
+        self._accept = prepare_accept_content(["json"])  # type: ignore[no-untyped-call]
 
     # -- lifecycle ------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -133,18 +139,33 @@ class BatchingConsumer:
                 on_decode_error=self._on_decode_error,
             )
             consumer.qos(prefetch_count=self.batch_size)  # type: ignore[no-untyped-call]
+            self._channel = channel
+            self._consumer = consumer
             self._listen_for_control(conn)
-            with self.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
+            with self.app.connection_for_write() as events_conn:
+                # Task events are buffered and sent as one "task.multi" message per batch
+                # (what Celery's own worker does): three publishes per message cost more
+                # than the stage's bookkeeping.
+                dispatcher = self.app.events.Dispatcher(
+                    events_conn,
+                    hostname=self.hostname,
+                    buffer_group=["task"],
+                    buffer_limit=max(3 * self.batch_size, 24),
+                )
                 self._dispatcher = dispatcher
                 self._event("worker-online")
                 log.info(
-                    "model worker %s on %s: queues %s, batch %d, wait %.1f ms",
+                    "worker %s on %s: queues %s, batch %d, wait %.1f ms",
                     self.hostname, self.executor.device, ",".join(self.queue_names),
                     self.batch_size, self.batch_wait_s * 1000,
                 )  # fmt: skip
-                with consumer:
-                    self._loop(conn)
-                self._event("worker-offline")
+                try:
+                    with consumer:
+                        self._loop(conn)
+                    self._event("worker-offline")
+                finally:
+                    dispatcher.flush(errors=False)
+                    dispatcher.close()
 
     def _listen_for_control(self, conn: Any) -> None:
         """Answer Celery remote control (``celery inspect ping``, ``imgpipe up``'s
@@ -158,9 +179,29 @@ class BatchingConsumer:
                 "active_queues": lambda _state, **_kw: [
                     {"name": name} for name in self.queue_names
                 ],
+                "cancel_consumer": lambda _state, queue, **_kw: self.cancel_queue(queue),
+                "add_consumer": lambda _state, queue, **_kw: self.add_queue(queue),
             },
         )
         node.listen(conn.channel())
+
+    def cancel_queue(self, queue: str) -> dict[str, str]:
+        """Remote control ``cancel_consumer``: stop taking messages from ``queue``."""
+        if queue in self.queue_names:
+            self.queue_names.remove(queue)
+            if self._consumer is not None:
+                self._consumer.cancel_by_queue(queue)
+        return {"ok": f"no longer consuming from {queue}"}
+
+    def add_queue(self, queue: str) -> dict[str, str]:
+        """Remote control ``add_consumer``: take messages from ``queue`` too (after the
+        queues already consumed, so re-adding interactive then bulk keeps their order)."""
+        if queue not in self.queue_names:
+            self.queue_names.append(queue)
+            if self._consumer is not None:
+                self._consumer.add_queue(self.app.amqp.queues[queue])
+                self._consumer.consume()
+        return {"ok": f"consuming from {queue}"}
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -174,6 +215,9 @@ class BatchingConsumer:
         }
 
     def _loop(self, conn: Any) -> None:
+        """Fill a batch: flush when it is full, or when ``batch_wait_ms`` has passed since
+        its first message and nothing more is immediately available (with a wait of 0:
+        take whatever the broker has at once, then run)."""
         last_beat = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
@@ -181,10 +225,7 @@ class BatchingConsumer:
                 self._event("worker-heartbeat", active=len(self._buffer))
                 last_beat = now
             self._release_held(now)
-            if self._buffer and (
-                len(self._buffer) >= self.batch_size
-                or now - self._buffer[0].received_at >= self.batch_wait_s
-            ):
+            if len(self._buffer) >= self.batch_size:
                 self._flush()
                 continue
             timeout = POLL_S
@@ -192,13 +233,41 @@ class BatchingConsumer:
                 timeout = max(0.0, self._buffer[0].received_at + self.batch_wait_s - now)
             if self._held:
                 timeout = min(timeout, max(0.0, min(t for t, _ in self._held) - now))
+            before = len(self._buffer)
             try:
-                conn.drain_events(timeout=max(timeout, 0.0005))
+                conn.drain_events(timeout=max(timeout, MIN_DRAIN_S))
             except TimeoutError:
                 pass
             except OSError as exc:  # socket.timeout is TimeoutError; others: broker trouble
                 log.warning("broker connection trouble: %s; reconnecting", exc)
                 conn.ensure_connection(max_retries=None)
+            if len(self._buffer) > before:
+                self._fill_nowait()
+            waited_s = time.monotonic() - self._buffer[0].received_at if self._buffer else 0.0
+            if self._buffer and waited_s >= self.batch_wait_s:
+                self._flush()
+
+    def _fill_nowait(self) -> None:
+        """Top the batch up with messages already waiting (one RPOP each, interactive
+        queue first): no waiting, and the batch is exactly what the broker had."""
+        if self._channel is None:
+            return
+        for name in self.queue_names:
+            while len(self._buffer) < self.batch_size:
+                try:
+                    message = self._channel.basic_get(name)
+                except Exception as exc:
+                    log.warning("could not read more messages from %s: %s", name, exc)
+                    return
+                if message is None:
+                    break
+                message.accept = self._accept
+                try:
+                    body = message.decode()
+                except Exception as exc:
+                    self._on_decode_error(message, exc)
+                    continue
+                self._on_message(body, message)
 
     # -- messages -------------------------------------------------------------------------
     def _on_decode_error(self, message: Any, exc: Exception) -> None:
@@ -279,6 +348,7 @@ class BatchingConsumer:
         runtime_s = time.monotonic() - started
         for p, outcome in zip(batch, outcomes, strict=True):
             self._settle(p, outcome, runtime_s)
+        self._flush_events()
 
     def _settle(self, p: Pending, outcome: Outcome, runtime_s: float) -> None:
         """Ack a message whose outcome is committed; a retry is re-sent first."""
@@ -299,6 +369,14 @@ class BatchingConsumer:
         p.message.ack()
 
     # -- Flower events and the watchdog ---------------------------------------------------
+    def _flush_events(self) -> None:
+        if self._dispatcher is None:
+            return
+        try:
+            self._dispatcher.flush(errors=False)
+        except Exception as exc:
+            log.debug("task events not sent: %s", exc)
+
     def _event(self, event_type: str, **fields: Any) -> None:
         if self._dispatcher is None:
             return

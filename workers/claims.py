@@ -78,15 +78,28 @@ class NoInput:
     error: str
 
 
-def _lock_rows(session: Session, ids: Sequence[int]) -> dict[int, StageRun]:
+def _lock_rows(
+    session: Session, ids: Sequence[int]
+) -> tuple[dict[int, StageRun], dict[str, Job], dict[str, Image]]:
+    """The stage rows (locked, in id order) with their jobs and images, in one query."""
     stmt = (
-        select(StageRun)
+        select(StageRun, Job, Image)
+        .join(Job, StageRun.job_id == Job.id)
+        .outerjoin(Image, Job.image_sha256 == Image.sha256)
         .where(StageRun.id.in_(sorted(set(ids))))
         .order_by(StageRun.id)
-        .with_for_update()
+        .with_for_update(of=StageRun)
         .execution_options(populate_existing=True)
     )
-    return {row.id: row for row in session.execute(stmt).scalars()}
+    rows: dict[int, StageRun] = {}
+    jobs: dict[str, Job] = {}
+    images: dict[str, Image] = {}
+    for row, job, image in session.execute(stmt).tuples():
+        rows[row.id] = row
+        jobs[job.id] = job
+        if image is not None:
+            images[image.sha256] = image
+    return rows, jobs, images
 
 
 def _start(row: StageRun, request: ClaimRequest, now: datetime, me: WorkerIdentity) -> None:
@@ -106,16 +119,7 @@ def claim_rows(
     session: Session, requests: Sequence[ClaimRequest], now: datetime, me: WorkerIdentity
 ) -> list[Claim | Outcome | NoInput]:
     """Claim every requested row in the caller's transaction; one result per request."""
-    rows = _lock_rows(session, [r.stage_run_id for r in requests])
-    job_ids = {row.job_id for row in rows.values()}
-    jobs = {
-        job.id: job for job in session.execute(select(Job).where(Job.id.in_(job_ids))).scalars()
-    }
-    shas = {job.image_sha256 for job in jobs.values() if job.image_sha256}
-    images = {
-        image.sha256: image
-        for image in session.execute(select(Image).where(Image.sha256.in_(shas))).scalars()
-    }
+    rows, jobs, images = _lock_rows(session, [r.stage_run_id for r in requests])
     needs_siblings = {row.job_id for row in rows.values() if row.needs or row.reads != "original"}
     siblings: dict[str, dict[str, StageRun]] = {}
     if needs_siblings:

@@ -125,9 +125,15 @@ def persist_finished(
     after = AfterCommit()
     jobs = _lock_jobs(session, {item.job_id for item in items})
     rows = {r.id: r for job in jobs.values() for r in job.stage_runs}
-    ids = [item.stage_run_id for item in items if isinstance(item.result, StageOutput)]
-    if ids:
-        session.execute(delete(Detection).where(Detection.stage_run_id.in_(ids)))
+    # Detections are written only by the transaction that makes a row terminal, so only a
+    # row retried after a lost commit acknowledgement could have some: clear those.
+    retried = [
+        item.stage_run_id
+        for item in items
+        if isinstance(item.result, StageOutput) and item.attempt > 1
+    ]
+    if retried:
+        session.execute(delete(Detection).where(Detection.stage_run_id.in_(retried)))
     outcomes: list[Outcome] = []
     for item in items:
         row = rows.get(item.stage_run_id)
