@@ -44,7 +44,7 @@ from celery import Celery
 from kombu.messaging import Consumer
 from kombu.serialization import prepare_accept_content
 
-from imgpipe.contracts import STAGE_TASK_PREFIX
+from imgpipe.contracts import STAGE_TASK_PREFIX, stage_task_name
 from imgpipe.errors import TransientError
 from workers.execute import ClaimRequest, Outcome, StageExecutor
 
@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 2.0
 DB_RETRY_S = 2.0
 WATCHDOG_GRACE_S = 30.0
+DEFAULT_BATCH_LIMIT_S = 600.0
+"""Time limit of a batch whose messages carry none (and of locally continued stages)."""
 MIN_DRAIN_S = 0.0005
 """Shortest wait for one more message: what "immediately available" means."""
 POLL_S = 1.0
@@ -111,6 +113,7 @@ class BatchingConsumer:
         self._channel: Any = None
         self._consumer: Any = None
         self._accept = prepare_accept_content(["json"])  # type: ignore[no-untyped-call]
+        self.executor.continue_locally(self.queue_names, batch_size)
 
     # -- lifecycle ------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -191,6 +194,7 @@ class BatchingConsumer:
             self.queue_names.remove(queue)
             if self._consumer is not None:
                 self._consumer.cancel_by_queue(queue)
+            self.executor.continue_locally(self.queue_names, self.batch_size)
         return {"ok": f"no longer consuming from {queue}"}
 
     def add_queue(self, queue: str) -> dict[str, str]:
@@ -201,6 +205,7 @@ class BatchingConsumer:
             if self._consumer is not None:
                 self._consumer.add_queue(self.app.amqp.queues[queue])
                 self._consumer.consume()
+            self.executor.continue_locally(self.queue_names, self.batch_size)
         return {"ok": f"consuming from {queue}"}
 
     def stats(self) -> dict[str, Any]:
@@ -329,7 +334,8 @@ class BatchingConsumer:
         batch, self._buffer = self._buffer[: self.batch_size], self._buffer[self.batch_size :]
         started = time.monotonic()
         limits = [p.time_limit_s for p in batch if p.time_limit_s]
-        self._batch_deadline = started + (max(limits) if limits else 600.0) + WATCHDOG_GRACE_S
+        limit_s = max(limits) if limits else DEFAULT_BATCH_LIMIT_S
+        self._batch_deadline = started + limit_s + WATCHDOG_GRACE_S
         for p in batch:
             self._event("task-started", uuid=p.task_id, pid=os.getpid())
         try:
@@ -349,6 +355,45 @@ class BatchingConsumer:
         for p, outcome in zip(batch, outcomes, strict=True):
             self._settle(p, outcome, runtime_s)
         self._flush_events()
+        self._run_continuations()
+
+    def _run_continuations(self) -> None:
+        """Run the stages this worker claimed for itself while persisting (the jobs' next
+        stages on its own queues), then theirs, until none are left or a stop is asked."""
+        while self.executor.continuations and not self._stop.is_set():
+            started = time.monotonic()
+            self._batch_deadline = started + DEFAULT_BATCH_LIMIT_S + WATCHDOG_GRACE_S
+            try:
+                done = self.executor.run_continuations()
+            except TransientError as exc:
+                # the rows stay ``running`` with a deadline: the reaper re-dispatches them
+                log.warning("continued stages not recorded (%s); the reaper will re-run", exc)
+                self.executor.continuations.clear()
+                return
+            finally:
+                self._batch_deadline = None
+            runtime_s = time.monotonic() - started
+            for claim, outcome in done:
+                name = stage_task_name(claim.kind)
+                self._event(
+                    "task-received", uuid=claim.task_id, name=name,
+                    args=repr([claim.stage_run_id]), kwargs="{}", retries=0, eta=None,
+                )  # fmt: skip
+                self._event("task-started", uuid=claim.task_id, pid=os.getpid())
+                if outcome.retry_in_s is not None:
+                    self.app.send_task(
+                        name, args=[claim.stage_run_id], queue=claim.queue,
+                        countdown=outcome.retry_in_s,
+                    )  # fmt: skip
+                    self._event("task-retried", uuid=claim.task_id, exception=outcome.error)
+                elif outcome.status in ("failed", "dead"):
+                    self._event("task-failed", uuid=claim.task_id, exception=outcome.error)
+                else:
+                    self._event(
+                        "task-succeeded", uuid=claim.task_id, result=outcome.status,
+                        runtime=runtime_s,
+                    )  # fmt: skip
+            self._flush_events()
 
     def _settle(self, p: Pending, outcome: Outcome, runtime_s: float) -> None:
         """Ack a message whose outcome is committed; a retry is re-sent first."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from db.models import Image, Job, StageRun
 from imgpipe.contracts import JobStatus, StageStatus
 
-__all__ = ["Claim", "ClaimRequest", "Outcome", "WorkerIdentity", "claim_rows"]
+__all__ = ["Claim", "ClaimRequest", "Outcome", "WorkerIdentity", "claim_in_place", "claim_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ class Claim:
     upstream: dict[str, dict[str, Any]]
     idempotency_key: str | None
     priority: str = "interactive"
+    queue: str = ""
+    task_id: str | None = None
+    """The Celery task id of the message, or ``local-<uuid>`` for a stage continued locally."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,25 @@ def claim_rows(
     return results
 
 
+def claim_in_place(
+    row: StageRun,
+    job: Job,
+    image: Image | None,
+    siblings: dict[str, StageRun],
+    now: datetime,
+    me: WorkerIdentity,
+    request: ClaimRequest,
+) -> Claim | NoInput:
+    """Claim a row the caller's transaction already holds (its job locked): attempt + 1,
+    ``running`` on this worker. Used to continue a job locally (workers/persist.py)."""
+    probe = _claim_of(row, job, {image.sha256: image} if image else {}, siblings)
+    if isinstance(probe, NoInput):
+        return probe  # nothing claimed: the normal path will fail it
+    row.attempts += 1
+    _start(row, request, now, me)
+    return replace(probe, attempt=row.attempts, task_id=request.celery_task_id)
+
+
 def _claim_of(
     row: StageRun, job: Job, images: dict[str, Image], siblings: dict[str, StageRun]
 ) -> Claim | NoInput:
@@ -199,4 +221,6 @@ def _claim_of(
         upstream={n: dict(siblings[n].output or {}) for n in row.needs},
         idempotency_key=job.idempotency_key,
         priority=job.priority,
+        queue=row.queue,
+        task_id=row.celery_task_id,
     )

@@ -41,7 +41,7 @@ from imgpipe.events import EventPublisher
 from imgpipe.settings import Settings
 from imgpipe.stagekinds import STAGE_KINDS
 from workers.claims import Claim, ClaimRequest, NoInput, Outcome, WorkerIdentity, claim_rows
-from workers.persist import Failure, Finished, persist_finished
+from workers.persist import Failure, Finished, LocalContinuation, persist_finished
 from workers.pixels import PixelCache, encode_working_copy
 from workers.runtime import BatchRunner, StageInput, StageOutput, StageSkip
 from workers.version import code_version
@@ -87,6 +87,10 @@ class StageExecutor:
         self.events = EventPublisher(settings.effective_redis_url, settings.events_maxlen)
         self._app: Any = None
         self._runners: dict[str, BatchRunner] = {}
+        self.local: LocalContinuation | None = None
+        """Set by a consumer: ready stages on its own queues are claimed in the persist
+        transaction and run here next, without a message (workers/persist.py)."""
+        self.continuations: list[Claim] = []
         self._recorded_models: set[tuple[str, str, str]] = set()
 
     @property
@@ -118,6 +122,10 @@ class StageExecutor:
 
     def use_app(self, app: Any) -> None:
         self._app = app
+
+    def continue_locally(self, queues: Sequence[str], limit: int) -> None:
+        """Run ready interactive stages on ``queues`` in this process (see ``local``)."""
+        self.local = LocalContinuation(frozenset(queues), self.identity, limit)
 
     def runner(self, kind: str) -> BatchRunner:
         runner = self._runners.get(kind)
@@ -151,13 +159,15 @@ class StageExecutor:
         """Claim, load, compute and persist ``requests``; one outcome per request.
 
         Raises TransientError only when the database cannot be reached to claim or to
-        persist: nothing was recorded then, and the messages should be retried."""
+        persist: nothing was recorded then, and the messages should be retried. Stages
+        this worker claimed for itself while persisting (``continue_locally``) wait in
+        ``continuations`` for ``run_continuations``."""
         started = time.perf_counter()
         with session_scope(self.db_url) as session:
             claimed = claim_rows(session, requests, utcnow(), self.identity)
         outcomes: dict[int, Outcome] = {}
-        work: list[_Work] = []
-        finished: list[Finished] = []
+        claims: list[Claim] = []
+        failed: list[Finished] = []
         dead_jobs: set[str] = set()
         for index, item in enumerate(claimed):
             if isinstance(item, Outcome):
@@ -166,29 +176,48 @@ class StageExecutor:
                     dead_jobs.add(item.job_id)
             elif isinstance(item, NoInput):
                 failure = Failure(item.error, permanent=True)
-                finished.append(
+                failed.append(
                     Finished(item.claim_row_id, item.job_id, item.stage, item.attempt,
                              item.idempotency_key, failure, started_perf_s=started)
                 )  # fmt: skip
             else:
-                work.append(_Work(item))
-        self._load(work)
-        self._compute(work)
-        finished.extend(self._finish(w, started) for w in work)
-        if finished:
-            with session_scope(self.db_url) as session:
-                results, after = persist_finished(session, finished, utcnow(), self.settings)
-            by_id = {f.stage_run_id: r for f, r in zip(finished, results, strict=True)}
-        else:
-            by_id, after = {}, AfterCommit()
-        if dead_jobs:
-            after.extend(self._advance(dead_jobs))
-        deliver(self.app, self.events, after)
+                claims.append(item)
+        by_id = self._run_claims(claims, failed, started, dead_jobs)
         for index, item in enumerate(claimed):
             if index not in outcomes:
                 row_id = item.claim_row_id if isinstance(item, NoInput) else item.stage_run_id  # type: ignore[union-attr]
                 outcomes[index] = by_id[row_id]
         return [outcomes[i] for i in range(len(claimed))]
+
+    def run_continuations(self) -> list[tuple[Claim, Outcome]]:
+        """Run the stages claimed locally by the last persist (and theirs, in turn, up to
+        the same batch size); returns each with its outcome."""
+        claims, self.continuations = self.continuations, []
+        if not claims:
+            return []
+        by_id = self._run_claims(claims, [], time.perf_counter(), set())
+        return [(c, by_id[c.stage_run_id]) for c in claims]
+
+    def _run_claims(
+        self, claims: list[Claim], finished: list[Finished], started: float, dead_jobs: set[str]
+    ) -> dict[int, Outcome]:
+        work = [_Work(c) for c in claims]
+        self._load(work)
+        self._compute(work)
+        finished = [*finished, *(self._finish(w, started) for w in work)]
+        by_id: dict[int, Outcome] = {}
+        after = AfterCommit()
+        if finished:
+            with session_scope(self.db_url) as session:
+                results, after, local = persist_finished(
+                    session, finished, utcnow(), self.settings, self.local
+                )
+            self.continuations.extend(local)
+            by_id = {f.stage_run_id: r for f, r in zip(finished, results, strict=True)}
+        if dead_jobs:
+            after.extend(self._advance(dead_jobs))
+        deliver(self.app, self.events, after)
+        return by_id
 
     def _advance(self, job_ids: set[str]) -> AfterCommit:
         """Step jobs whose stage went dead at claim time (rare: attempts exhausted)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,17 +21,33 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, selectinload
 
 from db.dag import advance_locked
-from db.models import Detection, Job, StageRun
+from db.models import Detection, Image, Job, StageRun
 from imgpipe.aftercommit import AfterCommit
-from imgpipe.contracts import StageStatus
+from imgpipe.contracts import Priority, StageStatus
 from imgpipe.events import EventType
 from imgpipe.settings import Settings
-from workers.claims import Outcome
+from workers.claims import Claim, ClaimRequest, Outcome, WorkerIdentity, claim_in_place
 from workers.runtime import StageOutput, StageSkip
 
 __all__ = ["Failure", "Finished", "persist_finished"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalContinuation:
+    """Claim ready stages on ``queues`` for this worker inside the persist transaction
+    (at most ``limit``, interactive jobs only) instead of sending their messages.
+
+    Depth-first: a worker that finished a stage runs the job's next stage itself, with
+    its pixels still cached, saving the message hop and a claim transaction. Bulk jobs
+    always go through their queue, so interactive messages overtake them. A crash is
+    recovered like any crash mid-stage: the row is ``running`` with a deadline, and the
+    reaper re-dispatches it."""
+
+    queues: frozenset[str]
+    identity: WorkerIdentity
+    limit: int
 
 
 @dataclass(frozen=True)
@@ -119,9 +136,14 @@ def _record_failure(
 
 
 def persist_finished(
-    session: Session, items: Sequence[Finished], now: datetime, settings: Settings
-) -> tuple[list[Outcome], AfterCommit]:
-    """Write every finished run and step each touched job; one outcome per item."""
+    session: Session,
+    items: Sequence[Finished],
+    now: datetime,
+    settings: Settings,
+    local: LocalContinuation | None = None,
+) -> tuple[list[Outcome], AfterCommit, list[Claim]]:
+    """Write every finished run and step each touched job; one outcome per item, the
+    after-commit effects, and the stages claimed for this worker (``local``)."""
     after = AfterCommit()
     jobs = _lock_jobs(session, {item.job_id for item in items})
     rows = {r.id: r for job in jobs.values() for r in job.stage_runs}
@@ -186,4 +208,41 @@ def persist_finished(
     webhook = bool(settings.webhook_url)
     for job in jobs.values():
         after.extend(advance_locked(job, now, settings.dispatch_timeout_s, webhook=webhook))
-    return outcomes, after
+    claims = _continue_locally(session, jobs, after, now, local) if local else []
+    return outcomes, after, claims
+
+
+def _continue_locally(
+    session: Session,
+    jobs: dict[str, Job],
+    after: AfterCommit,
+    now: datetime,
+    local: LocalContinuation,
+) -> list[Claim]:
+    claims: list[Claim] = []
+    kept = []
+    rows = {r.id: r for job in jobs.values() for r in job.stage_runs}
+    for dispatch in after.dispatches:
+        row = rows.get(dispatch.stage_run_id)
+        job = jobs.get(row.job_id) if row is not None else None
+        if (
+            row is None
+            or job is None
+            or dispatch.queue not in local.queues
+            or job.priority != Priority.INTERACTIVE
+            or len(claims) >= local.limit
+            or row.attempts >= row.max_attempts
+        ):
+            kept.append(dispatch)
+            continue
+        image = session.get(Image, job.image_sha256) if job.image_sha256 else None
+        claim = claim_in_place(
+            row, job, image, {r.stage: r for r in job.stage_runs}, now, local.identity,
+            ClaimRequest(row.id, f"local-{uuid.uuid4()}"),
+        )  # fmt: skip
+        if isinstance(claim, Claim):
+            claims.append(claim)
+        else:  # cannot run here (no input): let the normal path fail it
+            kept.append(dispatch)
+    after.dispatches = kept
+    return claims

@@ -19,7 +19,7 @@ from db.engine import session_scope
 from db.migrate import upgrade
 from db.models import Detection, StageRun
 from imgpipe.broker import EmbeddedRedis
-from imgpipe.contracts import JobStatus, StageStatus
+from imgpipe.contracts import JobStatus, Priority, StageStatus
 from imgpipe.settings import Settings
 from imgpipe.stack import Stack
 from orchestrator.context import OrchestratorContext
@@ -112,3 +112,31 @@ def test_queued_model_stages_run_in_batches_and_jobs_finish_without_an_orchestra
             for job_id in by_job
         }
         assert all(labels for labels in per_job.values()), "every job has its own detections"
+
+
+def test_worker_continues_interactive_jobs_locally_and_sends_bulk_jobs_through_the_queue(
+    cpu_only_stack: Stack, samples_dir: Path
+) -> None:
+    settings = cpu_only_stack.settings
+    ctx = OrchestratorContext(settings)
+    data = (samples_dir / "coffee.jpg").read_bytes()
+    interactive = submit(ctx, SubmitRequest(data=data, pipeline="basic", force=True)).job_id
+    bulk = submit(
+        ctx, SubmitRequest(data=data, pipeline="basic", force=True, priority=Priority.BULK)
+    ).job_id
+    statuses = wait_jobs(settings.effective_database_url, [interactive, bulk], 60)
+    assert set(statuses.values()) == {JobStatus.SUCCEEDED}
+    with session_scope(settings.effective_database_url) as session:
+        rows = {
+            (r.job_id, r.stage): r
+            for r in session.execute(
+                select(StageRun).where(StageRun.job_id.in_([interactive, bulk]))
+            ).scalars()
+        }
+    local = rows[(interactive, "enhance")]
+    assert (local.celery_task_id or "").startswith("local-")
+    assert local.worker_pid == rows[(interactive, "quality")].worker_pid
+    assert local.attempts == 1 and local.dispatch_count == 1
+    queued = rows[(bulk, "enhance")]
+    assert not (queued.celery_task_id or "local-").startswith("local-")
+    assert queued.queue.endswith(".bulk")

@@ -66,8 +66,11 @@ def test_bench_noop_reports_every_figure_against_the_canvas_and_leaves_nothing_r
         assert set(figures["stages"]) == {"quality", "enhance", "detect", "anomaly", "moderate"}
         for stage in figures["stages"].values():
             assert stage["kind"] == "noop"
-            for key in ("compute_ms", "queue_wait_ms", "bookkeeping_ms", "hop_ms"):
+            for key in ("compute_ms", "bookkeeping_ms"):
                 assert positive(stage[key]["p50"]) and positive(stage[key]["p95"]), key
+            # a stage its worker continued locally has no hop: 0 is a real value here
+            for key in ("queue_wait_ms", "hop_ms"):
+                assert stage[key]["p50"] >= 0 and stage[key]["p95"] >= stage[key]["p50"], key
     assert {"orchestrator", "cpu", "redis-server", "canvas worker"} <= set(ours["rss_mib"])
     assert all(positive(v) for v in ours["rss_mib"].values())
     assert ours["gpu"] is None  # device cpu
