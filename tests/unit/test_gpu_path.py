@@ -57,6 +57,8 @@ def photos() -> list[NDArray[np.uint8]]:
     # a portrait strip and a small image that is enlarged, not shrunk
     images.append(np.ascontiguousarray(images[0][:, :200]))
     images.append(np.ascontiguousarray(cv2.resize(images[0], (150, 97))))
+    for image in images:
+        image.flags.writeable = False  # as decoded working copies are
     return images
 
 

@@ -98,12 +98,18 @@ def to_network_input(
 
 
 def upload_uint8(array: NDArray[np.uint8], device: torch.device) -> torch.Tensor:
-    """``array`` as a uint8 tensor on ``device``; to CUDA through pinned memory, async."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type != "cuda":
-        return tensor.to(device)
-    # The caching host allocator keeps the pinned copy alive until the transfer is done.
-    return tensor.pin_memory().to(device, non_blocking=True)
+    """``array`` as a uint8 tensor on ``device``; to CUDA through pinned memory, async.
+
+    Decoded working copies are read-only: they are copied (once, into the pinned buffer on
+    CUDA), never wrapped, so torch never holds a writable view of them."""
+    if device.type == "cuda":
+        # The caching host allocator keeps the pinned buffer until the transfer is done.
+        pinned = torch.empty(array.shape, dtype=torch.uint8, pin_memory=True)
+        pinned.numpy()[...] = array
+        return pinned.to(device, non_blocking=True)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def letterbox_on_device(
