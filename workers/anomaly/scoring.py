@@ -20,7 +20,7 @@ from workers.anomaly.patchcore import (
     patch_features,
 )
 from workers.models.efficientnet_lite0 import EfficientNetLite0Features, default_weights_path
-from workers.models.registry import cached_model
+from workers.models.registry import cached_model, model_precision
 
 if TYPE_CHECKING:
     from workers.anomaly.profile import Profile
@@ -31,8 +31,11 @@ __all__ = ["ImageScore", "backbone_for", "distance_maps", "score_images"]
 def backbone_for(device: str) -> EfficientNetLite0Features:
     """The process-wide EfficientNet-Lite0 feature extractor on ``device``."""
     path = default_weights_path()
-    key = f"{EfficientNetLite0Features.name}:{path}:{device}"
-    model = cached_model(key, lambda: EfficientNetLite0Features(path, device=device))
+    precision = model_precision()
+    key = f"{EfficientNetLite0Features.name}:{path}:{device}:{precision}"
+    model = cached_model(
+        key, lambda: EfficientNetLite0Features(path, device=device, precision=precision)
+    )
     return cast(EfficientNetLite0Features, model)
 
 

@@ -5,24 +5,51 @@ The base owns the rest: lazy load under a lock on first use in this process, a b
 number of load attempts, ``eval()`` + ``torch.inference_mode()``, the sha256 of the
 weights (computed once, checked against a pinned value), unloading after an idle period
 and a listener hook so the worker layer can record a ``models`` row on first load.
+
+It also owns the numeric format, the only thing that differs between the CPU and the
+CUDA path: the parameter dtype (:data:`Precision`; a model lists in
+``reduced_precisions`` the ones a test showed within tolerance of fp32, every other
+request runs fp32) and the memory format (``channels_last`` by default on CUDA in a
+reduced precision). :meth:`InferenceModel.to_model_input` gives an input the module's
+dtype and memory format; models return float32 whatever ran inside.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar, get_args
 
 import torch
 
 from imgpipe.errors import PermanentError, TransientError, WeightsMismatchError
 
-__all__ = ["InferenceModel", "ModelInfo", "add_load_listener", "sha256_file"]
+__all__ = [
+    "PRECISION_DTYPES",
+    "InferenceModel",
+    "ModelInfo",
+    "Precision",
+    "add_load_listener",
+    "resolve_precision",
+    "sha256_file",
+]
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+"""Requested parameter precision; ``auto``: the model's ``auto_precision_cuda`` on CUDA,
+fp32 elsewhere."""
+PRECISION_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
 
 InputT = TypeVar("InputT")
 OutputT = TypeVar("OutputT")
@@ -48,6 +75,7 @@ class ModelInfo:
     source: str
     license: str
     device: str
+    precision: str = "fp32"
 
     def to_json(self) -> dict[str, str]:
         return {
@@ -57,7 +85,27 @@ class ModelInfo:
             "source": self.source,
             "license": self.license,
             "device": self.device,
+            "precision": self.precision,
         }
+
+
+def resolve_precision(
+    requested: str, device: torch.device, allowed: tuple[str, ...], auto_cuda: str
+) -> str:
+    """The precision a model runs: ``requested`` if the model allows it, else fp32."""
+    if requested not in get_args(Precision):
+        raise ValueError(f"precision must be one of {get_args(Precision)}, got {requested!r}")
+    if requested == "auto":
+        requested = auto_cuda if device.type == "cuda" else "fp32"
+    if requested != "fp32" and requested not in allowed:
+        log.warning(
+            "precision %s is not among those tested within tolerance for this model (%s); "
+            "running fp32",
+            requested,
+            ", ".join(allowed) or "none",
+        )
+        return "fp32"
+    return requested
 
 
 LoadListener = Callable[[ModelInfo], None]
@@ -75,6 +123,10 @@ class InferenceModel(ABC, Generic[InputT, OutputT]):
     name: ClassVar[str]
     version: ClassVar[str]
     license: ClassVar[str]
+    reduced_precisions: ClassVar[tuple[str, ...]] = ()
+    """Precisions below fp32 whose outputs a test showed within tolerance of fp32."""
+    auto_precision_cuda: ClassVar[str] = "fp32"
+    """What ``precision="auto"`` means on CUDA (fp32 everywhere else)."""
 
     def __init__(
         self,
@@ -85,6 +137,8 @@ class InferenceModel(ABC, Generic[InputT, OutputT]):
         source: str | None = None,
         idle_unload_s: float = 600.0,
         max_load_attempts: int = 3,
+        precision: str = "auto",
+        channels_last: bool | None = None,
     ) -> None:
         self.weights_path = Path(weights_path)
         self.device = torch.device(device)
@@ -92,6 +146,13 @@ class InferenceModel(ABC, Generic[InputT, OutputT]):
         self.source = source or str(self.weights_path)
         self.idle_unload_s = idle_unload_s
         self.max_load_attempts = max_load_attempts
+        self.precision = resolve_precision(
+            precision, self.device, self.reduced_precisions, self.auto_precision_cuda
+        )
+        self.dtype = PRECISION_DTYPES[self.precision]
+        if channels_last is None:
+            channels_last = self.device.type == "cuda" and self.precision != "fp32"
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._lock = threading.Lock()
         self._module: torch.nn.Module | None = None
         self._weights_sha256: str | None = None
@@ -109,6 +170,10 @@ class InferenceModel(ABC, Generic[InputT, OutputT]):
         """One forward pass over ``batch``; runs under ``torch.inference_mode()``."""
 
     # -- provided -----------------------------------------------------------------------
+    def to_model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (N x C x H x W float) in the module's dtype and memory format."""
+        return x.to(dtype=self.dtype, memory_format=self.memory_format)
+
     @property
     def weights_sha256(self) -> str:
         if self._weights_sha256 is None:
@@ -132,6 +197,7 @@ class InferenceModel(ABC, Generic[InputT, OutputT]):
             source=self.source,
             license=self.license,
             device=str(self.device),
+            precision=self.precision,
         )
 
     def ensure_loaded(self) -> torch.nn.Module:
@@ -164,6 +230,8 @@ class InferenceModel(ABC, Generic[InputT, OutputT]):
                     f"could not load model {self.name!r} from {self.weights_path}: {exc}"
                 ) from exc
             module.eval()
+            module.to(dtype=self.dtype)
+            module.to(memory_format=self.memory_format)
             self._module = module
             self._last_used_s = time.monotonic()
         if not self._announced:

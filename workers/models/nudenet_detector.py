@@ -22,15 +22,24 @@ import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Final, Literal
+from typing import Any, ClassVar, Final
 
-import cv2
 import numpy as np
 import torch
 import torchvision  # type: ignore[import-untyped]
 from numpy.typing import NDArray
 
 from imgpipe.errors import PermanentError
+from workers.models._letterbox import (
+    INPUT_SIZE,
+    PAD_VALUE,
+    ChannelOrder,
+    Letterbox,
+    letterbox_batch,
+    letterbox_on_device,
+    to_network_input,
+)
+from workers.models._yolo_decode import decode_batch
 from workers.models.base import InferenceModel
 from workers.models.yolov8 import YOLOv8, load_onnx_initializers, read_onnx_weights
 from workers.runtime import DetectionRow
@@ -53,11 +62,6 @@ __all__ = [
     "to_network_input",
 ]
 
-INPUT_SIZE: Final = 320
-"""Side of the square network input (the ``imgsz`` the weights were exported with)."""
-PAD_VALUE: Final = 114
-"""Grey used for letterbox padding (Ultralytics' training and inference value)."""
-ChannelOrder = Literal["RGB", "BGR"]
 CHANNEL_ORDER: Final[ChannelOrder] = "RGB"
 """Order of the channels fed to the network; see docs/models.md for the measurement."""
 
@@ -170,53 +174,6 @@ def _label(labels: Sequence[str], index: int) -> str:
     return labels[index] if 0 <= index < len(labels) else f"class_{index}"
 
 
-# -- preprocessing ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Letterbox:
-    """Mapping between an image and its letterboxed square: ``net = img * scale + pad``."""
-
-    scale: float
-    pad_x: int
-    pad_y: int
-
-
-def letterbox_batch(
-    images: Sequence[NDArray[np.uint8]], size: int = INPUT_SIZE, pad_value: int = PAD_VALUE
-) -> tuple[NDArray[np.uint8], list[Letterbox]]:
-    """Resize each image so its longer side is ``size``, centre it on a grey square.
-
-    Returns ``[B, size, size, 3]`` uint8 (channels as given) and the per-image mapping.
-    One OpenCV resize per image; no per-pixel Python work.
-    """
-    batch = np.full((len(images), size, size, 3), pad_value, dtype=np.uint8)
-    boxes: list[Letterbox] = []
-    for i, image in enumerate(images):
-        height, width = image.shape[:2]
-        scale = size / max(height, width)
-        new_w = min(size, max(1, round(width * scale)))
-        new_h = min(size, max(1, round(height * scale)))
-        resized = cv2.resize(
-            np.ascontiguousarray(image), (new_w, new_h), interpolation=cv2.INTER_LINEAR
-        )
-        pad_x, pad_y = (size - new_w) // 2, (size - new_h) // 2
-        batch[i, pad_y : pad_y + new_h, pad_x : pad_x + new_w] = resized
-        boxes.append(Letterbox(scale=scale, pad_x=pad_x, pad_y=pad_y))
-    return batch, boxes
-
-
-def to_network_input(
-    batch: NDArray[np.uint8], device: torch.device, channel_order: ChannelOrder = CHANNEL_ORDER
-) -> torch.Tensor:
-    """``[B, S, S, 3]`` RGB uint8 -> ``[B, 3, S, S]`` float 0..1 on ``device``, channels
-    in ``channel_order`` (``BGR`` reverses them, as nudenet's own ``detect()`` does)."""
-    tensor = torch.from_numpy(batch).to(device)
-    if channel_order == "BGR":
-        tensor = tensor.flip(-1)
-    return tensor.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
-
-
 def labels_from_metadata(metadata: dict[str, str], num_classes: int) -> tuple[str, ...]:
     """Class names from an Ultralytics export's ``names`` metadata (a dict literal)."""
     raw = metadata.get("names")
@@ -247,6 +204,20 @@ class NudeNetDetector(InferenceModel[DetectRequest, DetectResult]):
 
     channel_order: ClassVar[ChannelOrder] = CHANNEL_ORDER
     labels: tuple[str, ...] = NUDENET_LABELS
+    reduced_precisions: ClassVar[tuple[str, ...]] = ("fp16",)
+    """fp16 is within tolerance of fp32 on the samples, bf16 is not (a face score moved
+    by 0.0203 on a thumbnail): tests/unit/test_gpu_path.py."""
+    auto_precision_cuda: ClassVar[str] = "fp16"
+
+    def __init__(
+        self, weights_path: Path, *, preprocess_on_device: bool | None = None, **options: Any
+    ) -> None:
+        super().__init__(weights_path, **options)
+        self.preprocess_on_device = (
+            self.device.type == "cuda" if preprocess_on_device is None else preprocess_on_device
+        )
+        """Letterbox with torch on the device (default on CUDA) or with OpenCV on the host
+        (default on CPU, where cv2 measured faster: docs/models.md)."""
 
     def _load(self, weights_path: Path, device: torch.device) -> torch.nn.Module:
         if importlib.util.find_spec("onnx") is None:
@@ -264,37 +235,13 @@ class NudeNetDetector(InferenceModel[DetectRequest, DetectResult]):
     ) -> list[DetectResult]:
         for request in batch:
             check_image(request.image)
-        pixels, boxes = letterbox_batch([r.image for r in batch])
-        raw = module(to_network_input(pixels, self.device, self.channel_order))  # [B, 4 + C, A]
-        class_max = raw[:, 4:, :].amax(dim=2).float().cpu().numpy()
-        return [
-            self._decode(raw[i], boxes[i], class_max[i], request) for i, request in enumerate(batch)
-        ]
-
-    def _decode(
-        self,
-        raw: torch.Tensor,
-        letterbox: Letterbox,
-        class_max: NDArray[np.float32],
-        request: DetectRequest,
-    ) -> DetectResult:
-        cx, cy, w, h = raw[0], raw[1], raw[2], raw[3]
-        scores, classes = raw[4:].max(dim=0)
-        keep = scores >= request.score_threshold
-        half_w, half_h = w[keep] / 2, h[keep] / 2
-        boxes = torch.stack(
-            (cx[keep] - half_w, cy[keep] - half_h, cx[keep] + half_w, cy[keep] + half_h), dim=1
-        )
-        offset = torch.tensor(
-            [letterbox.pad_x, letterbox.pad_y, letterbox.pad_x, letterbox.pad_y],
-            dtype=boxes.dtype,
-            device=boxes.device,
-        )
-        boxes = (boxes - offset) / letterbox.scale
-        detections = select_detections(boxes, scores[keep], classes[keep], self.labels, request)
-        height, width = request.image.shape[:2]
-        return DetectResult(
-            detections=detections,
-            class_scores={label: float(class_max[i]) for i, label in enumerate(self.labels)},
-            image_size=(int(width), int(height)),
-        )
+        images = [r.image for r in batch]
+        if self.preprocess_on_device:
+            x, boxes = letterbox_on_device(
+                images, self.device, INPUT_SIZE, PAD_VALUE, self.channel_order
+            )
+        else:
+            pixels, boxes = letterbox_batch(images, INPUT_SIZE, PAD_VALUE)
+            x = to_network_input(pixels, self.device, self.channel_order)
+        raw = module(self.to_model_input(x)).float()  # [B, 4 + C, A]
+        return decode_batch(raw, boxes, batch, self.labels)

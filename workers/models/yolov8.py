@@ -10,6 +10,9 @@ or mis-shaped tensor is tolerated. No ONNX runtime or converter is involved at r
 The forward pass returns what the export returns: ``[batch, 4 + num_classes, anchors]``,
 rows 0-3 the box centre x, centre y, width, height in input pixels and the remaining rows
 the per-class sigmoid scores, anchors ordered stride 8, 16, 32 and row-major inside a level.
+The output is float32 whatever the parameters' dtype: the head casts its raw maps before
+decoding, so a half-precision network does not also round box coordinates to fp16 steps
+(0.25 px at 320). Views work on channels_last activations (``reshape``, not ``view``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -113,7 +117,9 @@ class SPPF(nn.Module):
 
 
 class DFL(nn.Module):
-    """Expected value of the 16-bin distribution of each box side (fixed 1x1 conv)."""
+    """Expected value of the 16-bin distribution of each box side (fixed 1x1 conv).
+
+    Runs in the dtype of its input, with the weight cast to it (the head feeds float32)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -121,8 +127,9 @@ class DFL(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, a = x.shape
-        probs = x.view(b, 4, REG_MAX, a).transpose(2, 1).softmax(dim=1)
-        return self.conv(probs).view(b, 4, a)  # type: ignore[no-any-return]
+        probs = x.reshape(b, 4, REG_MAX, a).transpose(2, 1).softmax(dim=1)
+        weight = self.conv.weight.to(dtype=probs.dtype, memory_format=torch.contiguous_format)
+        return F.conv2d(probs, weight).reshape(b, 4, a)
 
 
 class Detect(nn.Module):
@@ -154,11 +161,11 @@ class Detect(nn.Module):
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         batch = feats[0].shape[0]
         outs = [
-            torch.cat((box(f), cls(f)), dim=1).view(batch, 4 * REG_MAX + self.num_classes, -1)
+            torch.cat((box(f), cls(f)), dim=1).reshape(batch, 4 * REG_MAX + self.num_classes, -1)
             for f, box, cls in zip(feats, self.cv2, self.cv3, strict=True)
         ]
-        raw = torch.cat(outs, dim=2)
-        anchors, strides = _anchors(feats, raw.dtype)
+        raw = torch.cat(outs, dim=2).float()
+        anchors, strides = _anchors(feats, raw.dtype)  # float32
         dist, logits = torch.split(raw, [4 * REG_MAX, self.num_classes], dim=1)
         lt, rb = self.dfl(dist).chunk(2, dim=1)
         x1y1 = anchors - lt

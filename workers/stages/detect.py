@@ -132,23 +132,29 @@ def detector_model(
     model: str, weights_path: str | None, weights_sha256: str | None, device: str
 ) -> InferenceModel[DetectRequest, DetectResult]:
     """The per-process model for these settings (built on first use, loaded lazily)."""
-    from workers.models.registry import cached_model
+    from workers.models.registry import cached_model, model_precision
 
+    precision = model_precision()
     if model == NUDENET_MODEL:
         from workers.models.nudenet_detector import NudeNetDetector, default_weights_path
 
         path = default_weights_path() if weights_path is None else _existing(model, weights_path)
-        key = f"{model}:{path}:{device}:{weights_sha256 or '-'}"
+        key = f"{model}:{path}:{device}:{weights_sha256 or '-'}:{precision}"
         return cached_model(
             key,
-            lambda: NudeNetDetector(path, device=device, expected_sha256=weights_sha256),
+            lambda: NudeNetDetector(
+                path, device=device, expected_sha256=weights_sha256, precision=precision
+            ),
         )
     from workers.models.torchvision_detectors import TORCHVISION_DETECTORS, resolve_weights_path
 
     path = resolve_weights_path(model, weights_path)
     cls = TORCHVISION_DETECTORS[model]
-    key = f"{model}:{path}:{device}:{weights_sha256 or '-'}"
-    return cached_model(key, lambda: cls(path, device=device, expected_sha256=weights_sha256))
+    key = f"{model}:{path}:{device}:{weights_sha256 or '-'}:{precision}"
+    return cached_model(
+        key,
+        lambda: cls(path, device=device, expected_sha256=weights_sha256, precision=precision),
+    )
 
 
 def _existing(model: str, weights_path: str) -> Path:
