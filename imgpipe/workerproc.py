@@ -23,8 +23,8 @@ __all__ = ["run_worker"]
 
 ROLE_MODULES = {
     "orchestrator": ["orchestrator.tasks"],
-    "cpu": ["workers.tasks"],
-    "gpu": ["workers.tasks"],
+    "cpu": [],
+    "gpu": [],
 }
 
 
@@ -84,7 +84,7 @@ def run_cpu_worker(settings: Settings, queues: Sequence[str], processes: int) ->
 
     def consume(index: int) -> None:
         from workers.batching import BatchingConsumer
-        from workers.tasks import make_executor
+        from workers.process import make_executor
 
         app = create_app(settings, include=ROLE_MODULES["cpu"])
         consumer = BatchingConsumer(
@@ -104,7 +104,7 @@ def run_cpu_worker(settings: Settings, queues: Sequence[str], processes: int) ->
 def run_model_worker(settings: Settings, app: Celery, device: str, queues: Sequence[str]) -> None:
     """The model worker for ``device``: the micro-batching consumer in this process."""
     from workers.batching import BatchingConsumer
-    from workers.tasks import make_executor
+    from workers.process import make_executor
 
     _log_to_stderr()
     executor = make_executor(app, device)

@@ -60,3 +60,15 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
         return
     with fresh_postgres_database(os.environ[TEST_PG_ENV]) as url:
         yield url
+
+
+@pytest.fixture
+def own_broker() -> Iterator[EmbeddedRedis]:
+    """A redis-server of this test's own: no other test stack's workers consume from it
+    (the session's ``redis_broker`` is shared with the session-wide running stack)."""
+    directory = short_tmp_dir("iprr-")
+    broker = EmbeddedRedis(directory)
+    broker.start()
+    yield broker
+    broker.stop()
+    shutil.rmtree(directory, ignore_errors=True)

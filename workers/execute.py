@@ -1,11 +1,12 @@
 """Running stage runs: claim, load, compute, persist + step — for one message or a batch.
 
-This is the shared base of every stage worker (DESIGN.md "worker" flow). The Celery task
-bodies in workers/tasks.py call ``StageExecutor.run`` with one stage run; the
-micro-batching model worker (workers/batching.py) calls ``run_batch`` with up to
-``batch_size``. Either way a batch costs two transactions: one claims every row, one
-records every result *and* runs the DAG step for each touched job (workers/persist.py),
-after which the next stages' messages and the events go out (imgpipe/aftercommit.py).
+This is the shared base of every stage worker (DESIGN.md "worker" flow): the batching
+consumers (workers/batching.py) call ``run_batch`` with up to ``batch_size`` stage
+messages (``run`` is a batch of one). A batch costs two transactions: one claims every
+row, one records every result *and* runs the DAG step for each touched job
+(workers/persist.py), after which the next stages' messages and the events go out
+(imgpipe/aftercommit.py). Ready stages on the worker's own queues may be claimed in that
+persist transaction and run next (``continuations``), without a message.
 
 Every step is written for at-least-once delivery: a duplicate message for a finished row
 is a no-op, results are updates of the (job, stage) row, detections are replaced, blobs

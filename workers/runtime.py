@@ -1,6 +1,6 @@
-"""The contract between the Celery task wrapper and a stage implementation.
+"""The contract between the stage executor and a stage implementation.
 
-The wrapper (workers/tasks.py) does all I/O: it claims the stage row, loads the pixels the
+The executor (workers/execute.py) does all I/O: it claims the stage row, loads the pixels the
 stage reads and the outputs of the stages it needs, then calls the kind's
 ``run_stage_batch`` with ``StageInput`` values and persists the ``StageOutput`` values.
 Stage modules stay pure: arrays and JSON in, arrays/bytes and JSON out.

@@ -35,13 +35,13 @@ JOBS = 7
 
 
 @pytest.fixture
-def cpu_only_stack(redis_broker: EmbeddedRedis, database_url: str) -> Iterator[Stack]:
-    """A stack with a CPU worker only: no orchestrator, no model worker yet."""
-    redis_broker.client().flushall()
+def cpu_only_stack(own_broker: EmbeddedRedis, database_url: str) -> Iterator[Stack]:
+    """A stack with a CPU worker only: no orchestrator, no model worker yet; its own
+    broker and database, so no other stack's workers take its messages."""
     with own_database(database_url) as url:
         upgrade(url)
         settings = make_settings(
-            redis_broker, url, model_batch_size=BATCH_SIZE, model_batch_wait_ms=50.0
+            own_broker, url, model_batch_size=BATCH_SIZE, model_batch_wait_ms=50.0
         )
         stack = Stack(settings, workers=("cpu",), stop_timeout_s=15)
         with stack:

@@ -19,16 +19,6 @@ SHORT_LIMITS_S = {"quality": 4, "enhance": 4, "detect": 30, "anomaly": 30, "mode
 
 
 @pytest.fixture
-def own_broker() -> Iterator[EmbeddedRedis]:
-    directory = short_tmp_dir("iprr-")
-    broker = EmbeddedRedis(directory)
-    broker.start()
-    yield broker
-    broker.stop()
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
 def short_deadline_settings(own_broker: EmbeddedRedis, database_url: str) -> Iterator[Settings]:
     data_dir = short_tmp_dir("iprd-")
     with own_database(database_url) as url:
