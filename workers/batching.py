@@ -167,6 +167,7 @@ class BatchingConsumer:
                         self._loop(conn)
                     self._event("worker-offline")
                 finally:
+                    self._release_continuations()
                     dispatcher.flush(errors=False)
                     dispatcher.close()
 
@@ -356,6 +357,12 @@ class BatchingConsumer:
             self._settle(p, outcome, runtime_s)
         self._flush_events()
         self._run_continuations()
+
+    def _release_continuations(self) -> None:
+        try:
+            self.executor.release_continuations()
+        except Exception as exc:  # the reaper re-dispatches them after their deadline
+            log.warning("stages claimed locally not handed back (%s); the reaper will", exc)
 
     def _run_continuations(self) -> None:
         """Run the stages this worker claimed for itself while persisting (the jobs' next

@@ -20,7 +20,15 @@ from sqlalchemy.orm import Session
 from db.models import Image, Job, StageRun
 from imgpipe.contracts import JobStatus, StageStatus
 
-__all__ = ["Claim", "ClaimRequest", "Outcome", "WorkerIdentity", "claim_in_place", "claim_rows"]
+__all__ = [
+    "Claim",
+    "ClaimRequest",
+    "Outcome",
+    "WorkerIdentity",
+    "claim_in_place",
+    "claim_rows",
+    "lock_rows_by_id",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +105,24 @@ def _lock_rows(
     rows: dict[int, StageRun] = {}
     jobs: dict[str, Job] = {}
     images: dict[str, Image] = {}
-    for row, job, image in session.execute(stmt).tuples():
+    for row, job, image in session.execute(stmt):
         rows[row.id] = row
         jobs[job.id] = job
         if image is not None:
             images[image.sha256] = image
     return rows, jobs, images
+
+
+def lock_rows_by_id(session: Session, ids: Sequence[int]) -> list[StageRun]:
+    """Stage rows locked in id order (the claim's lock order)."""
+    stmt = (
+        select(StageRun)
+        .where(StageRun.id.in_(sorted(set(ids))))
+        .order_by(StageRun.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    return list(session.execute(stmt).scalars())
 
 
 def _start(row: StageRun, request: ClaimRequest, now: datetime, me: WorkerIdentity) -> None:

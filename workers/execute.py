@@ -30,18 +30,27 @@ import numpy as np
 from numpy.typing import NDArray
 
 from db.blobs import BlobStore, open_blob_store
-from db.dag import advance_in_session
+from db.dag import advance_in_session, mark_dispatched
 from db.engine import session_scope
 from db.models import utcnow
 from db.repo import record_model
 from imgpipe.aftercommit import AfterCommit, deliver
 from imgpipe.celery_app import create_app
+from imgpipe.contracts import StageStatus
 from imgpipe.decode import DecodeLimits
 from imgpipe.errors import PermanentError, TransientError
 from imgpipe.events import EventPublisher
 from imgpipe.settings import Settings
 from imgpipe.stagekinds import STAGE_KINDS
-from workers.claims import Claim, ClaimRequest, NoInput, Outcome, WorkerIdentity, claim_rows
+from workers.claims import (
+    Claim,
+    ClaimRequest,
+    NoInput,
+    Outcome,
+    WorkerIdentity,
+    claim_rows,
+    lock_rows_by_id,
+)
 from workers.persist import Failure, Finished, LocalContinuation, persist_finished
 from workers.pixels import PixelCache, encode_working_copy
 from workers.runtime import BatchRunner, StageInput, StageOutput, StageSkip
@@ -198,6 +207,23 @@ class StageExecutor:
             return []
         by_id = self._run_claims(claims, [], time.perf_counter(), set())
         return [(c, by_id[c.stage_run_id]) for c in claims]
+
+    def release_continuations(self) -> None:
+        """Hand stages claimed locally but not run back to their queues (a stopping worker):
+        each row goes back to ``dispatched`` with its attempt returned, and its message is
+        sent after the commit."""
+        claims, self.continuations = self.continuations, []
+        if not claims:
+            return
+        after = AfterCommit()
+        now = utcnow()
+        with session_scope(self.db_url) as session:
+            for row in lock_rows_by_id(session, [c.stage_run_id for c in claims]):
+                if row.status != StageStatus.RUNNING or row.worker_pid != self.identity.pid:
+                    continue
+                row.attempts -= 1
+                after.dispatches.append(mark_dispatched(row, now, self.settings.dispatch_timeout_s))
+        deliver(self.app, self.events, after)
 
     def _run_claims(
         self, claims: list[Claim], finished: list[Finished], started: float, dead_jobs: set[str]

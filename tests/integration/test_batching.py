@@ -19,7 +19,7 @@ from db.engine import session_scope
 from db.migrate import upgrade
 from db.models import Detection, StageRun
 from imgpipe.broker import EmbeddedRedis
-from imgpipe.contracts import JobStatus, Priority, StageStatus
+from imgpipe.contracts import CPU_QUEUE, JobStatus, Priority, StageStatus
 from imgpipe.settings import Settings
 from imgpipe.stack import Stack
 from orchestrator.context import OrchestratorContext
@@ -27,6 +27,8 @@ from orchestrator.submit import SubmitRequest, submit
 from tests.integration.conftest import make_settings
 from tests.support.jobs import wait_jobs
 from tests.support.services import own_database
+from workers.claims import ClaimRequest
+from workers.execute import StageExecutor
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -140,3 +142,38 @@ def test_worker_continues_interactive_jobs_locally_and_sends_bulk_jobs_through_t
     queued = rows[(bulk, "enhance")]
     assert not (queued.celery_task_id or "local-").startswith("local-")
     assert queued.queue.endswith(".bulk")
+
+
+def test_a_stopping_worker_hands_locally_claimed_stages_back_to_their_queue(
+    own_broker: EmbeddedRedis, database_url: str, samples_dir: Path
+) -> None:
+    """The executor in this process, a real broker and database, no worker processes."""
+    with own_database(database_url) as url:
+        upgrade(url)
+        settings = make_settings(own_broker, url)
+        ctx = OrchestratorContext(settings)
+        data = (samples_dir / "coffee.jpg").read_bytes()
+        job_id = submit(ctx, SubmitRequest(data=data, pipeline="basic", force=True)).job_id
+        broker = own_broker.client()
+        assert broker.llen(CPU_QUEUE) == 1  # quality's message; nobody consumes it here
+        broker.delete(CPU_QUEUE)
+        executor = StageExecutor(settings, "cpu")
+        executor.continue_locally([CPU_QUEUE], limit=8)
+        with session_scope(url) as session:
+            quality = session.execute(
+                select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == "quality")
+            ).scalar_one()
+        [outcome] = executor.run_batch([ClaimRequest(quality.id, "t-1")])
+        assert outcome.status == "stage_succeeded"
+        assert [c.stage for c in executor.continuations] == ["enhance"]
+        assert broker.llen(CPU_QUEUE) == 0, "a continued stage sends no message"
+
+        executor.release_continuations()
+        with session_scope(url) as session:
+            enhance = session.execute(
+                select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == "enhance")
+            ).scalar_one()
+            assert enhance.status == StageStatus.DISPATCHED
+            assert enhance.attempts == 0 and enhance.dispatch_count == 2
+        assert broker.llen(CPU_QUEUE) == 1, "its message is on the queue for any worker"
+        assert executor.continuations == []
