@@ -1,9 +1,15 @@
 """Content-addressed blob store.
 
 Keys are ``sha256/<hex>`` of the content (plus a fixed suffix naming the media type);
-they are never derived from user-supplied names. Writes are atomic: a temp file in the
-same directory, fsync, then ``os.replace``. Writing the same content twice is a no-op,
-which makes every stage's blob write idempotent.
+they are never derived from user-supplied names. Writes are atomic and durable before
+``put`` returns: a temp file in the same directory, fsync, ``os.replace``, then fsync of
+the directory (so the name survives a power loss too: a committed row never names a blob
+that is not on disk). Writing the same content twice is a no-op, which makes every
+stage's blob write idempotent.
+
+``put_many`` stores a batch with the same guarantees for every blob when it returns; the
+local store runs the fsyncs of a batch concurrently (the filesystem journal commits them
+together: measured 0.3 ms a blob instead of 0.9 ms on ext4, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -11,7 +17,11 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
 from imgpipe.errors import ConfigError, TransientError
@@ -37,6 +47,10 @@ class BlobStore:
     def put(self, data: bytes, media_type: str = "application/octet-stream") -> str:
         raise NotImplementedError
 
+    def put_many(self, items: Sequence[tuple[bytes, str]]) -> list[str]:
+        """``put`` each ``(data, media_type)``; every blob is durable when this returns."""
+        return [self.put(data, media_type) for data, media_type in items]
+
     def get(self, key: str) -> bytes:
         raise NotImplementedError
 
@@ -56,10 +70,26 @@ def blob_key(digest: str, media_type: str) -> str:
     return f"sha256/{digest[:2]}/{digest}{suffix}"
 
 
+_T = TypeVar("_T")
+WRITE_THREADS = 8
+"""Threads that write and fsync the blobs of one ``put_many`` batch."""
+_POOL_LOCK = threading.Lock()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class LocalBlobStore(BlobStore):
     def __init__(self, root: Path) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
+        self._executor: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
 
     def path_for(self, key: str) -> Path:
         parts = key.split("/")
@@ -68,25 +98,60 @@ class LocalBlobStore(BlobStore):
         return self.root.joinpath(*parts)
 
     def put(self, data: bytes, media_type: str = "application/octet-stream") -> str:
-        key = blob_key(sha256_bytes(data), media_type)
-        path = self.path_for(key)
-        if path.exists():
-            return key
+        return self.put_many([(data, media_type)])[0]
+
+    def put_many(self, items: Sequence[tuple[bytes, str]]) -> list[str]:
+        keys = [blob_key(sha256_bytes(data), media_type) for data, media_type in items]
+        todo: dict[Path, bytes] = {}
+        for key, (data, _media_type) in zip(keys, items, strict=True):
+            path = self.path_for(key)
+            if not path.exists():
+                todo[path] = data
+        if not todo:
+            return keys
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp_name, path)
-            except BaseException:
-                Path(tmp_name).unlink(missing_ok=True)
-                raise
+            self._run(self._write_file, todo.items())
+            self._run(_fsync_dir, {path.parent for path in todo})
         except OSError as exc:
-            raise TransientError(f"could not write blob {key} under {self.root}: {exc}") from exc
-        return key
+            raise TransientError(
+                f"could not write {len(todo)} blob(s) under {self.root}: {exc}"
+            ) from exc
+        return keys
+
+    def _run(self, function: Callable[[_T], None], args: Iterable[_T]) -> None:
+        """``function(arg)`` for each arg; concurrently when there are several (the
+        fsyncs of one batch then share journal commits)."""
+        calls = list(args)
+        if len(calls) == 1:
+            function(calls[0])
+            return
+        for _ in self._pool().map(function, calls):
+            pass
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with _POOL_LOCK:
+            pid = os.getpid()
+            if self._pool_pid != pid or self._executor is None:
+                self._executor = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="blobs")
+                self._pool_pid = pid
+            return self._executor
+
+    @staticmethod
+    def _write_file(item: tuple[Path, bytes]) -> None:
+        path, data = item
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(path.parent.parent)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
 
     def get(self, key: str) -> bytes:
         path = self.path_for(key)
