@@ -198,36 +198,42 @@ def _prepare(
 
 
 def _commit_batch(ctx: OrchestratorContext, batch: list[_Pending]) -> None:
-    """One transaction for ``batch``; on failure, one per request (see the module)."""
+    """One transaction for ``batch``; if it fails, one per request (see the module)."""
+    if len(batch) == 1:
+        _commit_one(ctx, batch[0])
+        return
     try:
         _commit(ctx, batch)
         return
     except TransientError:
         raise  # nothing committed; the whole batch is tried again later
     except Exception as exc:
-        if len(batch) > 1:
-            log.info("submit batch of %d retried one by one: %s", len(batch), exc)
-        elif _found_by_key(ctx, batch[0], exc):
-            return
-        else:
-            raise
+        reason = getattr(exc, "orig", exc)
+        log.info("submit batch of %d retried one by one: %s", len(batch), reason)
     for p in batch:
         try:
-            _commit_batch(ctx, [p])
+            _commit_one(ctx, p)
         except Exception as exc:
             p.result, p.after = exc, AfterCommit()
 
 
-def _found_by_key(ctx: OrchestratorContext, p: _Pending, exc: Exception) -> bool:
-    """After an IntegrityError: another submitter committed this key first."""
-    key = p.request.idempotency_key
-    if not isinstance(exc, IntegrityError) or not key:
-        return False
-    found = _jobs_by_key(ctx, {key}).get(key)
-    if found is None:
-        return False
-    p.result, p.after = SubmitResult(found[0], found[1], created=False), AfterCommit()
-    return True
+def _commit_one(ctx: OrchestratorContext, p: _Pending) -> None:
+    """One request in its own transaction. An IntegrityError means a concurrent submitter
+    committed the same key (its job is the result) or the same image first (that images
+    row exists now: one more try)."""
+    for attempt in (1, 2):
+        try:
+            _commit(ctx, [p])
+            return
+        except IntegrityError:
+            key = p.request.idempotency_key
+            found = _jobs_by_key(ctx, {key}).get(key) if key else None
+            if found is not None:
+                p.result = SubmitResult(found[0], found[1], created=False)
+                p.after = AfterCommit()
+                return
+            if attempt == 2:
+                raise
 
 
 def _commit(ctx: OrchestratorContext, batch: list[_Pending]) -> None:
