@@ -1,13 +1,15 @@
 """Ingest rate: submit-stream entries per second turned into committed jobs.
 
     .venv/bin/python -m benchmarks.ingest_rate [--entries 500] [--size 64] [--format png]
+        [--batch 32] [--consumers 1]
         [--postgres-server postgresql://postgres@127.0.0.1:5432/postgres]
 
 Preloads N entries (distinct images, so no cache hits) into ``imgpipe:submit`` on an
-embedded redis-server, then times one ``SubmitConsumer`` (the code `imgpipe ingest` runs)
-until every entry is acknowledged, i.e. its job row committed and its first stage
-messages sent. No stage workers run, so the figure is the ingestion path alone: decode
-under limits, blob writes (image + working copy, fsynced), job + stage rows, dispatch,
+embedded redis-server, then times ``SubmitConsumer``s (the code `imgpipe ingest` runs:
+one in this process, or ``--consumers N`` processes in one group, started and connected
+before the clock starts) until every entry is acknowledged, i.e. its job row committed
+and its first stage messages sent. No stage workers run, so the figure is the ingestion
+path alone: decode under limits, blob writes (fsynced), job + stage rows, dispatch,
 events. Baseline measured in the same run: ``orchestrator.submit.submit`` called directly
 on other images of the same size, with an idempotency key like every stream entry (the
 Python API path), so the ratio is the stream's own cost.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import multiprocessing
 import os
 import platform
 import shutil
@@ -25,6 +28,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
 from typing import Any
 
@@ -124,15 +128,22 @@ def measure(
         pipe.xadd(SUBMIT_STREAM, fields, maxlen=settings.submit_maxlen, approximate=True)  # type: ignore[arg-type]
     pipe.execute()
 
-    consumer = SubmitConsumer(ctx, "bench")
-    started = time.perf_counter()
-    while True:
-        consumer.poll_once(block_ms=10)
+    def drained() -> bool:
         summary: Any = client.xpending(SUBMIT_STREAM, SUBMIT_GROUP)
         groups: Any = client.xinfo_groups(SUBMIT_STREAM)
         last: Any = client.xinfo_stream(SUBMIT_STREAM)["last-generated-id"]
-        if summary["pending"] == 0 and groups[0]["last-delivered-id"] == last:
-            break
+        return bool(summary["pending"] == 0 and groups[0]["last-delivered-id"] == last)
+
+    if args.consumers == 1:
+        consumer = SubmitConsumer(ctx, "bench")
+        consumer.ensure_group()
+        started = time.perf_counter()
+        while True:
+            consumer.poll_once(block_ms=10)
+            if drained():
+                break
+    else:
+        started = run_consumer_processes(settings, args.consumers, drained)
     stream_s = time.perf_counter() - started
     with session_scope(settings.effective_database_url) as session:
         committed = session.query(Job).filter(Job.source == "stream").count()
@@ -141,11 +152,48 @@ def measure(
         "entries": n,
         "image": f"{args.format} {args.size}px, {len(payloads[0]) / 1024:.1f} KiB",
         "batch": args.batch,
+        "consumers": args.consumers,
         "database": "postgresql" if args.postgres_server else "sqlite",
         "stream_s": stream_s,
         "stream_rate": n / stream_s,
         "direct_rate": n / direct_s,
     }
+
+
+def _consume(settings: Settings, name: str, seed: int, ready: Barrier, stop: Event) -> None:
+    ctx = OrchestratorContext(settings)
+    consumer = SubmitConsumer(ctx, name)
+    consumer.ensure_group()
+    # Warm up like the in-process consumer (after the direct baseline): first queries,
+    # broker connection, pipeline and codec loading happen before the clock starts.
+    warm = SubmitRequest(
+        data=image_bytes(seed, 64, "png"), pipeline="basic", idempotency_key=f"warm-{name}"
+    )
+    submit(ctx, warm)
+    ready.wait()
+    while not stop.is_set():
+        consumer.poll_once(block_ms=10)
+
+
+def run_consumer_processes(settings: Settings, n: int, drained: Any) -> float:
+    """Start ``n`` consumer processes, start the clock once all are connected, wait until
+    the group is drained; returns the start time (``time.perf_counter``)."""
+    mp = multiprocessing.get_context("spawn")
+    ready, stop = mp.Barrier(n + 1), mp.Event()
+    children = [
+        mp.Process(target=_consume, args=(settings, f"bench-{i}", 10**6 + i, ready, stop))
+        for i in range(n)
+    ]
+    for child in children:
+        child.start()
+    ready.wait()
+    started = time.perf_counter()
+    while not drained():
+        time.sleep(0.02)
+    stop.set()
+    for child in children:
+        child.join(30)
+    return started
 
 
 def main() -> None:
@@ -155,6 +203,9 @@ def main() -> None:
     parser.add_argument("--format", choices=["png", "jpeg"], default="png")
     parser.add_argument("--batch", type=int, default=32, help="XREADGROUP COUNT.")
     parser.add_argument(
+        "--consumers", type=int, default=1, help="Consumer processes in the group (1: in here)."
+    )
+    parser.add_argument(
         "--postgres-server", default=None, help="Use a new database on this server (dropped)."
     )
     args = parser.parse_args()
@@ -162,7 +213,7 @@ def main() -> None:
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(
         f"{result['entries']} entries ({result['image']}, batch {result['batch']}, "
-        f"{result['database']}): {result['stream_s']:.2f} s -> "
+        f"{result['consumers']} consumer(s), {result['database']}): {result['stream_s']:.2f} s -> "
         f"{result['stream_rate']:.0f} entries/s into committed jobs; direct submit() "
         f"{result['direct_rate']:.0f} jobs/s (stream/direct = "
         f"{result['stream_rate'] / result['direct_rate']:.2f})"
