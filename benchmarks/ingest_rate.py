@@ -22,12 +22,14 @@ import io
 import multiprocessing
 import os
 import platform
+import resource
 import shutil
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
 from typing import Any
@@ -137,13 +139,14 @@ def measure(
     if args.consumers == 1:
         consumer = SubmitConsumer(ctx, "bench")
         consumer.ensure_group()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), cpu_s()
         while True:
             consumer.poll_once(block_ms=10)
             if drained():
                 break
+        consumer_cpu_s = cpu_s() - cpu_started
     else:
-        started = run_consumer_processes(settings, args.consumers, drained)
+        started, consumer_cpu_s = run_consumer_processes(settings, args.consumers, drained)
     stream_s = time.perf_counter() - started
     with session_scope(settings.effective_database_url) as session:
         committed = session.query(Job).filter(Job.source == "stream").count()
@@ -157,10 +160,19 @@ def measure(
         "stream_s": stream_s,
         "stream_rate": n / stream_s,
         "direct_rate": n / direct_s,
+        "consumer_cpu_ms_per_entry": consumer_cpu_s * 1000 / n,
     }
 
 
-def _consume(settings: Settings, name: str, seed: int, ready: Barrier, stop: Event) -> None:
+def cpu_s() -> float:
+    """CPU seconds (user + system, every thread) this process has used."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _consume(
+    settings: Settings, name: str, seed: int, ready: Barrier, stop: Event, used: Queue[float]
+) -> None:
     ctx = OrchestratorContext(settings)
     consumer = SubmitConsumer(ctx, name)
     consumer.ensure_group()
@@ -171,17 +183,20 @@ def _consume(settings: Settings, name: str, seed: int, ready: Barrier, stop: Eve
     )
     submit(ctx, warm)
     ready.wait()
+    cpu_started = cpu_s()
     while not stop.is_set():
         consumer.poll_once(block_ms=10)
+    used.put(cpu_s() - cpu_started)
 
 
-def run_consumer_processes(settings: Settings, n: int, drained: Any) -> float:
+def run_consumer_processes(settings: Settings, n: int, drained: Any) -> tuple[float, float]:
     """Start ``n`` consumer processes, start the clock once all are connected, wait until
-    the group is drained; returns the start time (``time.perf_counter``)."""
+    the group is drained; returns the start time (``time.perf_counter``) and the CPU
+    seconds the consumers used from then on."""
     mp = multiprocessing.get_context("spawn")
-    ready, stop = mp.Barrier(n + 1), mp.Event()
+    ready, stop, used = mp.Barrier(n + 1), mp.Event(), mp.Queue()
     children = [
-        mp.Process(target=_consume, args=(settings, f"bench-{i}", 10**6 + i, ready, stop))
+        mp.Process(target=_consume, args=(settings, f"bench-{i}", 10**6 + i, ready, stop, used))
         for i in range(n)
     ]
     for child in children:
@@ -191,9 +206,10 @@ def run_consumer_processes(settings: Settings, n: int, drained: Any) -> float:
     while not drained():
         time.sleep(0.02)
     stop.set()
+    consumer_cpu_s = sum(used.get(timeout=30) for _ in children)
     for child in children:
         child.join(30)
-    return started
+    return started, consumer_cpu_s
 
 
 def main() -> None:
@@ -216,7 +232,8 @@ def main() -> None:
         f"{result['consumers']} consumer(s), {result['database']}): {result['stream_s']:.2f} s -> "
         f"{result['stream_rate']:.0f} entries/s into committed jobs; direct submit() "
         f"{result['direct_rate']:.0f} jobs/s (stream/direct = "
-        f"{result['stream_rate'] / result['direct_rate']:.2f})"
+        f"{result['stream_rate'] / result['direct_rate']:.2f}); consumer CPU "
+        f"{result['consumer_cpu_ms_per_entry']:.2f} ms/entry"
     )
 
 

@@ -33,6 +33,7 @@ from sqlalchemy.exc import IntegrityError
 from db.blobs import sha256_bytes
 from db.dag import completed_payload, step
 from db.engine import session_scope
+from db.ids import reserve_stage_run_ids
 from db.models import Job, StageRun, new_uuid, utcnow
 from imgpipe.aftercommit import AfterCommit, Dispatch, deliver
 from imgpipe.contracts import JobStatus, Priority
@@ -243,11 +244,11 @@ def _commit(ctx: OrchestratorContext, batch: list[_Pending]) -> None:
     jobs = [_new_job(p, now) for p in batch]
     dispatches: list[list[Dispatch]] = [[] for _ in batch]
     finals: list[dict[str, Any] | None] = [None for _ in batch]
-    with session_scope(ctx.database_url) as session:
+    with session_scope(ctx.database_url) as session, session.no_autoflush:
         store_image_rows(session, [p.image for p in batch if p.image is not None])
+        session.add_all(jobs)
         wanted = {(p.sha, p.p_hash) for p in batch if p.image is not None and not p.request.force}
         sources = cache_sources(session, wanted)
-        session.add_all(jobs)
         planned: list[tuple[int, list[StageRun]]] = []
         for i, (p, job) in enumerate(zip(batch, jobs, strict=True)):
             if p.image is None:
@@ -255,14 +256,18 @@ def _commit(ctx: OrchestratorContext, batch: list[_Pending]) -> None:
             source = None if p.request.force else sources.get((p.sha, p.p_hash))
             if source is not None:
                 finals[i] = completed_payload(job, copy_cached(session, job, source))
-                continue
-            rows = plan_stages(job, p.resolved, ctx, p.request.priority)
-            session.add_all(rows)
-            planned.append((i, rows))
-        session.flush()
+            else:
+                planned.append((i, plan_stages(job, p.resolved, ctx, p.request.priority)))
+        # Ids first: the step names dispatched rows by id, and the rows of the whole batch
+        # are then inserted by one executemany (no RETURNING, no UPDATE after the INSERT).
+        new_rows = [row for _, rows in planned for row in rows]
+        ids = reserve_stage_run_ids(session, len(new_rows))
+        for row, row_id in zip(new_rows, ids, strict=True):
+            row.id = row_id
         for i, rows in planned:
             outcome = step(jobs[i], rows, now, ctx.settings.dispatch_timeout_s)
             dispatches[i], finals[i] = outcome.dispatches, outcome.completed
+        session.add_all(new_rows)
     webhook = bool(ctx.settings.webhook_url)
     for p, job, sends, final in zip(batch, jobs, dispatches, finals, strict=True):
         p.after = AfterCommit(dispatches=sends)
@@ -306,14 +311,17 @@ def _new_job(p: _Pending, now: datetime) -> Job:
         metadata_json=dict(request.metadata or {}),
         overrides={k: dict(v) for k, v in (request.overrides or {}).items()},
         reply_to=request.reply_to,
+        # Every job of a batch sets the same columns: one executemany inserts them all.
+        image_sha256=None if p.rejection is not None else p.sha,
+        error=None,
+        started_at=None,
+        finished_at=None,
     )
     if p.rejection is not None:
         job.status = JobStatus.REJECTED
         job.error = str(p.rejection)
         job.reasons = [p.rejection.code]
         job.finished_at = now
-    else:
-        job.image_sha256 = p.sha
     return job
 
 

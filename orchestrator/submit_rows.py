@@ -156,7 +156,9 @@ def store_image(
 def plan_stages(
     job: Job, resolved: Mapping[str, Any], ctx: OrchestratorContext, priority: Priority
 ) -> list[StageRun]:
-    """One pending stage row per stage of the resolved spec (``job.id`` must be set)."""
+    """One pending stage row per stage of the resolved spec (``job.id`` must be set).
+    The columns the DAG step sets on a dispatched row are set here too, so pending and
+    dispatched rows insert with one statement."""
     rows = []
     for position, (name, stage) in enumerate(resolved["stages"].items()):
         kind = STAGE_KINDS[stage["kind"]]
@@ -175,6 +177,9 @@ def plan_stages(
                 max_attempts=ctx.settings.max_attempts,
                 time_limit_s=ctx.settings.stage_time_limit_s(kind.name),
                 params=stage["params"],
+                dispatch_count=0,
+                dispatched_at=None,
+                deadline_at=None,
             )
         )
     return rows

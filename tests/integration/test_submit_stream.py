@@ -443,7 +443,11 @@ def test_two_consumers_in_one_group_turn_m_entries_into_exactly_m_jobs(
     """Both consumers take batches of 8 entries concurrently. Every run of 8 keys is sent
     twice in a row, so the two consumers mostly hold the same keys in transactions at the
     same time (a unique-key conflict, then one transaction per entry): one job per key."""
-    settings = stream_ctx.settings.model_copy(update={"ingest_batch": 8})
+    # No reclaiming here: a batch that waited on the other consumer's locks must not be
+    # handed over (that path is tested above); every entry is read exactly once.
+    settings = stream_ctx.settings.model_copy(
+        update={"ingest_batch": 8, "ingest_claim_idle_ms": 60_000}
+    )
     consumers = [SubmitConsumer(OrchestratorContext(settings), f"pair-{i}") for i in (1, 2)]
     consumers[0].ensure_group()
     keys = [f"pair-{i}" for i in range(40)]
