@@ -6,10 +6,11 @@ one request. A batch costs, whatever its size:
 
 1. one query for the idempotency keys already taken (a key repeated inside the batch
    becomes one job: the later requests get it with ``created=False``);
-2. decoding and hashing each image, then one ``put_many`` of every blob (durable before
-   any row names it: db/blobs.py);
+2. decoding and hashing each image, then writing every blob on the blob store's threads
+   (db/blobs.py ``start_put_many``) while the transaction runs;
 3. one transaction: the images rows (one SELECT), one query for cache hits, every job
-   and stage row, and the DAG step (db/dag.py) for each job;
+   and stage row (ids reserved first, one executemany per table), and the DAG step
+   (db/dag.py) for each job; it commits only once every blob it names is durable;
 4. after the commit, the stage messages through one producer and every event in one
    Redis round trip (imgpipe/aftercommit.py).
 
@@ -30,7 +31,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from db.blobs import sha256_bytes
+from db.blobs import PendingPuts, sha256_bytes
 from db.dag import completed_payload, step
 from db.engine import session_scope
 from db.ids import reserve_stage_run_ids
@@ -136,13 +137,13 @@ def submit_many(
             if key:
                 first_of_key[key] = index
     accepted = [p for p in pending.values() if p.decoded is not None]
-    stored = write_image_blobs(
+    stored, blobs = write_image_blobs(
         ctx.blobs, [(p.sha, p.request.data, p.decoded) for p in accepted if p.decoded]
     )
     for p, image in zip(accepted, stored, strict=True):
         p.image = image
     if pending:
-        _commit_batch(ctx, list(pending.values()))
+        _commit_batch(ctx, list(pending.values()), blobs)
         after = AfterCommit()
         for p in pending.values():
             after.extend(p.after)
@@ -198,13 +199,13 @@ def _prepare(
     )
 
 
-def _commit_batch(ctx: OrchestratorContext, batch: list[_Pending]) -> None:
+def _commit_batch(ctx: OrchestratorContext, batch: list[_Pending], blobs: PendingPuts) -> None:
     """One transaction for ``batch``; if it fails, one per request (see the module)."""
     if len(batch) == 1:
-        _commit_one(ctx, batch[0])
+        _commit_one(ctx, batch[0], blobs)
         return
     try:
-        _commit(ctx, batch)
+        _commit(ctx, batch, blobs)
         return
     except TransientError:
         raise  # nothing committed; the whole batch is tried again later
@@ -213,18 +214,18 @@ def _commit_batch(ctx: OrchestratorContext, batch: list[_Pending]) -> None:
         log.info("submit batch of %d retried one by one: %s", len(batch), reason)
     for p in batch:
         try:
-            _commit_one(ctx, p)
+            _commit_one(ctx, p, blobs)
         except Exception as exc:
             p.result, p.after = exc, AfterCommit()
 
 
-def _commit_one(ctx: OrchestratorContext, p: _Pending) -> None:
+def _commit_one(ctx: OrchestratorContext, p: _Pending, blobs: PendingPuts) -> None:
     """One request in its own transaction. An IntegrityError means a concurrent submitter
     committed the same key (its job is the result) or the same image first (that images
     row exists now: one more try)."""
     for attempt in (1, 2):
         try:
-            _commit(ctx, [p])
+            _commit(ctx, [p], blobs)
             return
         except IntegrityError:
             key = p.request.idempotency_key
@@ -237,9 +238,10 @@ def _commit_one(ctx: OrchestratorContext, p: _Pending) -> None:
                 raise
 
 
-def _commit(ctx: OrchestratorContext, batch: list[_Pending]) -> None:
-    """Images rows, jobs, stage rows and the DAG step of ``batch`` in one transaction;
-    then each request's result and what to send for it after the commit."""
+def _commit(ctx: OrchestratorContext, batch: list[_Pending], blobs: PendingPuts) -> None:
+    """Images rows, jobs, stage rows and the DAG step of ``batch`` in one transaction,
+    committed once ``blobs`` are durable (they are written meanwhile); then each
+    request's result and what to send for it after the commit."""
     now = utcnow()
     jobs = [_new_job(p, now) for p in batch]
     dispatches: list[list[Dispatch]] = [[] for _ in batch]
@@ -268,6 +270,8 @@ def _commit(ctx: OrchestratorContext, batch: list[_Pending]) -> None:
             outcome = step(jobs[i], rows, now, ctx.settings.dispatch_timeout_s)
             dispatches[i], finals[i] = outcome.dispatches, outcome.completed
         session.add_all(new_rows)
+        session.flush()
+        blobs.wait()  # no row may commit before the blobs it names are on disk
     webhook = bool(ctx.settings.webhook_url)
     for p, job, sends, final in zip(batch, jobs, dispatches, finals, strict=True):
         p.after = AfterCommit(dispatches=sends)

@@ -17,7 +17,7 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.blobs import BlobStore
+from db.blobs import BlobStore, PendingPuts
 from db.models import Image, Job, StageRun, utcnow
 from imgpipe.contracts import JobStatus, Priority, StageStatus, queue_for, stage_task_name
 from imgpipe.decode import DecodedImage
@@ -93,10 +93,11 @@ class StoredImage:
 
 def write_image_blobs(
     blobs: BlobStore, uploads: Sequence[tuple[str, bytes, DecodedImage]]
-) -> list[StoredImage]:
-    """Store each ``(sha256, bytes, decoded)`` upload and its working copy (docs/pixels.md):
-    the upload itself for JPEG/PNG/WebP, a PNG (compress level 1) otherwise. One
-    ``put_many`` for the batch: every blob is durable before any row names it."""
+) -> tuple[list[StoredImage], PendingPuts]:
+    """Start storing each ``(sha256, bytes, decoded)`` upload and its working copy
+    (docs/pixels.md): the upload itself for JPEG/PNG/WebP, a PNG (compress level 1)
+    otherwise. One ``start_put_many`` for the batch; the caller waits on the returned
+    ``PendingPuts`` before it commits a row that names one of them."""
     items: list[tuple[bytes, str]] = []
     for _sha, data, decoded in uploads:
         fmt = decoded.header.format
@@ -105,13 +106,14 @@ def write_image_blobs(
             buffer = io.BytesIO()
             PILImage.fromarray(decoded.pixels).save(buffer, format="PNG", compress_level=1)
             items.append((buffer.getvalue(), "image/png"))
-    keys = iter(blobs.put_many(items))
+    pending = blobs.start_put_many(items)
+    keys = iter(pending.keys)
     stored = []
     for sha, data, decoded in uploads:
         blob_key = next(keys)
         working_key = blob_key if decoded.header.format in _WORKING_COPY_IS_UPLOAD else next(keys)
         stored.append(StoredImage(sha, decoded, len(data), blob_key, working_key))
-    return stored
+    return stored, pending
 
 
 def store_image_rows(session: Session, images: Sequence[StoredImage]) -> None:
@@ -146,7 +148,9 @@ def store_image(
     blobs: BlobStore, session: Session, data: bytes, sha: str, decoded: DecodedImage
 ) -> None:
     """The images row, the upload's blob and its working copy for one image."""
-    store_image_rows(session, write_image_blobs(blobs, [(sha, data, decoded)]))
+    stored, pending = write_image_blobs(blobs, [(sha, data, decoded)])
+    pending.wait()
+    store_image_rows(session, stored)
     session.flush()
 
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
-from db.blobs import LocalBlobStore
+from db.blobs import LocalBlobStore, PendingPuts
 from db.engine import session_scope
 from db.models import Job
 from imgpipe.contracts import EVENTS_STREAM, JobStatus
@@ -73,12 +73,12 @@ class RacingBlobStore(LocalBlobStore):
         super().__init__(root)
         self.rival, self.key, self.raced = rival, key, False
 
-    def put_many(self, items: Sequence[tuple[bytes, str]]) -> list[str]:
-        keys = super().put_many(items)
+    def start_put_many(self, items: Sequence[tuple[bytes, str]]) -> PendingPuts:
+        pending = super().start_put_many(items)
         if not self.raced:
             self.raced = True
             submit(self.rival, SubmitRequest(noise_png(99), "basic", idempotency_key=self.key))
-        return keys
+        return pending
 
 
 def test_a_key_committed_by_a_racing_submitter_stays_one_job(ctx: OrchestratorContext) -> None:
