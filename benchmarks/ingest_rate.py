@@ -6,8 +6,9 @@
 
 Preloads N entries (distinct images, so no cache hits) into ``imgpipe:submit`` on an
 embedded redis-server, then times ``SubmitConsumer``s (the code `imgpipe ingest` runs:
-one in this process, or ``--consumers N`` processes in one group, started and connected
-before the clock starts) until every entry is acknowledged, i.e. its job row committed
+``--consumers N`` processes in one group, each started, connected and warmed up with one
+submission before the clock starts; ``--in-process``: one in this process, after the
+direct baseline) until every entry is acknowledged, i.e. its job row committed
 and its first stage messages sent. No stage workers run, so the figure is the ingestion
 path alone: decode under limits, blob writes (fsynced), job + stage rows, dispatch,
 events. Baseline measured in the same run: ``orchestrator.submit.submit`` called directly
@@ -136,7 +137,7 @@ def measure(
         last: Any = client.xinfo_stream(SUBMIT_STREAM)["last-generated-id"]
         return bool(summary["pending"] == 0 and groups[0]["last-delivered-id"] == last)
 
-    if args.consumers == 1:
+    if args.in_process:
         consumer = SubmitConsumer(ctx, "bench")
         consumer.ensure_group()
         started, cpu_started = time.perf_counter(), cpu_s()
@@ -155,7 +156,7 @@ def measure(
         "entries": n,
         "image": f"{args.format} {args.size}px, {len(payloads[0]) / 1024:.1f} KiB",
         "batch": args.batch,
-        "consumers": args.consumers,
+        "consumers": "in-process" if args.in_process else args.consumers,
         "database": "postgresql" if args.postgres_server else "sqlite",
         "stream_s": stream_s,
         "stream_rate": n / stream_s,
@@ -218,8 +219,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="Image width in px.")
     parser.add_argument("--format", choices=["png", "jpeg"], default="png")
     parser.add_argument("--batch", type=int, default=32, help="XREADGROUP COUNT.")
+    parser.add_argument("--consumers", type=int, default=1, help="Consumer processes in the group.")
     parser.add_argument(
-        "--consumers", type=int, default=1, help="Consumer processes in the group (1: in here)."
+        "--in-process",
+        action="store_true",
+        help="One consumer in this process (how figures before 2026-11-30 were taken).",
     )
     parser.add_argument(
         "--postgres-server", default=None, help="Use a new database on this server (dropped)."
