@@ -10,7 +10,9 @@ one request. A batch costs, whatever its size:
    (db/blobs.py ``start_put_many``) while the transaction runs;
 3. one transaction: the images rows (one SELECT), one query for cache hits, every job
    and stage row (ids reserved first, one executemany per table), and the DAG step
-   (db/dag.py) for each job; it commits only once every blob it names is durable;
+   (db/dag.py) for each job; it commits only once every blob it names is durable
+   (on SQLite, whose one write lock the transaction holds, the blobs are waited for
+   before it begins);
 4. after the commit, the stage messages through one producer and every event in one
    Redis round trip (imgpipe/aftercommit.py).
 
@@ -33,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 
 from db.blobs import PendingPuts, sha256_bytes
 from db.dag import completed_payload, step
-from db.engine import session_scope
+from db.engine import is_sqlite, session_scope
 from db.ids import reserve_stage_run_ids
 from db.models import Job, StageRun, new_uuid, utcnow
 from imgpipe.aftercommit import AfterCommit, Dispatch, deliver
@@ -246,6 +248,8 @@ def _commit(ctx: OrchestratorContext, batch: list[_Pending], blobs: PendingPuts)
     jobs = [_new_job(p, now) for p in batch]
     dispatches: list[list[Dispatch]] = [[] for _ in batch]
     finals: list[dict[str, Any] | None] = [None for _ in batch]
+    if is_sqlite(ctx.database_url):
+        blobs.wait()  # SQLite has one writer at a time: do not hold its lock for the disk
     with session_scope(ctx.database_url) as session, session.no_autoflush:
         store_image_rows(session, [p.image for p in batch if p.image is not None])
         session.add_all(jobs)
