@@ -46,9 +46,9 @@ def add_ingest_commands(app: typer.Typer, console: Console) -> None:
     ) -> None:
         """Consume the submit stream (imgpipe:submit) in the foreground until SIGTERM/Ctrl-C.
 
-        Run one or more anywhere the database and Redis are reachable (each process is
-        its own consumer in the group); `--consumers N` starts N of them here and restarts
-        one that dies. See docs/submitting.md.
+        Run one or more anywhere the database and Redis are reachable (each process is its
+        own consumer in the group); --consumers N starts N here and restarts one that
+        dies. See docs/submitting.md.
         """
         logging.basicConfig(
             level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/ingest] %(message)s"
