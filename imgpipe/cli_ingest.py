@@ -33,22 +33,26 @@ def add_ingest_commands(app: typer.Typer, console: Console) -> None:
     @app.command()
     def ingest(
         consumer: Annotated[
-            str | None, typer.Option(help="Consumer name in the group (default: host-pid).")
+            str | None,
+            typer.Option(help="Consumer name in the group (default: host-pid; NAME-i with -n)."),
         ] = None,
+        consumers: Annotated[
+            int,
+            typer.Option(
+                "--consumers", "-n", min=1, help="Consumer processes in the group (default 1)."
+            ),
+        ] = 1,
         loglevel: Annotated[str, typer.Option()] = "INFO",
     ) -> None:
         """Consume the submit stream (imgpipe:submit) in the foreground until SIGTERM/Ctrl-C.
 
-        Run one or more anywhere the database and Redis are reachable; see docs/submitting.md.
+        Run one or more anywhere the database and Redis are reachable (each process is its
+        own consumer in the group); --consumers N starts N here and restarts one that
+        dies. See docs/submitting.md.
         """
-        from orchestrator.context import OrchestratorContext
-        from orchestrator.ingest import SubmitConsumer
-
         logging.basicConfig(
             level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/ingest] %(message)s"
         )
-        settings = Settings()
-        settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
         stop = threading.Event()
 
         def request_stop(signum: int, _frame: Any) -> None:
@@ -57,6 +61,17 @@ def add_ingest_commands(app: typer.Typer, console: Console) -> None:
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
+        if consumers > 1:
+            from imgpipe.ingest_group import run_consumer_processes
+
+            names = [f"{consumer}-{i}" if consumer else None for i in range(1, consumers + 1)]
+            run_consumer_processes(names, loglevel, stop)
+            return
+        from orchestrator.context import OrchestratorContext
+        from orchestrator.ingest import SubmitConsumer
+
+        settings = Settings()
+        settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
         consumer_ = SubmitConsumer(OrchestratorContext(settings), consumer)
         consumer_.run_forever(stop)
 

@@ -9,6 +9,7 @@ import redis
 from celery import Celery
 
 from db.blobs import BlobStore, open_blob_store
+from imgpipe.aftercommit import TaskSender
 from imgpipe.celery_app import create_app
 from imgpipe.events import EventPublisher
 from imgpipe.settings import Settings
@@ -68,3 +69,20 @@ class OrchestratorContext:
         through ``send``."""
         queue = options.pop("queue")
         self.send(name, list(args), queue, **options)
+
+    def with_producer(self, producer: Any) -> TaskSender:
+        """A ``TaskSender`` that sends every message of a batch on ``producer`` (one
+        connection, no pool round trip per message), still through ``send``."""
+        return _ProducerSender(self, producer)
+
+
+@dataclass(frozen=True)
+class _ProducerSender:
+    """A ``TaskSender`` that sends through ``ctx.send`` on one held Celery producer."""
+
+    ctx: OrchestratorContext
+    producer: Any
+
+    def send_task(self, name: str, args: Any = (), **options: Any) -> None:
+        queue = options.pop("queue")
+        self.ctx.send(name, list(args), queue, producer=self.producer, **options)

@@ -2,7 +2,8 @@
 
 ``SubmitConsumer`` reads ``imgpipe:submit`` through the consumer group ``imgpipe`` with
 ``XREADGROUP COUNT ingest_batch BLOCK ingest_block_ms`` and turns each entry into exactly
-one job (``orchestrator.submit.submit``) or one ``rejected`` event:
+one job or one ``rejected`` event. The entries of one read are parsed, then submitted
+together (``orchestrator.submit.submit_many``: one transaction for the batch):
 
 - An entry is acknowledged only after its job row has committed. A consumer killed in
   between leaves the entry pending; ``XAUTOCLAIM`` hands it to a live consumer after
@@ -24,28 +25,24 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from db.dag import summary_scores
-from db.engine import session_scope
-from db.models import Job
 from imgpipe.contracts import (
     EVENTS_STREAM,
     SUBMIT_DEAD_STREAM,
     SUBMIT_FAILURES_KEY,
     SUBMIT_GROUP,
     SUBMIT_STREAM,
-    JobStatus,
 )
 from imgpipe.errors import PermanentError, TransientError
 from imgpipe.events import EventType, encode_fields
 from orchestrator.context import OrchestratorContext
 from orchestrator.ingest_entry import parse_entry, rejection_code, routing_of
-from orchestrator.submit import SubmitResult, submit
+from orchestrator.ingest_replay import replay_final
+from orchestrator.submit import SubmitRequest, submit_many
 
 __all__ = ["PollReport", "SubmitConsumer", "default_consumer_name"]
 
@@ -227,9 +224,11 @@ class SubmitConsumer:
 
     # -- handling -------------------------------------------------------------------------
     def _handle(self, entries: list[_Entry], report: PollReport) -> None:
-        """Submit each entry; then one transaction acks, rejects and dead-letters."""
+        """Parse every entry, submit the valid ones as one batch (``submit_many``: one
+        transaction), then one Redis transaction acks, rejects and dead-letters."""
         finish = self.client.pipeline(transaction=True)
         done: list[str] = []
+        parsed: list[tuple[_Entry, SubmitRequest]] = []
         for entry in entries:
             if entry.deliveries > self.settings.ingest_max_deliveries:
                 self._dead_letter(finish, entry)
@@ -237,35 +236,52 @@ class SubmitConsumer:
                 report.dead += 1
                 continue
             try:
-                request = parse_entry(self.ctx, entry.entry_id, entry.fields)
-                result = submit(self.ctx, request)
-            except PermanentError as exc:
-                key, reply_to = routing_of(entry.fields)
-                log.info("ingest: entry %s rejected: %s", entry.entry_id, exc)
-                self._queue_rejection(
-                    finish, entry.entry_id, key, reply_to, rejection_code(exc), str(exc)
-                )
-                done.append(entry.entry_id)
-                report.rejected += 1
+                parsed.append((entry, parse_entry(self.ctx, entry.entry_id, entry.fields)))
             except Exception as exc:
-                transient = isinstance(exc, TransientError)
-                log.log(
-                    logging.WARNING if transient else logging.ERROR,
-                    "ingest: entry %s failed (delivery %d): %s",
-                    entry.entry_id, entry.deliveries, exc, exc_info=not transient,
-                )  # fmt: skip
-                finish.hset(SUBMIT_FAILURES_KEY, entry.entry_id, f"{type(exc).__name__}: {exc}")
-                report.retrying += 1
-            else:
+                if self._failed(finish, entry, exc, report):
+                    done.append(entry.entry_id)
+        if parsed:
+            try:
+                results = submit_many(self.ctx, [request for _, request in parsed])
+            except Exception as exc:  # nothing of the batch committed
+                results = [exc] * len(parsed)
+            for (entry, request), result in zip(parsed, results, strict=True):
+                if isinstance(result, Exception):
+                    if self._failed(finish, entry, result, report):
+                        done.append(entry.entry_id)
+                    continue
                 done.append(entry.entry_id)
                 report.jobs += 1
                 if not result.created:
                     report.duplicates += 1
-                    self._replay_final(finish, result, request.reply_to)
+                    replay_final(self.ctx, finish, result, request.reply_to)
         if done:
             finish.xack(SUBMIT_STREAM, SUBMIT_GROUP, *done)
             finish.hdel(SUBMIT_FAILURES_KEY, *done)
         finish.execute()
+
+    def _failed(
+        self, pipe: redis.client.Pipeline, entry: _Entry, exc: Exception, report: PollReport
+    ) -> bool:
+        """Queue what an entry's error calls for; True if the entry is finished with (a
+        rejection), False if it stays pending for another delivery."""
+        if isinstance(exc, PermanentError):
+            key, reply_to = routing_of(entry.fields)
+            log.info("ingest: entry %s rejected: %s", entry.entry_id, exc)
+            self._queue_rejection(
+                pipe, entry.entry_id, key, reply_to, rejection_code(exc), str(exc)
+            )
+            report.rejected += 1
+            return True
+        transient = isinstance(exc, TransientError)
+        log.log(
+            logging.WARNING if transient else logging.ERROR,
+            "ingest: entry %s failed (delivery %d): %s",
+            entry.entry_id, entry.deliveries, exc, exc_info=None if transient else exc,
+        )  # fmt: skip
+        pipe.hset(SUBMIT_FAILURES_KEY, entry.entry_id, f"{type(exc).__name__}: {exc}")
+        report.retrying += 1
+        return False
 
     def _queue_rejection(
         self,
@@ -322,28 +338,6 @@ class SubmitConsumer:
         key, reply_to = routing_of(entry.fields)
         self._queue_rejection(pipe, entry.entry_id, key, reply_to, "dead_lettered", message)
 
-    def _replay_final(
-        self, pipe: redis.client.Pipeline, result: SubmitResult, reply_to: str | None
-    ) -> None:
-        """A duplicate of a finished job: its final event again, on this entry's reply_to."""
-        if not reply_to:
-            return
-        try:
-            with session_scope(self.ctx.database_url) as session:
-                job = session.get(Job, result.job_id)
-                if job is None or not JobStatus(job.status).terminal:
-                    return  # the completed event goes to the first submission's reply_to
-                fields = _final_event(job)
-        except TransientError as exc:
-            log.warning("ingest: final event of job %s not replayed: %s", result.job_id, exc)
-            return
-        pipe.xadd(
-            reply_to,
-            encode_fields(fields),  # type: ignore[arg-type]
-            maxlen=self.settings.events_maxlen,
-            approximate=True,
-        )
-
     # -- housekeeping ---------------------------------------------------------------------
     def housekeeping(self) -> None:
         """Trim acknowledged entries; forget long-idle consumers that hold nothing."""
@@ -368,29 +362,3 @@ class SubmitConsumer:
             name = _text(consumer["name"])
             if name != self.name and not consumer["pending"] and consumer["idle"] > forget_after_ms:
                 self.client.xgroup_delconsumer(SUBMIT_STREAM, SUBMIT_GROUP, name)
-
-
-def _final_event(job: Job) -> dict[str, Any]:
-    common = {
-        "job_id": job.id,
-        "idempotency_key": job.idempotency_key,
-        "at": time.time(),
-        "replay": True,
-    }
-    if job.status == JobStatus.REJECTED:
-        reason = job.reasons[0] if job.reasons else None
-        return {"event": str(EventType.REJECTED), **common, "reason": reason, "error": job.error}
-    outputs: Mapping[str, Mapping[str, Any]] = {
-        r.stage: r.output for r in job.stage_runs if r.status == "succeeded" and r.output
-    }
-    return {
-        "event": str(EventType.COMPLETED),
-        **common,
-        "status": job.status,
-        "verdict": job.verdict,
-        "reasons": job.reasons,
-        "error": job.error,
-        "stages": {r.stage: r.status for r in job.stage_runs},
-        "scores": summary_scores(outputs),
-        "cache_hit": job.cache_hit_of is not None,
-    }

@@ -1,42 +1,63 @@
-"""Accepting one image: validate, store, plan, dispatch.
+"""Accepting images: validate, store, plan, dispatch — one at a time or a batch at once.
 
 Used by the Python API, the CLI, the ``imgpipe.submit`` Celery task and the Redis
-stream consumer, so every entry point behaves the same.
+stream consumer, so every entry point behaves the same. ``submit`` is ``submit_many`` of
+one request. A batch costs, whatever its size:
+
+1. one query for the idempotency keys already taken (a key repeated inside the batch
+   becomes one job: the later requests get it with ``created=False``);
+2. decoding and hashing each image, then writing every blob on the blob store's threads
+   (db/blobs.py ``start_put_many``) while the transaction runs;
+3. one transaction: the images rows (one SELECT), one query for cache hits, every job
+   and stage row (ids reserved first, one executemany per table), and the DAG step
+   (db/dag.py) for each job; it commits only once every blob it names is durable
+   (on SQLite, whose one write lock the transaction holds, the blobs are waited for
+   before it begins);
+4. after the commit, the stage messages through one producer and every event in one
+   Redis round trip (imgpipe/aftercommit.py).
+
+If the batch transaction fails — a racing consumer took an idempotency key or inserted
+the same image first (IntegrityError), or one request holds something the database
+refuses — each request is retried in a transaction of its own, so the conflict or the
+bad request affects only itself and every key still ends as exactly one job.
 """
 
 from __future__ import annotations
 
-import copy
-import io
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
-from db.blobs import sha256_bytes
+from db.blobs import PendingPuts, sha256_bytes
 from db.dag import completed_payload, step
-from db.engine import session_scope
-from db.models import Image, Job, StageRun, utcnow
-from imgpipe.aftercommit import AfterCommit
-from imgpipe.contracts import JobStatus, Priority, StageStatus, queue_for, stage_task_name
+from db.engine import is_sqlite, session_scope
+from db.ids import reserve_stage_run_ids
+from db.models import Job, StageRun, new_uuid, utcnow
+from imgpipe.aftercommit import AfterCommit, Dispatch, deliver
+from imgpipe.contracts import JobStatus, Priority
 from imgpipe.decode import DecodedImage, DecodeLimits, decode_image
-from imgpipe.errors import ImageRejectedError, PermanentError
+from imgpipe.errors import ImageRejectedError, TransientError
 from imgpipe.events import EventType
-from imgpipe.stagekinds import STAGE_KINDS
-from orchestrator.advance import deliver_after_commit
 from orchestrator.context import OrchestratorContext
 from orchestrator.pipelines import PipelineSpec, load_pipeline, pipeline_hash
+from orchestrator.submit_rows import (
+    StoredImage,
+    cache_sources,
+    copy_cached,
+    plan_stages,
+    resolve_spec,
+    store_image_rows,
+    write_image_blobs,
+)
 
-__all__ = ["SubmitRequest", "SubmitResult", "resolve_spec", "submit"]
+__all__ = ["SubmitRequest", "SubmitResult", "resolve_spec", "submit", "submit_many"]
 
 log = logging.getLogger(__name__)
-
-_MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 
 
 @dataclass(frozen=True)
@@ -62,179 +83,235 @@ class SubmitResult:
     reason: str | None = None
 
 
-def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(copy.deepcopy(base))
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
+@dataclass
+class _Pending:
+    """One request on its way into the batch transaction."""
 
-
-def resolve_spec(
-    ctx: OrchestratorContext,
-    spec: PipelineSpec,
-    overrides: Mapping[str, Mapping[str, Any]] | None,
-) -> dict[str, Any]:
-    """The spec as JSON with per-submission overrides and setting defaults applied."""
-    resolved = spec.to_json()
-    stages = resolved["stages"]
-    for stage_name, params in (overrides or {}).items():
-        if stage_name not in stages:
-            raise PermanentError(
-                f"overrides name stage {stage_name!r}, which pipeline {spec.name!r} does not "
-                f"have (stages: {', '.join(stages)})"
-            )
-        if not isinstance(params, Mapping):
-            raise PermanentError(f"overrides.{stage_name} must be an object of parameters")
-        stages[stage_name]["params"] = _deep_merge(stages[stage_name]["params"], params)
-    profile = ctx.settings.anomaly_profile
-    for stage in stages.values():
-        if stage["kind"] == "anomaly" and profile is not None:
-            stage["params"].setdefault("profile", str(profile))
-    return resolved
-
-
-_WORKING_COPY_IS_UPLOAD = frozenset({"JPEG", "PNG", "WEBP"})
-"""Upload formats whose bytes serve as the working copy (docs/pixels.md); others
-(opt-in GIF, TIFF) get a lossless PNG, so workers never need their decoders."""
-
-
-def _store_image(
-    ctx: OrchestratorContext, session: Session, data: bytes, sha: str, decoded: DecodedImage
-) -> None:
-    """The images row, the upload's blob and its working copy (docs/pixels.md): the upload
-    itself for JPEG/PNG/WebP, a PNG (compress level 1) otherwise. A row whose working copy
-    was collected (``working_blob_key`` NULL) gets a new one."""
-    image = session.get(Image, sha)
-    if image is not None and image.working_blob_key is not None:
-        return
-    header = decoded.header
-    blob_key = ctx.blobs.put(data, _MEDIA_TYPES.get(header.format, "application/octet-stream"))
-    if header.format in _WORKING_COPY_IS_UPLOAD:
-        working_key = blob_key
-    else:
-        buffer = io.BytesIO()
-        PILImage.fromarray(decoded.pixels).save(buffer, format="PNG", compress_level=1)
-        working_key = ctx.blobs.put(buffer.getvalue(), "image/png")
-    if image is not None:
-        image.working_blob_key = working_key
-        session.flush()
-        return
-    session.add(
-        Image(
-            sha256=sha,
-            blob_key=blob_key,
-            working_blob_key=working_key,
-            size_bytes=len(data),
-            format=header.format,
-            width=header.width,
-            height=header.height,
-            conversions=list(decoded.conversions),
-        )
-    )
-    session.flush()
-
-
-def _plan(
-    job: Job, resolved: Mapping[str, Any], ctx: OrchestratorContext, priority: Priority
-) -> list[StageRun]:
-    rows = []
-    for position, (name, stage) in enumerate(resolved["stages"].items()):
-        kind = STAGE_KINDS[stage["kind"]]
-        rows.append(
-            StageRun(
-                job_id=job.id,
-                stage=name,
-                kind=kind.name,
-                position=position,
-                task_name=stage_task_name(kind.name),
-                queue=queue_for(kind.queue, priority),
-                needs=list(stage["needs"]),
-                reads=stage["reads"],
-                gate=stage["gate"],
-                status=StageStatus.PENDING,
-                max_attempts=ctx.settings.max_attempts,
-                time_limit_s=ctx.settings.stage_time_limit_s(kind.name),
-                params=stage["params"],
-            )
-        )
-    return rows
-
-
-def _find_by_key(session: Session, key: str) -> Job | None:
-    return session.execute(select(Job).where(Job.idempotency_key == key)).scalar_one_or_none()
-
-
-def _copy_cached(session: Session, job: Job, source: Job) -> list[StageRun]:
-    """Reuse a finished job's results: same stage outputs, verdict and reasons."""
-    now = utcnow()
-    rows: list[StageRun] = []
-    for old in source.stage_runs:
-        rows.append(
-            StageRun(
-                job_id=job.id,
-                stage=old.stage,
-                kind=old.kind,
-                position=old.position,
-                task_name=old.task_name,
-                queue=old.queue,
-                needs=old.needs,
-                reads=old.reads,
-                gate=old.gate,
-                status=old.status,
-                attempts=0,
-                max_attempts=old.max_attempts,
-                time_limit_s=old.time_limit_s,
-                params=old.params,
-                output=old.output,
-                output_blob_key=old.output_blob_key,
-                skip_reason=old.skip_reason,
-                model_name=old.model_name,
-                model_version=old.model_version,
-                model_weights_sha256=old.model_weights_sha256,
-                worker_host=old.worker_host,
-                device=old.device,
-                code_version=old.code_version,
-                finished_at=now,
-            )
-        )
-    session.add_all(rows)
-    job.status = source.status
-    job.verdict = source.verdict
-    job.reasons = source.reasons
-    job.cache_hit_of = source.id
-    job.started_at = now
-    job.finished_at = now
-    return rows
+    request: SubmitRequest
+    sha: str
+    pipeline: str
+    resolved: dict[str, Any]
+    p_hash: str
+    decoded: DecodedImage | None
+    rejection: ImageRejectedError | None
+    image: StoredImage | None = None
+    result: SubmitResult | Exception | None = None
+    after: AfterCommit = field(default_factory=AfterCommit)
 
 
 def submit(ctx: OrchestratorContext, request: SubmitRequest) -> SubmitResult:
     """Create (or find) the job for one image. Raises PermanentError for a bad request
     (unknown pipeline, bad overrides); a bad *image* becomes a ``rejected`` job."""
-    if request.idempotency_key:
-        with session_scope(ctx.database_url) as session:
-            existing = _find_by_key(session, request.idempotency_key)
-            if existing is not None:
-                return SubmitResult(existing.id, existing.status, created=False)
-    spec = load_pipeline(request.pipeline, ctx.settings.pipelines_dir)
-    spec.require_installed()
+    (result,) = submit_many(ctx, [request])
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def submit_many(
+    ctx: OrchestratorContext, requests: Sequence[SubmitRequest]
+) -> list[SubmitResult | Exception]:
+    """Create (or find) the job of each request, in order; see the module docstring.
+
+    A request's own error takes its place in the list — ``PermanentError`` for a bad
+    request (unknown pipeline, bad overrides), any other exception when only that request
+    failed — and the others go ahead. An error that stops the whole batch before anything
+    committed (database or blob store down) is raised."""
+    results: list[SubmitResult | Exception | None] = [None] * len(requests)
+    existing = _jobs_by_key(ctx, {r.idempotency_key for r in requests if r.idempotency_key})
+    pending: dict[int, _Pending] = {}
+    first_of_key: dict[str, int] = {}
+    repeats: dict[int, int] = {}
+    specs: dict[str, PipelineSpec] = {}
+    for index, request in enumerate(requests):
+        key = request.idempotency_key
+        if key and key in existing:
+            job_id, status = existing[key]
+            results[index] = SubmitResult(job_id, status, created=False)
+        elif key and key in first_of_key:
+            repeats[index] = first_of_key[key]
+        else:
+            try:
+                pending[index] = _prepare(ctx, request, specs)
+            except Exception as exc:
+                results[index] = exc
+                continue
+            if key:
+                first_of_key[key] = index
+    accepted = [p for p in pending.values() if p.decoded is not None]
+    stored, blobs = write_image_blobs(
+        ctx.blobs, [(p.sha, p.request.data, p.decoded) for p in accepted if p.decoded]
+    )
+    for p, image in zip(accepted, stored, strict=True):
+        p.image = image
+    if pending:
+        _commit_batch(ctx, list(pending.values()), blobs)
+        after = AfterCommit()
+        for p in pending.values():
+            after.extend(p.after)
+        _deliver(ctx, after)
+    for index, p in pending.items():
+        results[index] = p.result
+    for index, first in repeats.items():
+        original = results[first]
+        results[index] = (
+            SubmitResult(original.job_id, original.status, created=False)
+            if isinstance(original, SubmitResult)
+            else original
+        )
+    assert all(r is not None for r in results)
+    return [r for r in results if r is not None]
+
+
+def _jobs_by_key(ctx: OrchestratorContext, keys: set[str]) -> dict[str, tuple[str, str]]:
+    """``key -> (job id, status)`` of the keys already taken: one query."""
+    if not keys:
+        return {}
+    with session_scope(ctx.database_url) as session:
+        rows = session.execute(
+            select(Job.idempotency_key, Job.id, Job.status).where(Job.idempotency_key.in_(keys))
+        ).all()
+    return {key: (job_id, status) for key, job_id, status in rows if key is not None}
+
+
+def _prepare(
+    ctx: OrchestratorContext, request: SubmitRequest, specs: dict[str, PipelineSpec]
+) -> _Pending:
+    """Resolve the pipeline and decode the image (a rejected image is not an error)."""
+    spec = specs.get(request.pipeline)
+    if spec is None:
+        spec = load_pipeline(request.pipeline, ctx.settings.pipelines_dir)
+        spec.require_installed()
+        specs[request.pipeline] = spec
     resolved = resolve_spec(ctx, spec, request.overrides)
-    p_hash = pipeline_hash(resolved)
-    sha = sha256_bytes(request.data)
     rejection: ImageRejectedError | None = None
     decoded: DecodedImage | None = None
     try:
         decoded = decode_image(request.data, DecodeLimits.from_settings(ctx.settings))
     except ImageRejectedError as exc:
         rejection = exc
-    job = Job(
-        created_at=utcnow(),
-        input_sha256=sha,
+    return _Pending(
+        request=request,
+        sha=sha256_bytes(request.data),
         pipeline=spec.name,
-        pipeline_hash=p_hash,
-        pipeline_spec=resolved,
+        resolved=resolved,
+        p_hash=pipeline_hash(resolved),
+        decoded=decoded,
+        rejection=rejection,
+    )
+
+
+def _commit_batch(ctx: OrchestratorContext, batch: list[_Pending], blobs: PendingPuts) -> None:
+    """One transaction for ``batch``; if it fails, one per request (see the module)."""
+    if len(batch) == 1:
+        _commit_one(ctx, batch[0], blobs)
+        return
+    try:
+        _commit(ctx, batch, blobs)
+        return
+    except TransientError:
+        raise  # nothing committed; the whole batch is tried again later
+    except Exception as exc:
+        reason = getattr(exc, "orig", exc)
+        log.info("submit batch of %d retried one by one: %s", len(batch), reason)
+    for p in batch:
+        try:
+            _commit_one(ctx, p, blobs)
+        except Exception as exc:
+            p.result, p.after = exc, AfterCommit()
+
+
+def _commit_one(ctx: OrchestratorContext, p: _Pending, blobs: PendingPuts) -> None:
+    """One request in its own transaction. An IntegrityError means a concurrent submitter
+    committed the same key (its job is the result) or the same image first (that images
+    row exists now: one more try)."""
+    for attempt in (1, 2):
+        try:
+            _commit(ctx, [p], blobs)
+            return
+        except IntegrityError:
+            key = p.request.idempotency_key
+            found = _jobs_by_key(ctx, {key}).get(key) if key else None
+            if found is not None:
+                p.result = SubmitResult(found[0], found[1], created=False)
+                p.after = AfterCommit()
+                return
+            if attempt == 2:
+                raise
+
+
+def _commit(ctx: OrchestratorContext, batch: list[_Pending], blobs: PendingPuts) -> None:
+    """Images rows, jobs, stage rows and the DAG step of ``batch`` in one transaction,
+    committed once ``blobs`` are durable (they are written meanwhile); then each
+    request's result and what to send for it after the commit."""
+    now = utcnow()
+    jobs = [_new_job(p, now) for p in batch]
+    dispatches: list[list[Dispatch]] = [[] for _ in batch]
+    finals: list[dict[str, Any] | None] = [None for _ in batch]
+    if is_sqlite(ctx.database_url):
+        blobs.wait()  # SQLite has one writer at a time: do not hold its lock for the disk
+    with session_scope(ctx.database_url) as session, session.no_autoflush:
+        store_image_rows(session, [p.image for p in batch if p.image is not None])
+        session.add_all(jobs)
+        wanted = {(p.sha, p.p_hash) for p in batch if p.image is not None and not p.request.force}
+        sources = cache_sources(session, wanted)
+        planned: list[tuple[int, list[StageRun]]] = []
+        for i, (p, job) in enumerate(zip(batch, jobs, strict=True)):
+            if p.image is None:
+                continue
+            source = None if p.request.force else sources.get((p.sha, p.p_hash))
+            if source is not None:
+                finals[i] = completed_payload(job, copy_cached(session, job, source))
+            else:
+                planned.append((i, plan_stages(job, p.resolved, ctx, p.request.priority)))
+        # Ids first: the step names dispatched rows by id, and the rows of the whole batch
+        # are then inserted by one executemany (no RETURNING, no UPDATE after the INSERT).
+        new_rows = [row for _, rows in planned for row in rows]
+        ids = reserve_stage_run_ids(session, len(new_rows))
+        for row, row_id in zip(new_rows, ids, strict=True):
+            row.id = row_id
+        for i, rows in planned:
+            outcome = step(jobs[i], rows, now, ctx.settings.dispatch_timeout_s)
+            dispatches[i], finals[i] = outcome.dispatches, outcome.completed
+        session.add_all(new_rows)
+        session.flush()
+        blobs.wait()  # no row may commit before the blobs it names are on disk
+    webhook = bool(ctx.settings.webhook_url)
+    for p, job, sends, final in zip(batch, jobs, dispatches, finals, strict=True):
+        p.after = AfterCommit(dispatches=sends)
+        if p.rejection is not None:
+            p.after.event(
+                EventType.REJECTED,
+                job.id,
+                idempotency_key=job.idempotency_key,
+                reply_to=job.reply_to,
+                reason=p.rejection.code,
+                error=str(p.rejection),
+            )
+            p.result = SubmitResult(job.id, job.status, created=True, reason=str(p.rejection))
+            continue
+        p.after.event(
+            EventType.ACCEPTED,
+            job.id,
+            idempotency_key=job.idempotency_key,
+            pipeline=p.pipeline,
+            image_sha256=p.sha,
+        )
+        if final is not None:  # a cache hit: completed at once
+            p.after.completed(job.id, final, job.idempotency_key, job.reply_to, webhook=webhook)
+        cache_hit = job.cache_hit_of is not None
+        p.result = SubmitResult(job.id, job.status, created=True, cache_hit=cache_hit)
+
+
+def _new_job(p: _Pending, now: datetime) -> Job:
+    request = p.request
+    job = Job(
+        id=new_uuid(),
+        created_at=now,
+        input_sha256=p.sha,
+        pipeline=p.pipeline,
+        pipeline_hash=p.p_hash,
+        pipeline_spec=p.resolved,
         status=JobStatus.QUEUED,
         priority=str(request.priority),
         source=request.source,
@@ -242,79 +319,24 @@ def submit(ctx: OrchestratorContext, request: SubmitRequest) -> SubmitResult:
         metadata_json=dict(request.metadata or {}),
         overrides={k: dict(v) for k, v in (request.overrides or {}).items()},
         reply_to=request.reply_to,
+        # Every job of a batch sets the same columns: one executemany inserts them all.
+        image_sha256=None if p.rejection is not None else p.sha,
+        error=None,
+        started_at=None,
+        finished_at=None,
     )
-    cached_payload: dict[str, Any] | None = None
-    try:
-        with session_scope(ctx.database_url) as session:
-            if rejection is not None:
-                job.status = JobStatus.REJECTED
-                job.error = str(rejection)
-                job.reasons = [rejection.code]
-                job.finished_at = utcnow()
-                session.add(job)
-                session.flush()
-                outcome = None
-            else:
-                assert decoded is not None
-                _store_image(ctx, session, request.data, sha, decoded)
-                job.image_sha256 = sha
-                session.add(job)
-                session.flush()
-                previous = None
-                if not request.force:
-                    previous = session.execute(
-                        select(Job)
-                        .where(
-                            Job.image_sha256 == sha,
-                            Job.pipeline_hash == p_hash,
-                            Job.status == JobStatus.SUCCEEDED,
-                            Job.cache_hit_of.is_(None),
-                        )
-                        .order_by(Job.finished_at.desc())
-                        .limit(1)
-                    ).scalar_one_or_none()
-                if previous is not None:
-                    cached_payload = completed_payload(job, _copy_cached(session, job, previous))
-                    outcome = None
-                else:
-                    rows = _plan(job, resolved, ctx, request.priority)
-                    session.add_all(rows)
-                    session.flush()
-                    outcome = step(job, rows, utcnow(), ctx.settings.dispatch_timeout_s)
-            job_id, status = job.id, job.status
-    except IntegrityError:
-        if not request.idempotency_key:
-            raise
-        with session_scope(ctx.database_url) as session:
-            existing = _find_by_key(session, request.idempotency_key)
-            assert existing is not None
-            return SubmitResult(existing.id, existing.status, created=False)
-    after = AfterCommit(dispatches=list(outcome.dispatches) if outcome is not None else [])
-    if rejection is not None:
-        after.event(
-            EventType.REJECTED,
-            job_id,
-            idempotency_key=request.idempotency_key,
-            reply_to=request.reply_to,
-            reason=rejection.code,
-            error=str(rejection),
-        )
-        deliver_after_commit(ctx, after)
-        return SubmitResult(job_id, status, created=True, reason=str(rejection))
-    after.event(
-        EventType.ACCEPTED,
-        job_id,
-        idempotency_key=request.idempotency_key,
-        pipeline=spec.name,
-        image_sha256=sha,
-    )
-    if cached_payload is not None:
-        after.completed(
-            job_id,
-            cached_payload,
-            request.idempotency_key,
-            request.reply_to,
-            webhook=bool(ctx.settings.webhook_url),
-        )
-    deliver_after_commit(ctx, after)
-    return SubmitResult(job_id, status, created=True, cache_hit=cached_payload is not None)
+    if p.rejection is not None:
+        job.status = JobStatus.REJECTED
+        job.error = str(p.rejection)
+        job.reasons = [p.rejection.code]
+        job.finished_at = now
+    return job
+
+
+def _deliver(ctx: OrchestratorContext, after: AfterCommit) -> None:
+    """Send a committed batch's stage messages through one producer, then its events."""
+    if not after.dispatches:
+        deliver(ctx, ctx.events, after)
+        return
+    with ctx.celery.producer_or_acquire() as producer:
+        deliver(ctx.with_producer(producer), ctx.events, after)

@@ -435,3 +435,56 @@ def test_python_client_script_prints_one_final_event_per_file(
     assert code == 0, lines
     assert len(lines) == 2 and all('"completed"' in line for line in lines)
     assert decode_event({b"x": b"1"}) == {"x": 1}
+
+
+def test_two_consumers_in_one_group_turn_m_entries_into_exactly_m_jobs(
+    stream_ctx: OrchestratorContext, client: SubmitClient
+) -> None:
+    """Both consumers take batches of 8 entries concurrently. Every run of 8 keys is sent
+    twice in a row, so the two consumers mostly hold the same keys in transactions at the
+    same time (a unique-key conflict, then one transaction per entry): one job per key."""
+    # No reclaiming here: a batch that waited on the other consumer's locks must not be
+    # handed over (that path is tested above); every entry is read exactly once.
+    settings = stream_ctx.settings.model_copy(
+        update={"ingest_batch": 8, "ingest_claim_idle_ms": 60_000}
+    )
+    consumers = [SubmitConsumer(OrchestratorContext(settings), f"pair-{i}") for i in (1, 2)]
+    consumers[0].ensure_group()
+    keys = [f"pair-{i}" for i in range(40)]
+    for start in range(0, 40, 8):
+        for _twice in range(2):
+            for i in range(start, start + 8):
+                client.submit(image=noise_png(1000 + i), pipeline="basic", idempotency_key=keys[i])
+    anonymous = [client.submit(image=noise_png(1100 + i), pipeline="basic") for i in range(10)]
+    expected = {*keys, *(f"stream:{entry_id}" for entry_id in anonymous)}
+    read = {c.name: 0 for c in consumers}
+    duplicates = {c.name: 0 for c in consumers}
+    errors: list[BaseException] = []
+
+    def consume(consumer: SubmitConsumer) -> None:
+        try:
+            while True:
+                report = consumer.poll_once(block_ms=20)
+                read[consumer.name] += report.read + report.reclaimed
+                duplicates[consumer.name] += report.duplicates
+                assert report.retrying == 0 and report.rejected == 0, report
+                if not report.read and not report.reclaimed:
+                    return
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=consume, args=(c,)) for c in consumers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    assert all(read.values()) and sum(read.values()) == 90, read
+    assert sum(duplicates.values()) == 40, duplicates
+    assert consumers[0].client.xpending(SUBMIT_STREAM, SUBMIT_GROUP)["pending"] == 0
+    jobs = jobs_by_key(stream_ctx, sorted(expected))
+    assert set(jobs) == expected, "one job per distinct key, none lost"
+    with session_scope(stream_ctx.database_url) as session:
+        rows = session.query(Job).filter(Job.idempotency_key.in_(expected)).count()
+    assert rows == len(expected) == 50
+    wait_jobs(stream_ctx.database_url, [j.id for j in jobs.values()], 90)

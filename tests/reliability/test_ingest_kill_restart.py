@@ -3,9 +3,11 @@
 A client that imports nothing from imgpipe (tests/clients/submit_client.py) submits ~150
 entries — valid images with and without idempotency keys, some twice with the same key,
 corrupt bytes, image_refs inside and outside the ingest root, malformed entries — while
-`imgpipe ingest` runs as a real process with real workers, Redis and a database of its
-own. Afterwards every entry is exactly one job or one rejection, every job's final event
-is on the reply stream, and nothing is left pending in the consumer group.
+`imgpipe ingest` runs as a real process (once alone, once as `--consumers 2`: a
+supervisor and two consumers in one group, all killed together) with real workers, Redis
+and a database of its own. Afterwards every entry is exactly one job or one rejection,
+every job's final event is on the reply stream, and nothing is left pending in the
+consumer group.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class IngestHarness:
     root: Path
     env: dict[str, str]
     log_dir: Path
+    consumers: int = 1
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -58,7 +61,7 @@ class IngestHarness:
         self.starts += 1
         with (self.log_dir / f"ingest-{self.starts}.log").open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "imgpipe", "ingest"],
+                [sys.executable, "-m", "imgpipe", "ingest", "--consumers", str(self.consumers)],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
 
@@ -83,8 +86,8 @@ class IngestHarness:
         return "\n".join(p.read_text()[-3000:] for p in sorted(self.log_dir.glob("ingest-*.log")))
 
 
-@pytest.fixture
-def harness(database_url: str) -> Iterator[IngestHarness]:
+@pytest.fixture(params=[1, 2], ids=["one-consumer", "two-consumers"])
+def harness(database_url: str, request: pytest.FixtureRequest) -> Iterator[IngestHarness]:
     data_dir = short_tmp_dir("ipk-")
     broker = EmbeddedRedis(data_dir / "redis")
     broker.start()
@@ -117,7 +120,7 @@ def harness(database_url: str) -> Iterator[IngestHarness]:
             )
             with Stack(settings, workers=("orchestrator", "cpu"), stop_timeout_s=10) as stack:
                 stack.wait_ready(60)
-                ingest = IngestHarness(settings, root, env, stack.log_dir)
+                ingest = IngestHarness(settings, root, env, stack.log_dir, request.param)
                 try:
                     yield ingest
                 finally:
@@ -203,21 +206,27 @@ def test_every_entry_ends_as_one_job_or_one_rejection_across_a_killed_consumer(
     client = SubmitClient(raw)
     first, second = plans[:100], plans[100:]
 
-    harness.start()
+    # A backlog first: the consumer then works through several batches (16 entries each),
+    # so there is a moment with entries delivered and not yet acknowledged to freeze.
     first_ids = submit_all(client, first)
+    harness.start()
 
     def pending() -> int:
         summary: Any = raw.xpending(SUBMIT_STREAM, GROUP)
         return int(summary["pending"])
 
+    def first_done() -> bool:
+        groups: Any = raw.xinfo_groups(SUBMIT_STREAM)
+        (group,) = [g for g in groups if g["name"] == GROUP.encode()]
+        return bool(group["last-delivered-id"] == first_ids[-1].encode() and not pending())
+
     wait_until(lambda: count_jobs(harness.settings) >= 20, 60, "20 jobs", harness)
     while True:  # freeze it mid-batch (entries delivered, not acknowledged), then kill it
         harness.signal(signal.SIGSTOP)
-        pending_at_kill = pending()
-        if pending_at_kill:
+        if pending() or first_done():  # (a consumer faster than this loop: kill it idle)
             break
         harness.signal(signal.SIGCONT)
-        time.sleep(0.01)
+        time.sleep(0.005)
     harness.kill()
     second_ids = submit_all(client, second)  # arrive while no consumer runs
     harness.start()

@@ -115,10 +115,8 @@ def test_gc_keeps_a_blob_another_image_still_names(url: str, tmp_path: Path) -> 
 def test_next_submit_of_a_collected_image_gets_a_working_copy_again(
     url: str, tmp_path: Path, samples_dir: Path
 ) -> None:
-    from types import SimpleNamespace
-
     from imgpipe.decode import DecodeLimits, decode_image
-    from orchestrator.submit import _store_image
+    from orchestrator.submit_rows import store_image
 
     store = LocalBlobStore(tmp_path / "blobs")
     data = (samples_dir / "coffee.jpg").read_bytes()
@@ -131,7 +129,7 @@ def test_next_submit_of_a_collected_image_gets_a_working_copy_again(
     assert collect_working_copies(url, store).images == 1
     with session_scope(url) as session:
         decoded = decode_image(data, DecodeLimits())
-        _store_image(SimpleNamespace(blobs=store), session, data, image.sha256, decoded)  # type: ignore[arg-type]
+        store_image(store, session, data, image.sha256, decoded)
     with session_scope(url) as session:
         row = session.get(Image, image.sha256)
         assert row is not None and row.working_blob_key == row.blob_key

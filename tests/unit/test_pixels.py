@@ -7,7 +7,6 @@ import io
 import struct
 import zlib
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -231,17 +230,16 @@ def test_model_stages_ask_for_640_px_and_the_rest_for_full_resolution() -> None:
 def _stored_image(tmp_path: Path, data: bytes) -> tuple[Any, LocalBlobStore]:
     from db.migrate import upgrade
     from db.models import Image as ImageRow
-    from orchestrator.submit import _store_image
+    from orchestrator.submit_rows import store_image
 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
     from db.engine import session_scope
 
     store = LocalBlobStore(tmp_path / "blobs")
-    ctx = SimpleNamespace(blobs=store)
     decoded = decode_image(data, DecodeLimits(allowed_formats=("JPEG", "PNG", "WEBP", "TIFF")))
     with session_scope(url) as session:
-        _store_image(ctx, session, data, "a" * 64, decoded)  # type: ignore[arg-type]
+        store_image(store, session, data, "a" * 64, decoded)
     with session_scope(url) as session:
         row = session.get(ImageRow, "a" * 64)
         assert isinstance(session, Session) and row is not None
