@@ -57,6 +57,8 @@ DB_RETRY_S = 2.0
 WATCHDOG_GRACE_S = 30.0
 DEFAULT_BATCH_LIMIT_S = 600.0
 """Time limit of a batch whose messages carry none (and of locally continued stages)."""
+CONTINUATION_BATCHES = 4
+"""A persist may claim up to this many batches' worth of its jobs' next stages locally."""
 MIN_DRAIN_S = 0.0005
 """Shortest wait for one more message: what "immediately available" means."""
 POLL_S = 1.0
@@ -113,7 +115,7 @@ class BatchingConsumer:
         self._channel: Any = None
         self._consumer: Any = None
         self._accept = prepare_accept_content(["json"])  # type: ignore[no-untyped-call]
-        self.executor.continue_locally(self.queue_names, batch_size)
+        self.executor.continue_locally(self.queue_names, CONTINUATION_BATCHES * batch_size)
 
     # -- lifecycle ------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -195,7 +197,7 @@ class BatchingConsumer:
             self.queue_names.remove(queue)
             if self._consumer is not None:
                 self._consumer.cancel_by_queue(queue)
-            self.executor.continue_locally(self.queue_names, self.batch_size)
+            self.executor.continue_locally(self.queue_names, CONTINUATION_BATCHES * self.batch_size)
         return {"ok": f"no longer consuming from {queue}"}
 
     def add_queue(self, queue: str) -> dict[str, str]:
@@ -206,7 +208,7 @@ class BatchingConsumer:
             if self._consumer is not None:
                 self._consumer.add_queue(self.app.amqp.queues[queue])
                 self._consumer.consume()
-            self.executor.continue_locally(self.queue_names, self.batch_size)
+            self.executor.continue_locally(self.queue_names, CONTINUATION_BATCHES * self.batch_size)
         return {"ok": f"consuming from {queue}"}
 
     def stats(self) -> dict[str, Any]:
