@@ -22,7 +22,7 @@ from sqlalchemy import exists, select
 from db.dag import mark_dispatched
 from db.engine import session_scope
 from db.models import Job, StageRun, utcnow
-from db.repo import lock_job
+from db.repo import lock_job, lock_stage_run
 from imgpipe.aftercommit import AfterCommit, Dispatch
 from imgpipe.contracts import JobStatus, StageStatus
 from orchestrator.advance import advance_job, deliver_after_commit
@@ -63,7 +63,9 @@ def _reap_stage(
         job = lock_job(session, job_id)
         if job is None or JobStatus(job.status).terminal:
             return None
-        row = next((r for r in job.stage_runs if r.id == stage_run_id), None)
+        # The row itself is locked too (after the job: the lock order everyone keeps), so
+        # a claim that committed a moment ago is seen, not overwritten.
+        row = lock_stage_run(session, stage_run_id)
         if (
             row is None
             or row.status not in _IN_FLIGHT

@@ -166,6 +166,15 @@ def claim_rows(
             log.warning("stage run %s is still pending; not dispatched yet", row.id)
             results.append(Outcome("not_dispatched", row.job_id))
             continue
+        if (
+            row.status == StageStatus.RUNNING
+            and row.deadline_at is not None
+            and row.deadline_at > now
+        ):
+            # A live attempt holds it (a duplicate delivery, or a message the reaper
+            # re-sent too early): never start a second run of the same stage.
+            results.append(Outcome("running_elsewhere", row.job_id))
+            continue
         job = jobs[row.job_id]
         if JobStatus(job.status).terminal:
             row.status = StageStatus.SKIPPED

@@ -162,11 +162,16 @@ def persist_finished(
         if row is None or StageStatus(row.status).terminal:
             outcomes.append(Outcome("duplicate", item.job_id))
             continue
-        if row.attempts != item.attempt:
-            log.info(
-                "stage run %s attempt %s finished after attempt %s started; keeping ours",
-                row.id, item.attempt, row.attempts,
+        if row.status != StageStatus.RUNNING or row.attempts != item.attempt:
+            # The claim's token is its attempt number: a later attempt owns the row now
+            # (the reaper re-dispatched it), so this result and provenance are dropped.
+            log.warning(
+                "stage run %s: attempt %s finished but the row is %s at attempt %s; "
+                "its result is discarded, the current attempt will write one",
+                row.id, item.attempt, row.status, row.attempts,
             )  # fmt: skip
+            outcomes.append(Outcome("superseded", item.job_id))
+            continue
         row.load_ms = item.load_ms
         row.compute_ms = item.compute_ms
         if item.started_perf_s is not None:
