@@ -1,8 +1,9 @@
 """Running the whole service on one machine: embedded broker + worker processes.
 
-Every child runs in its own session (process group) so that stopping the stack stops
-each worker's pool children too: SIGTERM (Celery's warm shutdown: running tasks finish),
-then SIGKILL for whatever is left after ``stop_timeout_s``. Nothing is left behind.
+Every child runs in its own session (process group). Stopping the stack sends SIGTERM to
+each child's main process only (a warm shutdown: the batch or task in hand finishes, its
+own children are stopped by it), then SIGKILL to the whole group of whatever is left
+after ``stop_timeout_s``. Nothing is left behind.
 """
 
 from __future__ import annotations
