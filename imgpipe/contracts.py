@@ -14,7 +14,9 @@ __all__ = [
     "CPU_QUEUE",
     "EVENTS_STREAM",
     "GPU_QUEUE",
+    "MAX_REPLY_TO_CHARS",
     "REAP_TASK",
+    "REPLY_PREFIX",
     "SUBMIT_DEAD_STREAM",
     "SUBMIT_FAILURES_KEY",
     "SUBMIT_GROUP",
@@ -26,6 +28,7 @@ __all__ = [
     "StageStatus",
     "bulk_queue",
     "queue_for",
+    "reply_to_problem",
     "stage_task_name",
 ]
 
@@ -48,6 +51,22 @@ SUBMIT_DEAD_STREAM: Final = "imgpipe:submit:dead"
 SUBMIT_FAILURES_KEY: Final = "imgpipe:submit:failures"
 """Hash: submit entry id -> the last transient error, the reason given if it dead-letters."""
 EVENTS_STREAM: Final = "imgpipe:events"
+REPLY_PREFIX: Final = "imgpipe:reply:"
+"""Default namespace of ``reply_to`` streams (setting ``IMGPIPE_REPLY_TO_PREFIX``): a
+submitter names a stream under it and imgpipe writes nowhere else on its behalf."""
+MAX_REPLY_TO_CHARS: Final = 200
+
+
+def reply_to_problem(name: str, prefix: str = REPLY_PREFIX) -> str | None:
+    """Why ``name`` cannot be a ``reply_to`` stream, or None when it can."""
+    if not name.startswith(prefix) or len(name) == len(prefix):
+        return (
+            f"reply_to {name[:MAX_REPLY_TO_CHARS]!r} must be a stream name under {prefix!r} "
+            f"(e.g. {prefix}my-service): imgpipe writes replies only in its own namespace"
+        )
+    if len(name) > MAX_REPLY_TO_CHARS:
+        return f"reply_to must be at most {MAX_REPLY_TO_CHARS} characters"
+    return None
 
 
 class Priority(StrEnum):

@@ -129,6 +129,12 @@ class Settings(BaseSettings):
         "1080p frame is 6 MB at full size, 0.7 MB at 640 px; 0 switches the cache off.",
     )
     events_maxlen: int = Field(default=100_000, ge=1000)
+    reply_to_prefix: str = Field(
+        default="imgpipe:reply:",
+        pattern=r"^imgpipe:[^\s]+:$",
+        description="Namespace of reply_to streams: a submission naming a reply_to outside "
+        "it is refused (no submitter can make imgpipe write to a key it does not own).",
+    )
     default_pipeline: str = "full"
     pipelines_dir: Path | None = Field(
         default=None, description="Extra pipeline files (*.toml) loaded next to the built-ins."

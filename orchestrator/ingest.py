@@ -266,7 +266,7 @@ class SubmitConsumer:
         """Queue what an entry's error calls for; True if the entry is finished with (a
         rejection), False if it stays pending for another delivery."""
         if isinstance(exc, PermanentError):
-            key, reply_to = routing_of(entry.fields)
+            key, reply_to = routing_of(entry.fields, self.ctx.settings.reply_to_prefix)
             log.info("ingest: entry %s rejected: %s", entry.entry_id, exc)
             self._queue_rejection(
                 pipe, entry.entry_id, key, reply_to, rejection_code(exc), str(exc)
@@ -335,7 +335,7 @@ class SubmitConsumer:
             maxlen=self.settings.submit_maxlen,
             approximate=True,
         )
-        key, reply_to = routing_of(entry.fields)
+        key, reply_to = routing_of(entry.fields, self.ctx.settings.reply_to_prefix)
         self._queue_rejection(pipe, entry.entry_id, key, reply_to, "dead_lettered", message)
 
     # -- housekeeping ---------------------------------------------------------------------

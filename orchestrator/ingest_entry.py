@@ -19,7 +19,7 @@ from typing import Any
 
 from db.engine import session_scope
 from db.models import Image
-from imgpipe.contracts import EVENTS_STREAM, SUBMIT_DEAD_STREAM, SUBMIT_STREAM, Priority
+from imgpipe.contracts import REPLY_PREFIX, Priority, reply_to_problem
 from imgpipe.errors import (
     ImgpipeError,
     PermanentError,
@@ -55,9 +55,7 @@ FIELDS = (
 ENTRY_KEY_PREFIX = "stream:"
 """Entries without an idempotency_key get ``stream:<entry id>``: redelivery finds the job."""
 MAX_KEY_CHARS = 200
-MAX_REPLY_TO_CHARS = 200
 MAX_PIPELINE_CHARS = 64
-RESERVED_STREAMS = frozenset({SUBMIT_STREAM, SUBMIT_DEAD_STREAM, EVENTS_STREAM})
 _SHA256_REF = re.compile(r"^sha256:([0-9a-f]{64})$")
 _TRUE = {"1", "true", "yes"}
 _FALSE = {"", "0", "false", "no"}
@@ -93,7 +91,9 @@ def rejection_code(exc: ImgpipeError) -> str:
     return "bad_request"
 
 
-def routing_of(fields: Mapping[bytes, bytes]) -> tuple[str | None, str | None]:
+def routing_of(
+    fields: Mapping[bytes, bytes], prefix: str = REPLY_PREFIX
+) -> tuple[str | None, str | None]:
     """The entry's idempotency_key and reply_to where readable: a rejection still reaches
     the submitter when another field is what was wrong."""
     try:
@@ -101,7 +101,7 @@ def routing_of(fields: Mapping[bytes, bytes]) -> tuple[str | None, str | None]:
     except EntryRejectedError:
         key = None
     try:
-        reply_to = _reply_to(fields.get(b"reply_to"))
+        reply_to = _reply_to(fields.get(b"reply_to"), prefix)
     except EntryRejectedError:
         reply_to = None
     return key, reply_to
@@ -124,18 +124,13 @@ def _key(raw: bytes | None) -> str | None:
     return key
 
 
-def _reply_to(raw: bytes | None) -> str | None:
+def _reply_to(raw: bytes | None, prefix: str) -> str | None:
     if raw is None:
         return None
     name = _decode("reply_to", raw)
-    if not name or len(name) > MAX_REPLY_TO_CHARS:
-        raise EntryRejectedError(
-            "bad_field", f"reply_to must be a stream name of 1 to {MAX_REPLY_TO_CHARS} characters"
-        )
-    if name in RESERVED_STREAMS:
-        raise EntryRejectedError(
-            "bad_field", f"reply_to {name!r} is one of imgpipe's own streams; use a stream of yours"
-        )
+    problem = reply_to_problem(name, prefix)
+    if problem is not None:
+        raise EntryRejectedError("bad_field", problem)
     return name
 
 
@@ -271,7 +266,7 @@ def parse_entry(
         return fields.get(name.encode())
 
     key = _key(get("idempotency_key"))
-    reply_to = _reply_to(get("reply_to"))
+    reply_to = _reply_to(get("reply_to"), ctx.settings.reply_to_prefix)
     image, image_ref = get("image"), get("image_ref")
     if (image is None) == (image_ref is None):
         raise EntryRejectedError(

@@ -39,9 +39,9 @@ from db.engine import is_sqlite, session_scope
 from db.ids import reserve_stage_run_ids
 from db.models import Job, StageRun, new_uuid, utcnow
 from imgpipe.aftercommit import AfterCommit, Dispatch, deliver
-from imgpipe.contracts import JobStatus, Priority
+from imgpipe.contracts import JobStatus, Priority, reply_to_problem
 from imgpipe.decode import DecodedImage, DecodeLimits, decode_image
-from imgpipe.errors import ImageRejectedError, TransientError
+from imgpipe.errors import ImageRejectedError, PermanentError, TransientError
 from imgpipe.events import EventType
 from orchestrator.context import OrchestratorContext
 from orchestrator.pipelines import PipelineSpec, load_pipeline, pipeline_hash
@@ -178,6 +178,10 @@ def _prepare(
     ctx: OrchestratorContext, request: SubmitRequest, specs: dict[str, PipelineSpec]
 ) -> _Pending:
     """Resolve the pipeline and decode the image (a rejected image is not an error)."""
+    if request.reply_to is not None:
+        problem = reply_to_problem(request.reply_to, ctx.settings.reply_to_prefix)
+        if problem is not None:
+            raise PermanentError(problem)
     spec = specs.get(request.pipeline)
     if spec is None:
         spec = load_pipeline(request.pipeline, ctx.settings.pipelines_dir)

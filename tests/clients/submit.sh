@@ -19,7 +19,7 @@ if [[ -z "${REDIS_CLI:-}" ]]; then
 fi
 read -r -a conn <<<"${REDIS_ARGS:-}"
 key="sh-$(sha256sum "$image" | cut -c1-16)-$$-$RANDOM"
-reply="replies:$key"
+reply="imgpipe:reply:$key"
 
 # -x: the last argument (the image bytes) is read from stdin, binary-safe.
 entry=$("$REDIS_CLI" "${conn[@]}" -x XADD imgpipe:submit MAXLEN '~' 100000 '*' \

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=120.0)
     args = parser.parse_args(argv)
     client = SubmitClient(redis.Redis.from_url(args.redis_url))
-    reply_to = f"replies:{uuid.uuid4().hex}"
+    reply_to = f"imgpipe:reply:{uuid.uuid4().hex}"
     keys = {}
     for path in args.images:
         key = f"cli-{uuid.uuid4().hex}"

@@ -134,7 +134,8 @@ def test_events_stream_tells_the_story_of_a_job(
 ) -> None:
     data = (samples_dir / "coffee.jpg").read_bytes()
     result = submit(
-        ctx, SubmitRequest(data=data, pipeline="basic", force=True, reply_to="test:replies")
+        ctx,
+        SubmitRequest(data=data, pipeline="basic", force=True, reply_to="imgpipe:reply:replies"),
     )
     wait_jobs(ctx.database_url, [result.job_id], 90)
     client = ctx.events.client
@@ -146,7 +147,7 @@ def test_events_stream_tells_the_story_of_a_job(
     assert mine[0] == "accepted"
     assert mine.count("stage_succeeded") == 2
     assert mine[-1] == "completed"
-    replies = client.xrange("test:replies")
+    replies = client.xrange("imgpipe:reply:replies")
     final = {k.decode(): json.loads(v) for k, v in replies[-1][1].items()}
     assert final["job_id"] == result.job_id and final["event"] == "completed"
     assert final["verdict"] in ("pass", "review", "fail")

@@ -97,7 +97,7 @@ def test_review_list_and_decide_make_the_reviewer_verdict_final(
 ) -> None:
     path = review_pipelines["moderation"]
     name = Path(path).stem
-    first, second = reviewed_jobs(ctx, path, 2, reply_to="test:reviews")
+    first, second = reviewed_jobs(ctx, path, 2, reply_to="imgpipe:reply:reviews")
     code, out = run_cli(ctx, "review", "list", "--pipeline", name, "--json")
     assert code == 0, out
     listed = json.loads(out[out.index("[") :])
@@ -119,7 +119,7 @@ def test_review_list_and_decide_make_the_reviewer_verdict_final(
         assert datetime.now(UTC) - review.at < timedelta(minutes=1)
         assert [i.job_id for i in pending_reviews(session, pipeline=name)] == [second]
     client = ctx.events.client
-    for stream in (EVENTS_STREAM, "test:reviews"):
+    for stream in (EVENTS_STREAM, "imgpipe:reply:reviews"):
         entries: Any = client.xrange(stream)
         events = [{k.decode(): json.loads(v) for k, v in f.items()} for _id, f in entries]
         (reviewed,) = [e for e in events if e["event"] == "reviewed" and e["job_id"] == first]

@@ -46,7 +46,7 @@ def test_one_batch_gives_each_request_its_own_outcome(ctx: OrchestratorContext) 
         SubmitRequest(data=noise_png(2), pipeline="basic", idempotency_key="mb-1"),
         SubmitRequest(data=noise_png(3)[:120], pipeline="basic", idempotency_key="mb-bad"),
         SubmitRequest(data=noise_png(4), pipeline="nope", idempotency_key="mb-nope"),
-        SubmitRequest(data=noise_png(5), pipeline="basic", reply_to="test:mb"),
+        SubmitRequest(data=noise_png(5), pipeline="basic", reply_to="imgpipe:reply:mb"),
     ]
     first, repeat, corrupt, unknown, anonymous = submit_many(ctx, requests)
     assert isinstance(first, SubmitResult) and first.created

@@ -30,8 +30,10 @@ from imgpipe.contracts import (
     SUBMIT_STREAM,
     JobStatus,
 )
+from imgpipe.errors import PermanentError
 from orchestrator.context import OrchestratorContext
 from orchestrator.ingest import SubmitConsumer
+from orchestrator.submit import SubmitRequest, submit
 from tests.clients.submit_client import SubmitClient, decode_event
 from tests.support.jobs import wait_jobs
 
@@ -116,9 +118,9 @@ def test_stream_entries_become_jobs_that_complete_on_reply_to(
     for i, key in enumerate(keys):
         client.submit(
             image=noise_png(100 + i), pipeline="basic", idempotency_key=key,
-            reply_to="test:s1", metadata={"camera": i}, priority="bulk" if i else None,
+            reply_to="imgpipe:reply:s1", metadata={"camera": i}, priority="bulk" if i else None,
         )  # fmt: skip
-    anonymous = client.submit(image=noise_png(103), pipeline="basic", reply_to="test:s1")
+    anonymous = client.submit(image=noise_png(103), pipeline="basic", reply_to="imgpipe:reply:s1")
     drain(consumer)
     keys.append(f"stream:{anonymous}")
     jobs = jobs_by_key(stream_ctx, keys)
@@ -126,7 +128,7 @@ def test_stream_entries_become_jobs_that_complete_on_reply_to(
     assert jobs["s1-0"].metadata_json["camera"] == 0
     assert jobs["s1-0"].source == "stream" and jobs["s1-0"].priority == "interactive"
     assert jobs["s1-1"].priority == "bulk"
-    finals = client.wait_final("test:s1", keys, 60)
+    finals = client.wait_final("imgpipe:reply:s1", keys, 60)
     assert {k: e["event"] for k, e in finals.items()} == dict.fromkeys(keys, "completed")
     assert {e["job_id"] for e in finals.values()} == {j.id for j in jobs.values()}
     consumer.housekeeping()
@@ -138,7 +140,10 @@ def test_same_idempotency_key_twice_through_the_stream_is_one_job(
 ) -> None:
     for _ in range(2):
         client.submit(
-            image=noise_png(200), pipeline="basic", idempotency_key="dup-1", reply_to="test:dup"
+            image=noise_png(200),
+            pipeline="basic",
+            idempotency_key="dup-1",
+            reply_to="imgpipe:reply:dup",
         )
     drain(consumer)
     with session_scope(stream_ctx.database_url) as session:
@@ -146,10 +151,13 @@ def test_same_idempotency_key_twice_through_the_stream_is_one_job(
     job = jobs_by_key(stream_ctx, ["dup-1"])["dup-1"]
     wait_jobs(stream_ctx.database_url, [job.id], 60)
     client.submit(
-        image=noise_png(200), pipeline="basic", idempotency_key="dup-1", reply_to="test:late"
+        image=noise_png(200),
+        pipeline="basic",
+        idempotency_key="dup-1",
+        reply_to="imgpipe:reply:late",
     )
     drain(consumer)
-    late = client.wait_final("test:late", ["dup-1"], 10)["dup-1"]
+    late = client.wait_final("imgpipe:reply:late", ["dup-1"], 10)["dup-1"]
     assert late["job_id"] == job.id and late["event"] == "completed" and late["replay"]
 
 
@@ -157,17 +165,17 @@ def test_same_bytes_and_pipeline_reuse_results_unless_forced(
     stream_ctx: OrchestratorContext, consumer: SubmitConsumer, client: SubmitClient
 ) -> None:
     data = noise_png(300)
-    first = client.submit(image=data, pipeline="basic", reply_to="test:cache")
+    first = client.submit(image=data, pipeline="basic", reply_to="imgpipe:reply:cache")
     drain(consumer)
     first_job = jobs_by_key(stream_ctx, [f"stream:{first}"])[f"stream:{first}"]
     wait_jobs(stream_ctx.database_url, [first_job.id], 60)
-    again = client.submit(image=data, pipeline="basic", reply_to="test:cache")
-    forced = client.submit(image=data, pipeline="basic", reply_to="test:cache", force=True)
+    again = client.submit(image=data, pipeline="basic", reply_to="imgpipe:reply:cache")
+    forced = client.submit(image=data, pipeline="basic", reply_to="imgpipe:reply:cache", force=True)
     drain(consumer)
     jobs = jobs_by_key(stream_ctx, [f"stream:{again}", f"stream:{forced}"])
     assert jobs[f"stream:{again}"].cache_hit_of == first_job.id
     assert jobs[f"stream:{forced}"].cache_hit_of is None
-    finals = client.wait_final("test:cache", [f"stream:{again}", f"stream:{forced}"], 60)
+    finals = client.wait_final("imgpipe:reply:cache", [f"stream:{again}", f"stream:{forced}"], 60)
     assert finals[f"stream:{again}"]["cache_hit_of"] == first_job.id
     assert finals[f"stream:{again}"]["verdict"] in ("pass", "review", "fail")
     assert finals[f"stream:{forced}"]["status"] == JobStatus.SUCCEEDED
@@ -201,10 +209,10 @@ def test_malformed_entry_is_rejected_at_once_with_reason_and_no_job(
     reason: str,
     hint: str,
 ) -> None:
-    entry_id = client.submit(extra={"pipeline": "basic", **fields, "reply_to": "test:bad"})
+    entry_id = client.submit(extra={"pipeline": "basic", **fields, "reply_to": "imgpipe:reply:bad"})
     report = consumer.poll_once(block_ms=20)
     assert report.rejected == 1 and report.jobs == 0
-    (event,) = [e for e in events_on(client, "test:bad") if e.get("entry_id") == entry_id]
+    (event,) = [e for e in events_on(client, "imgpipe:reply:bad") if e.get("entry_id") == entry_id]
     assert event["event"] == "rejected" and event["job_id"] is None
     assert event["reason"] == reason and hint in event["error"]
     assert event["idempotency_key"] == f"stream:{entry_id}"
@@ -218,12 +226,15 @@ def test_corrupt_image_becomes_a_rejected_job_with_its_reason(
 ) -> None:
     truncated = noise_png(400)[:300]
     client.submit(
-        image=truncated, pipeline="basic", idempotency_key="corrupt-1", reply_to="test:corrupt"
+        image=truncated,
+        pipeline="basic",
+        idempotency_key="corrupt-1",
+        reply_to="imgpipe:reply:corrupt",
     )
     drain(consumer)
     job = jobs_by_key(stream_ctx, ["corrupt-1"])["corrupt-1"]
     assert job.status == JobStatus.REJECTED and job.reasons == ["corrupt"]
-    event = client.wait_final("test:corrupt", ["corrupt-1"], 5)["corrupt-1"]
+    event = client.wait_final("imgpipe:reply:corrupt", ["corrupt-1"], 5)["corrupt-1"]
     assert event["event"] == "rejected" and event["job_id"] == job.id
     assert event["reason"] == "corrupt"
 
@@ -254,11 +265,13 @@ def test_image_ref_resolves_only_inside_the_ingest_root(
         "cam": "image_ref_not_found",
     }
     entries = {
-        client.submit(image_ref=ref, pipeline="basic", reply_to="test:ref", force=True): ref
+        client.submit(
+            image_ref=ref, pipeline="basic", reply_to="imgpipe:reply:ref", force=True
+        ): ref
         for ref in refs
     }
     drain(consumer)
-    events = {e.get("idempotency_key"): e for e in events_on(client, "test:ref")}
+    events = {e.get("idempotency_key"): e for e in events_on(client, "imgpipe:reply:ref")}
     accepted = jobs_by_key(stream_ctx, [f"stream:{i}" for i in entries])
     for entry_id, ref in entries.items():
         expected = refs[ref]
@@ -271,10 +284,12 @@ def test_image_ref_resolves_only_inside_the_ingest_root(
     by_sha = client.submit(
         image_ref=f"sha256:{job.input_sha256}", pipeline="basic", idempotency_key="by-sha"
     )
-    unknown = client.submit(image_ref="sha256:" + "0" * 64, pipeline="basic", reply_to="test:ref")
+    unknown = client.submit(
+        image_ref="sha256:" + "0" * 64, pipeline="basic", reply_to="imgpipe:reply:ref"
+    )
     drain(consumer)
     assert jobs_by_key(stream_ctx, ["by-sha"])["by-sha"].input_sha256 == job.input_sha256, by_sha
-    reasons = {e.get("entry_id"): e.get("reason") for e in events_on(client, "test:ref")}
+    reasons = {e.get("entry_id"): e.get("reason") for e in events_on(client, "imgpipe:reply:ref")}
     assert reasons[unknown] == "image_ref_not_found"
 
 
@@ -284,7 +299,7 @@ def test_overrides_reach_the_stage_params(
     client.submit(
         image=noise_png(600), pipeline="basic", idempotency_key="ovr-1",
         overrides={"quality": {"min_side_px": 16, "unusable_below_side_px": 8}},
-        reply_to="test:ovr",
+        reply_to="imgpipe:reply:ovr",
     )  # fmt: skip
     drain(consumer)
     job = jobs_by_key(stream_ctx, ["ovr-1"])["ovr-1"]
@@ -346,7 +361,7 @@ def test_entry_failing_transiently_goes_to_the_dead_stream_after_max_deliveries(
     blob_path = Path(stream_ctx.settings.effective_blob_url.removeprefix("file://")) / blob_key
     blob_path.unlink()  # a blob store that lost the original: reading it fails transiently
     entry_id = client.submit(
-        image_ref=f"sha256:{job.input_sha256}", pipeline="basic", reply_to="test:dead"
+        image_ref=f"sha256:{job.input_sha256}", pipeline="basic", reply_to="imgpipe:reply:dead"
     )
     deadline = time.monotonic() + 20
     while not consumer.client.xlen(SUBMIT_DEAD_STREAM):
@@ -359,7 +374,7 @@ def test_entry_failing_transiently_goes_to_the_dead_stream_after_max_deliveries(
     assert dead[b"_dead_deliveries"] == b"3"
     assert b"missing" in dead[b"_dead_reason"]
     assert dead[b"image_ref"] == f"sha256:{job.input_sha256}".encode(), "original fields kept"
-    (event,) = events_on(client, "test:dead")
+    (event,) = events_on(client, "imgpipe:reply:dead")
     assert event["reason"] == "dead_lettered" and "gave up after 3 deliveries" in event["error"]
     assert consumer.client.xpending(SUBMIT_STREAM, SUBMIT_GROUP)["pending"] == 0
     assert not consumer.client.hexists(SUBMIT_FAILURES_KEY, entry_id)
@@ -488,3 +503,31 @@ def test_two_consumers_in_one_group_turn_m_entries_into_exactly_m_jobs(
         rows = session.query(Job).filter(Job.idempotency_key.in_(expected)).count()
     assert rows == len(expected) == 50
     wait_jobs(stream_ctx.database_url, [j.id for j in jobs.values()], 90)
+
+
+@pytest.mark.parametrize(
+    "reply_to",
+    [
+        "imgpipe.cpu.bulk",  # an idle Celery queue key: XADD would turn it into a stream
+        "_kombu.binding.imgpipe.control",  # a kombu binding set
+        "imgpipe:events",
+        "imgpipe:reply:",  # the namespace alone names no stream
+        "replies:shop",  # a stream of the submitter's, but outside imgpipe's namespace
+    ],
+)
+def test_reply_to_outside_the_namespace_is_refused_and_no_key_is_touched(
+    stream_ctx: OrchestratorContext,
+    consumer: SubmitConsumer,
+    client: SubmitClient,
+    reply_to: str,
+) -> None:
+    broker = stream_ctx.broker_redis
+    before = broker.type(reply_to)
+    entry_id = client.submit(image=noise_png(900), pipeline="basic", reply_to=reply_to)
+    report = consumer.poll_once(block_ms=20)
+    assert report.rejected == 1 and report.jobs == 0
+    (event,) = [e for e in events_on(client, EVENTS_STREAM) if e.get("entry_id") == entry_id]
+    assert event["reason"] == "bad_field" and "imgpipe:reply:" in event["error"]
+    assert broker.type(reply_to) == before, "imgpipe wrote to a key it does not own"
+    with pytest.raises(PermanentError, match="namespace"):  # the Python/Celery entry point
+        submit(stream_ctx, SubmitRequest(data=noise_png(901), pipeline="basic", reply_to=reply_to))

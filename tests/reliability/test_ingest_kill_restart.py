@@ -42,7 +42,7 @@ from tests.support.services import own_database, short_tmp_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-REPLY_TO = "reliability:replies"
+REPLY_TO = "imgpipe:reply:reliability"
 SUBMIT_STREAM = "imgpipe:submit"
 GROUP = "imgpipe"
 
