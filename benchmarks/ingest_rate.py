@@ -43,9 +43,9 @@ from PIL import Image
 from db.engine import engine_for, normalize_url, session_scope
 from db.migrate import upgrade
 from db.models import Job
-from imgpipe.bench.machine import cpu_model
 from imgpipe.broker import EmbeddedRedis
 from imgpipe.contracts import SUBMIT_GROUP, SUBMIT_STREAM
+from imgpipe.face.bench.machine import cpu_model
 from imgpipe.settings import Settings
 from orchestrator.context import OrchestratorContext
 from orchestrator.ingest import SubmitConsumer

@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from imgpipe.bench.machine import cpu_model
+from imgpipe.face.bench.machine import cpu_model
 from workers.stages.enhance import EnhanceParams, enhance_image
 from workers.stages.quality import assess_quality
 

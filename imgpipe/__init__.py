@@ -6,8 +6,8 @@ their layers when called.
 
 from __future__ import annotations
 
-from imgpipe.api import results, submit, wait
 from imgpipe.errors import ImgpipeError, PermanentError, TransientError
+from imgpipe.face.api import results, submit, wait
 from imgpipe.settings import Settings
 
 __all__ = [

@@ -1,3 +1,3 @@
-from imgpipe.cli import main
+from imgpipe.face.cli import main
 
 main()

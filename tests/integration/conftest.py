@@ -9,8 +9,8 @@ import pytest
 
 from db.migrate import upgrade
 from imgpipe.broker import EmbeddedRedis
+from imgpipe.face.stack import Stack
 from imgpipe.settings import Settings
-from imgpipe.stack import Stack
 from orchestrator.context import OrchestratorContext
 from tests.support.services import short_tmp_dir
 

@@ -20,8 +20,8 @@ from db.migrate import upgrade
 from db.models import Detection, StageRun
 from imgpipe.broker import EmbeddedRedis
 from imgpipe.contracts import CPU_QUEUE, JobStatus, Priority, StageStatus
+from imgpipe.face.stack import Stack
 from imgpipe.settings import Settings
-from imgpipe.stack import Stack
 from orchestrator.context import OrchestratorContext
 from orchestrator.submit import SubmitRequest, submit
 from tests.integration.conftest import make_settings

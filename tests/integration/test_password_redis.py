@@ -14,7 +14,7 @@ import redis
 
 from imgpipe.broker import redis_server_binary
 from imgpipe.contracts import JobStatus
-from imgpipe.stack import Stack
+from imgpipe.face.stack import Stack
 from orchestrator.context import OrchestratorContext
 from orchestrator.submit import SubmitRequest, submit
 from tests.integration.conftest import make_settings

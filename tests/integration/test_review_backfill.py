@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from db.engine import session_scope
 from db.models import Job, Review, StageRun
-from imgpipe.cli import app
 from imgpipe.contracts import EVENTS_STREAM, StageStatus
-from imgpipe.stack import child_env
+from imgpipe.face.cli import app
+from imgpipe.face.stack import child_env
 from orchestrator.backfill import Backfill, BackfillError, BackfillOptions
 from orchestrator.context import OrchestratorContext
 from orchestrator.reports import job_statuses

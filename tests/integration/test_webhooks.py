@@ -30,8 +30,8 @@ from db.models import Job
 from imgpipe.broker import EmbeddedRedis
 from imgpipe.contracts import JobStatus
 from imgpipe.errors import ConfigError
+from imgpipe.face.stack import Stack
 from imgpipe.settings import Settings
-from imgpipe.stack import Stack
 from orchestrator.context import OrchestratorContext
 from orchestrator.submit import SubmitRequest, submit
 from orchestrator.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, deliver, verify

@@ -11,8 +11,8 @@ import pytest
 
 from db.migrate import upgrade
 from imgpipe.broker import EmbeddedRedis
+from imgpipe.face.stack import Stack
 from imgpipe.settings import Settings
-from imgpipe.stack import Stack
 from tests.support.services import own_database, short_tmp_dir
 
 SHORT_LIMITS_S = {"quality": 4, "enhance": 4, "detect": 30, "anomaly": 30, "moderate": 30}

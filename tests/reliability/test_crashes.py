@@ -17,8 +17,8 @@ from db.models import Image as ImageRow
 from db.models import Job, StageRun
 from imgpipe.broker import EmbeddedRedis
 from imgpipe.contracts import JobStatus, StageStatus
+from imgpipe.face.stack import Stack
 from imgpipe.settings import Settings
-from imgpipe.stack import Stack
 from orchestrator.context import OrchestratorContext
 from orchestrator.submit import SubmitRequest, submit
 from tests.support.jobs import wait_jobs

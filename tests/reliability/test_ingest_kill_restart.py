@@ -35,8 +35,8 @@ from db.engine import session_scope
 from db.migrate import upgrade
 from db.models import Job
 from imgpipe.broker import EmbeddedRedis
+from imgpipe.face.stack import Stack, child_env
 from imgpipe.settings import Settings
-from imgpipe.stack import Stack, child_env
 from tests.clients.submit_client import SubmitClient
 from tests.support.services import own_database, short_tmp_dir
 

@@ -14,8 +14,8 @@ from sqlalchemy import select
 from db.engine import session_scope
 from db.models import StageRun
 from imgpipe.contracts import JobStatus, StageStatus
+from imgpipe.face.stack import Stack
 from imgpipe.settings import Settings
-from imgpipe.stack import Stack
 from orchestrator.context import OrchestratorContext
 from orchestrator.submit import SubmitRequest, submit
 from tests.reliability.test_crashes import failures, photo_jpeg

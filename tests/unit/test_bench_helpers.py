@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from imgpipe.bench.canvas import redis_py_url, result_url
-from imgpipe.bench.stats import ratio, summary
+from imgpipe.face.bench.canvas import redis_py_url, result_url
+from imgpipe.face.bench.stats import ratio, summary
 
 
 def test_summary_uses_nearest_rank_and_ignores_missing_values() -> None:

@@ -1,4 +1,4 @@
-"""The ``imgpipe anomaly fit|eval`` commands (imported lazily by imgpipe/cli_ops.py)."""
+"""The ``imgpipe anomaly fit|eval`` commands (imported lazily by imgpipe/face/cli_ops.py)."""
 
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from imgpipe.bench.figures import Submitted, job_figures
-from imgpipe.stack import Stack
+from imgpipe.face.bench.figures import Submitted, job_figures
+from imgpipe.face.stack import Stack
 from orchestrator.context import OrchestratorContext
 from orchestrator.reports import all_terminal, wait_terminal
 from orchestrator.submit import SubmitRequest, submit

@@ -27,7 +27,7 @@ from sqlalchemy import select
 
 from db.engine import session_scope
 from db.models import Job, StageRun
-from imgpipe.bench.stats import summary
+from imgpipe.face.bench.stats import summary
 
 __all__ = ["STAGE_QUANTILES", "Submitted", "job_figures"]
 

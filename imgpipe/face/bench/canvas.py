@@ -4,7 +4,7 @@ with the no-op stage body of imgpipe's ``noop`` kind, on the same broker (its ow
 with a result backend on the same Redis (another database number), consumed by a prefork
 worker of the same concurrency as imgpipe's cpu worker, started here and stopped after.
 
-The worker runs as ``python -m imgpipe.bench.canvas --broker URL --backend URL -c N``.
+The worker runs as ``python -m imgpipe.face.bench.canvas --broker URL --backend URL -c N``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from celery import Celery, chain, group
 
-from imgpipe.bench.stats import summary
 from imgpipe.celery_app import DELIVERY_SETTINGS
+from imgpipe.face.bench.stats import summary
 
 __all__ = ["CANVAS_QUEUE", "CanvasWorker", "create_canvas_app", "measure_canvas", "result_url"]
 
@@ -130,7 +130,7 @@ class CanvasWorker:
     ) -> None:
         self.node = f"canvas-{os.getpid()}@{socket.gethostname()}"
         self.command = [
-            sys.executable, "-m", "imgpipe.bench.canvas",
+            sys.executable, "-m", "imgpipe.face.bench.canvas",
             "--broker", broker_url, "--backend", backend_url,
             "--concurrency", str(concurrency), "--node", self.node,
         ]  # fmt: skip

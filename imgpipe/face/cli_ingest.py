@@ -62,7 +62,7 @@ def add_ingest_commands(app: typer.Typer, console: Console) -> None:
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
         if consumers > 1:
-            from imgpipe.ingest_group import run_consumer_processes
+            from imgpipe.face.ingest_group import run_consumer_processes
 
             names = [f"{consumer}-{i}" if consumer else None for i in range(1, consumers + 1)]
             run_consumer_processes(names, loglevel, stop)

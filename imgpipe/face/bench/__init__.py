@@ -7,6 +7,6 @@ The face of the benchmark: it imports every layer, lazily, like the CLI.
 
 from __future__ import annotations
 
-from imgpipe.bench.run import BenchConfig, run_bench
+from imgpipe.face.bench.run import BenchConfig, run_bench
 
 __all__ = ["BenchConfig", "run_bench"]

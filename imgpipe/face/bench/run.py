@@ -13,12 +13,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgpipe.bench.machine import GpuSampler, machine_info, rss_mib, rss_mib_of_group
-from imgpipe.bench.stats import ratio
+from imgpipe.face.bench.machine import GpuSampler, machine_info, rss_mib, rss_mib_of_group
+from imgpipe.face.bench.stats import ratio
 from imgpipe.settings import Settings
 
 if TYPE_CHECKING:
-    from imgpipe.stack import Stack
+    from imgpipe.face.stack import Stack
 
 __all__ = ["BenchConfig", "default_images", "run_bench", "tiny_images"]
 
@@ -92,7 +92,7 @@ def _redact(url: str | None, default: str) -> str:
 
 
 def run_bench(config: BenchConfig, progress: Progress = lambda _: None) -> dict[str, Any]:
-    from imgpipe.bench.baselines import (
+    from imgpipe.face.bench.baselines import (
         batched_baseline,
         model_stages,
         release_device_memory,
@@ -162,9 +162,9 @@ def _through_the_stack(
     images: Sequence[bytes],
     progress: Progress,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    from imgpipe.bench.phases import run_jobs
     from imgpipe.contracts import GPU_QUEUE
-    from imgpipe.stack import Stack
+    from imgpipe.face.bench.phases import run_jobs
+    from imgpipe.face.stack import Stack
     from imgpipe.stagekinds import STAGE_KINDS
     from orchestrator.context import OrchestratorContext
     from orchestrator.pipelines import load_pipeline
@@ -208,8 +208,13 @@ def _through_the_stack(
 def _canvas(
     config: BenchConfig, settings: Settings, stack: Stack, progress: Progress
 ) -> dict[str, Any]:
-    from imgpipe.bench.canvas import CanvasWorker, create_canvas_app, measure_canvas, result_url
-    from imgpipe.stack import child_env
+    from imgpipe.face.bench.canvas import (
+        CanvasWorker,
+        create_canvas_app,
+        measure_canvas,
+        result_url,
+    )
+    from imgpipe.face.stack import child_env
 
     broker = settings.effective_broker_url
     backend = result_url(broker)

@@ -1,4 +1,4 @@
-"""``imgpipe bench``: the benchmark as a command (the logic lives in imgpipe/bench/)."""
+"""``imgpipe bench``: the benchmark as a command (the logic lives in imgpipe/face/bench/)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def add_bench_commands(app: typer.Typer, console: Console) -> None:
     ) -> None:
         """Throughput and latency through the stack vs in-process and canvas baselines,
         measured in the same run (docs/benchmarks.md)."""
-        from imgpipe.bench import BenchConfig, run_bench
+        from imgpipe.face.bench import BenchConfig, run_bench
 
         if stages not in ("pipeline", "noop"):
             raise typer.BadParameter("must be 'pipeline' or 'noop'", param_hint="--stages")

@@ -13,16 +13,16 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from imgpipe.cli_bench import add_bench_commands
-from imgpipe.cli_ingest import add_ingest_commands
-from imgpipe.cli_ops import add_ops_commands
-from imgpipe.cli_render import render_results_table
 from imgpipe.contracts import JobStatus, Priority
 from imgpipe.errors import ImgpipeError
+from imgpipe.face.cli_bench import add_bench_commands
+from imgpipe.face.cli_ingest import add_ingest_commands
+from imgpipe.face.cli_ops import add_ops_commands
+from imgpipe.face.cli_render import render_results_table
 from imgpipe.settings import Settings
 
 if TYPE_CHECKING:
-    from imgpipe.stack import Stack
+    from imgpipe.face.stack import Stack
     from orchestrator.context import OrchestratorContext
 
 __all__ = ["app", "main"]
@@ -57,7 +57,7 @@ def run(
 
     Exit code: 0 all succeeded, 1 a job failed or timed out, 3 some input was rejected.
     """
-    from imgpipe.stack import Stack
+    from imgpipe.face.stack import Stack
     from orchestrator.context import OrchestratorContext
     from orchestrator.pipelines import load_pipeline
     from orchestrator.submit import SubmitRequest, submit
@@ -157,7 +157,7 @@ def up(
     ] = True,
 ) -> None:
     """Run the stack in the foreground until Ctrl-C: broker, orchestrator, workers, Flower."""
-    from imgpipe.stack import Stack
+    from imgpipe.face.stack import Stack
 
     settings = Settings()
     with_flower = flower and settings.flower_password is not None
@@ -191,7 +191,7 @@ def submit_cmd(
     force: Annotated[bool, typer.Option(help="Re-run even if cached results exist.")] = False,
 ) -> None:
     """Submit images to a running stack (`imgpipe up`); prints one job id per line."""
-    from imgpipe.api import submit
+    from imgpipe.face.api import submit
 
     if idempotency_key and len(images) > 1:
         raise _fail("--idempotency-key applies to one image; submit them one by one")
@@ -208,7 +208,7 @@ def submit_cmd(
 @app.command()
 def status(job_id: str) -> None:
     """One line: the job's status, verdict and stages."""
-    from imgpipe.api import results
+    from imgpipe.face.api import results
 
     report = results(job_id)
     if report is None:
@@ -220,7 +220,7 @@ def status(job_id: str) -> None:
 @app.command()
 def results(job_id: str, json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Everything about a job: outputs, provenance, attempts, timings."""
-    from imgpipe.api import results as get_results
+    from imgpipe.face.api import results as get_results
 
     report = get_results(job_id)
     if report is None:
@@ -244,7 +244,7 @@ def worker(
     loglevel: Annotated[str, typer.Option()] = "INFO",
 ) -> None:
     """Run a stage worker in the foreground."""
-    from imgpipe.workerproc import run_worker
+    from imgpipe.face.workerproc import run_worker
 
     if role not in ("cpu", "gpu"):
         raise _fail(f"worker role must be cpu or gpu, not {role!r}")
@@ -257,7 +257,7 @@ def worker(
 @app.command()
 def orchestrator(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
     """Run the control worker (advance, submit, reaper) in the foreground."""
-    from imgpipe.workerproc import run_worker
+    from imgpipe.face.workerproc import run_worker
 
     run_worker(Settings(), "orchestrator", loglevel=loglevel)
 
