@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -11,39 +11,56 @@ from sqlalchemy.orm import Session, selectinload
 
 from db.models import Job, ModelRecord, StageRun
 
-__all__ = ["get_job", "lock_job", "lock_stage_run", "record_model"]
+__all__ = [
+    "get_job",
+    "lock_job",
+    "lock_jobs",
+    "lock_stage_run",
+    "lock_stage_runs",
+    "record_model",
+]
 
 
-def lock_job(session: Session, job_id: str) -> Job | None:
-    """The job row, locked for the rest of the transaction.
+def lock_jobs(session: Session, job_ids: Collection[str]) -> dict[str, Job]:
+    """The job rows, locked for the rest of the transaction in id order (the order every
+    job-locking transaction keeps), each with its stage rows loaded fresh.
 
     PostgreSQL: ``SELECT ... FOR UPDATE``. SQLite: the transaction already holds the write
     lock (``BEGIN IMMEDIATE`` in db.engine); FOR UPDATE is not rendered there.
     """
+    if not job_ids:
+        return {}
     stmt = (
         select(Job)
-        .where(Job.id == job_id)
+        .where(Job.id.in_(sorted(set(job_ids))))
+        .order_by(Job.id)
+        .with_for_update()
+        .options(selectinload(Job.stage_runs))
+        .execution_options(populate_existing=True)
+    )
+    return {job.id: job for job in session.execute(stmt).scalars()}
+
+
+def lock_job(session: Session, job_id: str) -> Job | None:
+    """One job row, locked (see ``lock_jobs``)."""
+    return lock_jobs(session, [job_id]).get(job_id)
+
+
+def lock_stage_runs(session: Session, stage_run_ids: Collection[int]) -> list[StageRun]:
+    """Stage rows locked in id order (a claim's lock order; it never locks a job)."""
+    stmt = (
+        select(StageRun)
+        .where(StageRun.id.in_(sorted(set(stage_run_ids))))
+        .order_by(StageRun.id)
         .with_for_update()
         .execution_options(populate_existing=True)
     )
-    job = session.execute(stmt).scalar_one_or_none()
-    if job is not None:
-        session.execute(
-            select(StageRun)
-            .where(StageRun.job_id == job_id)
-            .execution_options(populate_existing=True)
-        ).scalars().all()
-    return job
+    return list(session.execute(stmt).scalars())
 
 
 def lock_stage_run(session: Session, stage_run_id: int) -> StageRun | None:
-    stmt = (
-        select(StageRun)
-        .where(StageRun.id == stage_run_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    )
-    return session.execute(stmt).scalar_one_or_none()
+    rows = lock_stage_runs(session, [stage_run_id])
+    return rows[0] if rows else None
 
 
 def get_job(session: Session, job_id: str) -> Job | None:

@@ -27,7 +27,6 @@ __all__ = [
     "WorkerIdentity",
     "claim_in_place",
     "claim_rows",
-    "lock_rows_by_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -111,18 +110,6 @@ def _lock_rows(
         if image is not None:
             images[image.sha256] = image
     return rows, jobs, images
-
-
-def lock_rows_by_id(session: Session, ids: Sequence[int]) -> list[StageRun]:
-    """Stage rows locked in id order (the claim's lock order)."""
-    stmt = (
-        select(StageRun)
-        .where(StageRun.id.in_(sorted(set(ids))))
-        .order_by(StageRun.id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    )
-    return list(session.execute(stmt).scalars())
 
 
 def _start(row: StageRun, request: ClaimRequest, now: datetime, me: WorkerIdentity) -> None:

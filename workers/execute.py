@@ -2,8 +2,8 @@
 
 This is the shared base of every stage worker (DESIGN.md "worker" flow): the batching
 consumers (workers/batching.py) call ``run_batch`` with up to ``batch_size`` stage
-messages (``run`` is a batch of one). A batch costs two transactions: one claims every
-row, one records every result *and* runs the DAG step for each touched job
+messages. A batch costs two transactions: one claims every row, one records every
+result *and* runs the DAG step for each touched job
 (workers/persist.py), after which the next stages' messages and the events go out
 (imgpipe/aftercommit.py). Ready stages on the worker's own queues may be claimed in that
 persist transaction and run next (``continuations``), without a message.
@@ -33,7 +33,7 @@ from db.blobs import BlobStore, open_blob_store
 from db.dag import advance_in_session, mark_dispatched
 from db.engine import session_scope
 from db.models import utcnow
-from db.repo import record_model
+from db.repo import lock_stage_runs, record_model
 from imgpipe.aftercommit import AfterCommit, deliver
 from imgpipe.celery_app import create_app
 from imgpipe.contracts import StageStatus
@@ -49,7 +49,6 @@ from workers.claims import (
     Outcome,
     WorkerIdentity,
     claim_rows,
-    lock_rows_by_id,
 )
 from workers.persist import Failure, Finished, LocalContinuation, persist_finished
 from workers.pixels import PixelCache, encode_working_copy
@@ -162,9 +161,6 @@ class StageExecutor:
         self._recorded_models.add(key)
 
     # -- the whole path -------------------------------------------------------------------
-    def run(self, stage_run_id: int, celery_task_id: str | None = None) -> Outcome:
-        return self.run_batch([ClaimRequest(stage_run_id, celery_task_id)])[0]
-
     def run_batch(self, requests: Sequence[ClaimRequest]) -> list[Outcome]:
         """Claim, load, compute and persist ``requests``; one outcome per request.
 
@@ -218,7 +214,7 @@ class StageExecutor:
         after = AfterCommit()
         now = utcnow()
         with session_scope(self.db_url) as session:
-            for row in lock_rows_by_id(session, [c.stage_run_id for c in claims]):
+            for row in lock_stage_runs(session, [c.stage_run_id for c in claims]):
                 if row.status != StageStatus.RUNNING or row.worker_pid != self.identity.pid:
                     continue
                 row.attempts -= 1

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
 
 from db.dag import advance_locked
 from db.models import Detection, Image, Job, StageRun
+from db.repo import lock_jobs
 from imgpipe.aftercommit import AfterCommit
 from imgpipe.contracts import Priority, StageStatus
 from imgpipe.events import EventType
@@ -73,21 +74,6 @@ class Finished:
     """``time.perf_counter()`` when the worker took the message: ``total_ms`` runs from
     there to the moment the result is written (claim, load, compute, store, persist)."""
     batch_size: int = 1
-
-
-def _lock_jobs(session: Session, job_ids: set[str]) -> dict[str, Job]:
-    jobs = {
-        job.id: job
-        for job in session.execute(
-            select(Job)
-            .where(Job.id.in_(sorted(job_ids)))
-            .order_by(Job.id)
-            .with_for_update()
-            .options(selectinload(Job.stage_runs))
-            .execution_options(populate_existing=True)
-        ).scalars()
-    }
-    return jobs
 
 
 def _record_success(session: Session, row: StageRun, item: Finished, result: StageOutput) -> None:
@@ -145,7 +131,7 @@ def persist_finished(
     """Write every finished run and step each touched job; one outcome per item, the
     after-commit effects, and the stages claimed for this worker (``local``)."""
     after = AfterCommit()
-    jobs = _lock_jobs(session, {item.job_id for item in items})
+    jobs = lock_jobs(session, {item.job_id for item in items})
     rows = {r.id: r for job in jobs.values() for r in job.stage_runs}
     # Detections are written only by the transaction that makes a row terminal, so only a
     # row retried after a lost commit acknowledgement could have some: clear those.
