@@ -53,6 +53,27 @@ def wait_running_row(database_url: str, timeout_s: float = 30) -> StageRun:
     raise AssertionError("no stage was seen running")
 
 
+def kill_a_consumer_mid_stage(database_url: str, parent_pid: int, tries: int = 10) -> StageRun:
+    """SIGKILL the consumer running some stage; returns that stage's row as the kill left
+    it. A stage that finished between being seen and the kill does not count (its
+    process is replaced all the same): try another."""
+    for _ in range(tries):
+        row = wait_running_row(database_url)
+        pid = row.worker_pid
+        assert pid is not None
+        assert pid in children_of(parent_pid), "a consumer child ran it"
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pid in children_of(parent_pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with session_scope(database_url) as session:
+            after = session.get(StageRun, row.id)
+            assert after is not None
+        if after.status == StageStatus.RUNNING and after.worker_pid == pid:
+            return after  # the dead process can no longer finish it
+    raise AssertionError(f"no stage was caught mid-run in {tries} kills")
+
+
 def test_a_killed_consumer_process_is_replaced_and_its_stage_runs_again(
     make_stack: Callable[..., Stack], short_deadline_settings: Settings
 ) -> None:
@@ -64,11 +85,7 @@ def test_a_killed_consumer_process_is_replaced_and_its_stage_runs_again(
         submit(ctx, SubmitRequest(data=photo_jpeg(700 + i, (1920, 1080)), pipeline="basic")).job_id
         for i in range(12)
     ]
-    row = wait_running_row(db_url)
-    assert row.worker_pid is not None
-    assert row.worker_pid in children_of(parent.pid), "a consumer child ran it"
-    os.kill(row.worker_pid, signal.SIGKILL)
-
+    interrupted = kill_a_consumer_mid_stage(db_url, parent.pid)
     statuses = wait_jobs(db_url, job_ids, 120)
     assert set(statuses.values()) == {JobStatus.SUCCEEDED}, failures(
         short_deadline_settings, statuses
@@ -76,9 +93,9 @@ def test_a_killed_consumer_process_is_replaced_and_its_stage_runs_again(
     assert parent.poll() is None, "the parent outlives its children"
     children = children_of(parent.pid)
     assert len(children) == short_deadline_settings.cpu_concurrency
-    assert row.worker_pid not in children, "the killed one was replaced"
+    assert interrupted.worker_pid not in children, "the killed one was replaced"
     with session_scope(db_url) as session:
-        rerun = session.get(StageRun, row.id)
+        rerun = session.get(StageRun, interrupted.id)
         assert rerun is not None and rerun.status == StageStatus.SUCCEEDED
         assert rerun.attempts >= 2, "the interrupted stage ran again as a new attempt"
-        assert rerun.worker_pid != row.worker_pid
+        assert rerun.worker_pid != interrupted.worker_pid
