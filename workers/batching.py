@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 2.0
 DB_RETRY_S = 2.0
 WATCHDOG_GRACE_S = 30.0
+WATCHDOG_TICK_S = 0.5
 DEFAULT_BATCH_LIMIT_S = 600.0
 """Time limit of a batch whose messages carry none (and of locally continued stages)."""
 CONTINUATION_BATCHES = 4
@@ -336,8 +337,9 @@ class BatchingConsumer:
     def _flush(self) -> None:
         batch, self._buffer = self._buffer[: self.batch_size], self._buffer[self.batch_size :]
         started = time.monotonic()
-        limits = [p.time_limit_s for p in batch if p.time_limit_s]
-        limit_s = max(limits) if limits else DEFAULT_BATCH_LIMIT_S
+        # kinds compute one after another, each within its own limit (workers/timelimits.py)
+        limits = {p.task_name: p.time_limit_s for p in batch if p.time_limit_s}
+        limit_s = sum(limits.values()) if limits else DEFAULT_BATCH_LIMIT_S
         self._batch_deadline = started + limit_s + WATCHDOG_GRACE_S
         for p in batch:
             self._event("task-started", uuid=p.task_id, pid=os.getpid())
@@ -440,11 +442,19 @@ class BatchingConsumer:
             log.debug("event %s not sent: %s", event_type, exc)
 
     def _watchdog(self) -> None:
-        while not self._stop.wait(1.0):
+        """Exit the process when a stage's compute runs past its hard time limit (the soft
+        limit could not stop it: stuck in native code), or a whole batch past the longest
+        limit of its stages + WATCHDOG_GRACE_S (a hung database call, say)."""
+        while not self._stop.wait(WATCHDOG_TICK_S):
+            now = time.monotonic()
+            overdue_s = self.executor.compute_clock.overdue_s(now)
             deadline = self._batch_deadline
-            if deadline is not None and time.monotonic() > deadline:
-                log.critical(
-                    "a batch ran past its time limit; exiting so the supervisor restarts this "
-                    "worker and the reaper re-runs its stage runs"
-                )
-                os._exit(70)
+            if overdue_s is None and (deadline is None or now <= deadline):
+                continue
+            what = "a stage's compute" if overdue_s is not None else "a batch"
+            log.critical(
+                "%s ran past its hard time limit; exiting so the supervisor restarts this "
+                "worker and the reaper re-runs its stage runs",
+                what,
+            )
+            os._exit(70)

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Image, Job, StageRun
 from imgpipe.contracts import JobStatus, StageStatus
+from workers.timelimits import hard_limit_s
 
 __all__ = [
     "Claim",
@@ -63,6 +64,8 @@ class Claim:
     queue: str = ""
     task_id: str | None = None
     """The Celery task id of the message, or ``local-<uuid>`` for a stage continued locally."""
+    time_limit_s: float | None = None
+    """The stage's soft time limit (workers/timelimits.py)."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,8 @@ def _lock_rows(
 def _start(row: StageRun, request: ClaimRequest, now: datetime, me: WorkerIdentity) -> None:
     row.status = StageStatus.RUNNING
     row.started_at = now
-    row.deadline_at = now + timedelta(seconds=row.time_limit_s + me.dispatch_grace_s)
+    # past the hard limit (the attempt cannot still be running), plus the grace
+    row.deadline_at = now + timedelta(seconds=hard_limit_s(row.time_limit_s) + me.dispatch_grace_s)
     row.worker_host = me.host
     row.worker_pid = me.pid
     row.device = me.device
@@ -239,4 +243,5 @@ def _claim_of(
         priority=job.priority,
         queue=row.queue,
         task_id=row.celery_task_id,
+        time_limit_s=row.time_limit_s,
     )

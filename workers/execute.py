@@ -53,6 +53,7 @@ from workers.claims import (
 from workers.persist import Failure, Finished, LocalContinuation, persist_finished
 from workers.pixels import PixelCache, encode_working_copy
 from workers.runtime import BatchRunner, StageInput, StageOutput, StageSkip
+from workers.timelimits import ComputeClock, soft_time_limit
 from workers.version import code_version
 
 __all__ = ["Claim", "ClaimRequest", "Outcome", "StageExecutor"]
@@ -101,6 +102,8 @@ class StageExecutor:
         transaction and run here next, without a message (workers/persist.py)."""
         self.continuations: list[Claim] = []
         self._recorded_models: set[tuple[str, str, str]] = set()
+        self.compute_clock = ComputeClock()
+        """The hard time limit of the forward pass in progress (the consumer's watchdog)."""
 
     @property
     def db_url(self) -> str:
@@ -301,9 +304,12 @@ class StageExecutor:
             )
             for w in group
         ]
+        limits = [w.claim.time_limit_s for w in group if w.claim.time_limit_s]
+        limit_s = max(limits) if limits else None
         t0 = time.perf_counter()
         try:
-            results = self.runner(kind)(inputs)
+            with self.compute_clock.running(limit_s), soft_time_limit(limit_s):
+                results = self.runner(kind)(inputs)
         except TransientError as exc:
             if _is_cuda_oom(exc.__cause__ or exc) and len(group) > 1:
                 self._split(kind, group)
