@@ -4,6 +4,7 @@ layers they need when they run."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -170,6 +171,7 @@ def up(
     """
     from imgpipe.face.stack import Stack
 
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/up] %(message)s")
     settings = Settings()
     with_flower = flower and settings.flower_password is not None
     if flower and not with_flower:
