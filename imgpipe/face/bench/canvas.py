@@ -143,7 +143,10 @@ class CanvasWorker:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, app: Celery) -> None:
-        with self.log.open("ab") as out:
+        from imgpipe.face.stopsignals import signals_deferred
+
+        # a stop signal between starting the worker and recording it would orphan it
+        with signals_deferred(), self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 self.command,
                 stdin=subprocess.DEVNULL,
