@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from tests.reliability.test_crashes import failures, photo_jpeg
 from tests.reliability.test_worker_pool import wait_running_row
 from tests.support.jobs import wait_jobs
 from tests.support.services import own_database, short_tmp_dir
-from tests.support.upstack import UpProcess, alive, descendants, processes_with_env
+from tests.support.upstack import REPO, UpProcess, alive, descendants, processes_with_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -61,7 +63,10 @@ def stop_and_check_nothing_is_left(up: UpProcess, data_dir: Path) -> None:
     assert code == 0, f"documented: exit 0 after a clean stop\n{up.output()[-3000:]}"
     assert alive(tree) == set(), "every process the stack started is gone"
     assert processes_with_env(f"IMGPIPE_DATA_DIR={data_dir}") == set()
-    assert "every process it started has stopped" in up.output()
+    output = up.output()
+    assert "every process it started has stopped" in output
+    steps = [output.index(f"stopping {name}") for name in ("ingest", "cpu", "orchestrator")]
+    assert steps == sorted(steps), "ingest, then the stage workers, then the orchestrator"
 
 
 def test_sigterm_stops_every_process_and_no_job_is_lost(
@@ -103,3 +108,32 @@ def test_sigterm_stops_every_process_and_no_job_is_lost(
             (r.job_id, r.stage): r.attempts for r in session.execute(select(StageRun)).scalars()
         }
     assert set(attempts.values()) == {1}, f"no stage burned an attempt on the stop: {attempts}"
+
+
+def test_sigterm_to_imgpipe_run_stops_its_stack_and_exits_143(
+    up_env: tuple[dict[str, str], Settings], tmp_path: Path
+) -> None:
+    env, settings = up_env
+    images = []
+    for i in range(16):
+        images.append(tmp_path / f"photo-{i}.jpg")
+        images[-1].write_bytes(photo_jpeg(1300 + i, (1920, 1080)))
+    with (tmp_path / "run.out").open("wb") as out:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "imgpipe", "run", "--pipeline", "basic", *map(str, images)],
+            cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_running_row(settings.effective_database_url, timeout_s=180)
+        tree = descendants(run.pid)
+        assert len(tree) >= 4, f"redis, orchestrator, cpu pool: {tree}"
+        os.kill(run.pid, signal.SIGTERM)
+        assert run.wait(300) == 143, (tmp_path / "run.out").read_text()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert alive(tree) == set()
+    assert processes_with_env(f"IMGPIPE_DATA_DIR={settings.resolved_data_dir}") == set()
+    assert "stopped by SIGTERM" in (tmp_path / "run.out").read_text()
