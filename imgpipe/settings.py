@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-__all__ = ["Settings"]
+from imgpipe.secretfiles import SECRET_SETTINGS, SecretFilesSource
+
+__all__ = ["SECRET_SETTINGS", "Settings"]
 
 DEFAULT_STAGE_TIME_LIMIT_S = 300
 
@@ -34,17 +36,19 @@ class Settings(BaseSettings):
         default=Path(".imgpipe"),
         description="Where the embedded broker, SQLite database and local blobs live.",
     )
-    broker_url: str | None = Field(
+    broker_url: SecretStr | None = Field(
         default=None,
         description="Celery broker URL (redis://, rediss://, redis+socket://). "
-        "Unset: start the embedded redis-server in data_dir.",
+        "Unset: start the embedded redis-server in data_dir. Or IMGPIPE_BROKER_URL_FILE.",
     )
-    redis_url: str | None = Field(
+    redis_url: SecretStr | None = Field(
         default=None,
-        description="Redis used for streams (submit, events). Unset: the broker's Redis.",
+        description="Redis used for streams (submit, events). Unset: the broker's Redis. "
+        "Or IMGPIPE_REDIS_URL_FILE.",
     )
-    database_url: str | None = Field(
-        default=None, description="SQLAlchemy URL. Unset: SQLite file in data_dir."
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="SQLAlchemy URL. Unset: SQLite file in data_dir. Or IMGPIPE_DATABASE_URL_FILE.",
     )
     blob_url: str | None = Field(
         default=None, description="Blob store URL (file:///abs/path). Unset: data_dir/blobs."
@@ -185,7 +189,10 @@ class Settings(BaseSettings):
         default=None, description="POST every job's completed event here (http or https)."
     )
     webhook_secret: str | None = Field(
-        default=None, description="HMAC-SHA256 key for X-Imgpipe-Signature; required with a URL."
+        default=None,
+        repr=False,
+        description="HMAC-SHA256 key for X-Imgpipe-Signature; required with a URL. "
+        "Or IMGPIPE_WEBHOOK_SECRET_FILE.",
     )
     webhook_max_attempts: int = Field(
         default=8, ge=1, description="Deliveries tried (with exponential backoff) per event."
@@ -193,19 +200,50 @@ class Settings(BaseSettings):
 
     # Flower.
     flower_port: int = 5555
+    flower_address: str = Field(
+        default="127.0.0.1",
+        description="Interface Flower listens on. Flower 2.2.0 serves /metrics without "
+        "authentication, so keep it private (docs/operations.md).",
+    )
     flower_user: str = "admin"
-    flower_password: str | None = Field(
-        default=None, description="Basic-auth password for Flower; unset: Flower is not started."
+    flower_password: SecretStr | None = Field(
+        default=None,
+        description="Basic-auth password for Flower (or IMGPIPE_FLOWER_PASSWORD_FILE); "
+        "unset: Flower is not started.",
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then ``IMGPIPE_*`` variables, then ``IMGPIPE_*_FILE`` secret files."""
+        return (
+            init_settings,
+            env_settings,
+            SecretFilesSource(settings_cls),
+            dotenv_settings,
+            file_secret_settings,
+        )
+
     def to_env(self) -> dict[str, str]:
-        """``IMGPIPE_*`` variables that rebuild these settings in a child process."""
+        """``IMGPIPE_*`` variables that rebuild these settings in a child process (secrets
+        included: children get them in their environment, never on their command line)."""
         env: dict[str, str] = {}
-        for name, value in self.model_dump(mode="json").items():
-            if value is None:
+        dumped = self.model_dump(mode="json")
+        for name, value in dumped.items():
+            raw: Any = getattr(self, name)
+            if raw is None:
                 continue
             key = f"IMGPIPE_{name.upper()}"
-            env[key] = value if isinstance(value, str) else json.dumps(value)
+            if isinstance(raw, SecretStr):
+                env[key] = raw.get_secret_value()
+            else:
+                env[key] = value if isinstance(value, str) else json.dumps(value)
         return env
 
     def stage_time_limit_s(self, kind: str) -> int:
@@ -226,7 +264,7 @@ class Settings(BaseSettings):
     @property
     def effective_broker_url(self) -> str:
         if self.broker_url is not None:
-            return self.broker_url
+            return self.broker_url.get_secret_value()
         return f"redis+socket://{self.embedded_socket_path}"
 
     @property
@@ -241,7 +279,7 @@ class Settings(BaseSettings):
     def effective_redis_url(self) -> str:
         """URL for redis-py (streams); derived from the broker when not set."""
         if self.redis_url is not None:
-            return self.redis_url
+            return self.redis_url.get_secret_value()
         broker = self.effective_broker_url
         if broker.startswith("redis+socket://"):
             return "unix://" + broker.removeprefix("redis+socket://")
@@ -250,7 +288,7 @@ class Settings(BaseSettings):
     @property
     def effective_database_url(self) -> str:
         if self.database_url is not None:
-            return self.database_url
+            return self.database_url.get_secret_value()
         return f"sqlite:///{self.resolved_data_dir / 'imgpipe.db'}"
 
     @property

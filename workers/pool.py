@@ -6,9 +6,11 @@ and runs a ``BatchingConsumer`` on the worker's queues. The parent only supervis
 
 - a child that dies unexpectedly is replaced (its unacked messages come back through the
   reaper, which re-dispatches stage rows from SQL);
-- SIGTERM / SIGINT to the parent is passed to every child, which finishes the batch in
-  hand (warm shutdown); the parent exits when they have, and SIGKILLs stragglers after
-  ``STOP_TIMEOUT_S``.
+- SIGTERM / SIGINT to the parent is passed to every child's main process (and to a
+  child started while the signal arrived), which finishes the batch in hand and hands
+  un-started work back (warm shutdown); the parent exits when they have, and SIGKILLs
+  stragglers after ``stop_timeout_s`` (give it the longest stage time limit + grace:
+  a consumer's watchdog ends a batch 30 s past its limit anyway).
 """
 
 from __future__ import annotations
@@ -45,36 +47,50 @@ def _spawn(target: Callable[[int], None], index: int) -> int:
     return pid
 
 
-def run_pool(processes: int, target: Callable[[int], None]) -> None:
+def run_pool(
+    processes: int, target: Callable[[int], None], stop_timeout_s: float = STOP_TIMEOUT_S
+) -> None:
     """Run ``target(index)`` in ``processes`` forked children until told to stop."""
     children: dict[int, int] = {_spawn(target, i): i for i in range(processes)}
-    stopping = False
+    stop_signal: int | None = None
+    signalled: set[int] = set()
 
     def stop(signum: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+        nonlocal stop_signal
+        if stop_signal is None:
+            log.info(
+                "signal %d: stopping %d worker processes after their batch", signum, len(children)
+            )
+        stop_signal = stop_signal or signum
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     stop_deadline: float | None = None
     while children:
+        if stop_signal is not None:
+            # Here, not in the handler: a child forked while the signal arrived is in
+            # ``children`` by now and gets it too.
+            for pid in children.keys() - signalled:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, stop_signal)
+                signalled.add(pid)
+            stop_deadline = stop_deadline or time.monotonic() + stop_timeout_s
+            if time.monotonic() > stop_deadline:
+                log.warning(
+                    "worker processes %s did not stop in time; killing them", sorted(children)
+                )
+                for straggler in children:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(straggler, signal.SIGKILL)
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             break
         if pid == 0:
-            if stopping:
-                stop_deadline = stop_deadline or time.monotonic() + STOP_TIMEOUT_S
-                if time.monotonic() > stop_deadline:
-                    for straggler in children:
-                        os.kill(straggler, signal.SIGKILL)
             time.sleep(0.1)
             continue
         index = children.pop(pid, None)
-        if index is None or stopping:
+        if index is None or stop_signal is not None:
             continue
         log.warning(
             "worker process %d (pid %d) exited with status %d; starting another",

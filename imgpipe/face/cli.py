@@ -4,6 +4,7 @@ layers they need when they run."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ from imgpipe.face.cli_bench import add_bench_commands
 from imgpipe.face.cli_ingest import add_ingest_commands
 from imgpipe.face.cli_ops import add_ops_commands
 from imgpipe.face.cli_render import render_results_table
+from imgpipe.face.stopsignals import StopRequested, stop_on_signals
+from imgpipe.redact import redact_text, redact_url
 from imgpipe.settings import Settings
 
 if TYPE_CHECKING:
@@ -55,7 +58,9 @@ def run(
 ) -> None:
     """Start the embedded stack, process IMAGES, print one row per image, stop the stack.
 
-    Exit code: 0 all succeeded, 1 a job failed or timed out, 3 some input was rejected.
+    Exit code: 0 all succeeded, 1 a job failed or timed out, 3 some input was rejected,
+    128 + N when signal N (SIGTERM, Ctrl-C) stopped it: the stack stops cleanly and jobs
+    not finished stay in the database, to finish at the next start on the same data dir.
     """
     from imgpipe.face.stack import Stack
     from orchestrator.context import OrchestratorContext
@@ -153,33 +158,50 @@ def _collect(ctx: OrchestratorContext, submitted: list[tuple[Path, str]]) -> lis
 def up(
     device: Annotated[list[str], typer.Option(help="Model worker device(s).")] = ["cpu"],  # noqa: B006
     flower: Annotated[
-        bool, typer.Option(help="Start Flower (needs IMGPIPE_FLOWER_PASSWORD).")
+        bool,
+        typer.Option(help="Start Flower (needs IMGPIPE_FLOWER_PASSWORD or _PASSWORD_FILE)."),
     ] = True,
 ) -> None:
-    """Run the stack in the foreground until Ctrl-C: broker, orchestrator, workers, Flower."""
+    """Run the stack in the foreground until SIGTERM or Ctrl-C: broker, orchestrator,
+    workers, Flower.
+
+    A stop signal stops every process it started, in order (ingest, stage workers with a
+    warm shutdown, orchestrator, Flower, the embedded broker), and exits 0. Exit 1: a
+    process kept exiting and was given up on.
+    """
     from imgpipe.face.stack import Stack
 
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/up] %(message)s")
     settings = Settings()
     with_flower = flower and settings.flower_password is not None
     if flower and not with_flower:
-        console.print("Flower not started: set IMGPIPE_FLOWER_PASSWORD to enable it (basic auth).")
+        console.print(
+            "Flower not started: set IMGPIPE_FLOWER_PASSWORD or IMGPIPE_FLOWER_PASSWORD_FILE "
+            "to enable it (basic auth)."
+        )
     stack = Stack(settings, workers=("orchestrator", "cpu", "ingest"), flower=with_flower)
-    with stack:
-        for dev in device:
-            stack.add_gpu_worker(dev)
-        console.print(f"imgpipe up: data in {settings.resolved_data_dir}; logs in {stack.log_dir}")
-        console.print(f"broker {settings.effective_broker_url}")
-        if with_flower:
+    try:
+        with stack:
+            for dev in device:
+                stack.add_gpu_worker(dev)
             console.print(
-                f"Flower on http://127.0.0.1:{settings.flower_port} (user {settings.flower_user})"
+                f"imgpipe up: data in {settings.resolved_data_dir}; logs in {stack.log_dir}"
             )
-        try:
+            console.print(f"broker {redact_url(settings.effective_broker_url)}")
+            console.print(f"database {redact_url(settings.effective_database_url)}")
+            if with_flower:
+                console.print(
+                    f"Flower on http://{settings.flower_address}:{settings.flower_port} "
+                    f"(user {settings.flower_user})"
+                )
+            stack.wait_ready()
+            console.print("imgpipe up: ready (SIGTERM or Ctrl-C stops it)")
             while not (dead := stack.check_alive()):
                 time.sleep(0.5)
             console.print(f"[red]stopping: a process exited:[/red] {', '.join(dead)}")
             raise typer.Exit(EXIT_FAILED)
-        except KeyboardInterrupt:
-            console.print("stopping...")
+    except StopRequested as stop:
+        console.print(f"imgpipe up: {stop}; every process it started has stopped")
 
 
 @app.command("submit")
@@ -269,7 +291,13 @@ add_bench_commands(app, console)
 
 def main() -> None:
     try:
-        app()
+        with stop_on_signals():
+            app()
     except ImgpipeError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {redact_text(str(exc))}")
         sys.exit(2)
+    except StopRequested as stop:
+        # `imgpipe up` ends here only if the signal came before its stack existed;
+        # `imgpipe run` and the others: the work was cut short.
+        console.print(f"{stop}; the processes this command started have stopped")
+        sys.exit(stop.exit_code)

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from imgpipe.errors import ImgpipeError
+from imgpipe.redact import redact_url
 from imgpipe.settings import Settings
 
 __all__ = ["add_ops_commands"]
@@ -32,7 +33,7 @@ def add_ops_commands(app: typer.Typer, console: Console) -> None:
 
         settings = Settings()
         upgrade(settings.effective_database_url, revision)
-        console.print(f"database at {revision}: {settings.effective_database_url}")
+        console.print(f"database at {revision}: {redact_url(settings.effective_database_url)}")
 
     @app.command("pipelines")
     def pipelines() -> None:

@@ -1,9 +1,18 @@
 """Running the whole service on one machine: embedded broker + worker processes.
 
-Every child runs in its own session (process group). Stopping the stack sends SIGTERM to
-each child's main process only (a warm shutdown: the batch or task in hand finishes, its
-own children are stopped by it), then SIGKILL to the whole group of whatever is left
-after ``stop_timeout_s``. Nothing is left behind.
+Every child runs in its own session (process group), so a Ctrl-C in the terminal reaches
+``imgpipe up`` alone and the stack decides how its children stop. ``stop`` stops them in
+order, each step a warm shutdown of the main process only (SIGTERM: the batch or task in
+hand finishes within its time limit, un-started work goes back to the broker), then
+SIGKILL to the whole group of whatever is left after ``stop_timeout_s``:
+
+1. ``ingest`` (no new jobs), 2. the stage workers (``cpu``, ``gpu*``), 3. the
+``orchestrator``, 4. Flower, 5. the embedded broker (SHUTDOWN: its append-only file is
+flushed), last because everything before it still hands work back through it.
+
+The supervisor thread restarts a child that exits, and the embedded redis-server if it
+dies (same socket, same configuration, same data dir: its append-only file brings the
+queues back); both at most RESTART_LIMIT times per RESTART_WINDOW_S.
 """
 
 from __future__ import annotations
@@ -22,14 +31,15 @@ from types import TracebackType
 
 from imgpipe.broker import EmbeddedRedis
 from imgpipe.errors import TransientError
-from imgpipe.settings import Settings
+from imgpipe.face.flower import flower_command, flower_env
+from imgpipe.face.stopsignals import signals_deferred
+from imgpipe.redact import redact_url
+from imgpipe.settings import DEFAULT_STAGE_TIME_LIMIT_S, Settings
 
-__all__ = ["Stack", "child_env"]
+__all__ = ["STOP_ORDER", "Stack", "child_env", "warm_stop_timeout_s"]
 
 log = logging.getLogger(__name__)
 
-# The `celery` command line lets these bare variables override the app's config; a
-# stray BROKER_URL in the environment must not redirect imgpipe's workers.
 # Children that answer no Celery ping: Flower and the submit-stream consumer.
 NOT_CELERY_WORKERS = frozenset({"flower", "ingest"})
 
@@ -37,10 +47,29 @@ SUPERVISE_INTERVAL_S = 0.5
 RESTART_LIMIT = 5
 RESTART_WINDOW_S = 60.0
 
+STOP_GRACE_S = 40.0
+"""Past a stage's time limit, how long a stopping worker may take: its watchdog ends a
+batch 30 s past the batch's longest limit (workers/batching.py WATCHDOG_GRACE_S), plus
+10 s to hand work back and close its connections."""
+
+STOP_ORDER = ("ingest", "stage workers", "orchestrator", "flower")
+"""The order ``Stack.stop`` stops its children in (the embedded broker goes last)."""
+
+# The `celery` command line lets these bare variables override the app's config; a
+# stray BROKER_URL in the environment must not redirect imgpipe's workers.
 _CELERY_ENV_OVERRIDES = ("BROKER_URL", "RESULT_BACKEND", "APP", "CONFIG_MODULE", "LOADER")
 
 
+def warm_stop_timeout_s(settings: Settings) -> float:
+    """How long a warm shutdown may take: the longest stage time limit + STOP_GRACE_S."""
+    limits = settings.stage_time_limits_s.values()
+    return float(max(limits, default=DEFAULT_STAGE_TIME_LIMIT_S)) + STOP_GRACE_S
+
+
 def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child: every setting as ``IMGPIPE_*`` (credentials included,
+    so that none has to be on a command line), without the variables that would
+    override Celery's configuration."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -57,12 +86,21 @@ def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
     return env
 
 
+def _stop_step(name: str) -> int:
+    """Index in STOP_ORDER of the child ``name`` (``cpu``, ``gpu``, ``gpu-cuda0``: stage
+    workers)."""
+    if name in STOP_ORDER:
+        return STOP_ORDER.index(name)
+    return STOP_ORDER.index("stage workers")
+
+
 @dataclass
 class Child:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
     command: list[str]
+    extra_env: dict[str, str] = field(default_factory=dict)
     restarts: list[float] = field(default_factory=list)
     """Monotonic times of automatic restarts (bounded by RESTART_LIMIT per window)."""
     given_up: bool = False
@@ -74,12 +112,16 @@ class Stack:
     workers: tuple[str, ...] = ("orchestrator", "cpu", "gpu")
     gpu_device: str = "cpu"
     flower: bool = False
-    stop_timeout_s: float = 30.0
+    stop_timeout_s: float | None = None
+    """How long each step of ``stop`` waits for warm shutdowns before SIGKILL; unset:
+    ``warm_stop_timeout_s`` (running stages may finish within their time limit)."""
     supervise: bool = True
     """Restart a worker that exits unexpectedly (e.g. Celery's "Unrecoverable error" after
-    a broker connection loss), at most RESTART_LIMIT times per RESTART_WINDOW_S."""
+    a broker connection loss) and the embedded redis-server if it dies, at most
+    RESTART_LIMIT times per RESTART_WINDOW_S each."""
     children: list[Child] = field(default_factory=list)
     broker: EmbeddedRedis | None = None
+    broker_restarts: list[float] = field(default_factory=list)
     _supervisor: threading.Thread | None = field(default=None, repr=False)
     _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
@@ -88,21 +130,29 @@ class Stack:
     def log_dir(self) -> Path:
         return self.settings.resolved_data_dir / "logs"
 
+    @property
+    def effective_stop_timeout_s(self) -> float:
+        if self.stop_timeout_s is not None:
+            return self.stop_timeout_s
+        return warm_stop_timeout_s(self.settings)
+
     def start(self) -> None:
         from db.migrate import upgrade
 
         self.settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if self.settings.uses_embedded_broker:
-            self.broker = EmbeddedRedis(
+            broker = EmbeddedRedis(
                 self.settings.resolved_data_dir, self.settings.embedded_socket_path
             )
-            self.broker.start()
+            with signals_deferred():
+                self.broker = broker
+                broker.start()
         upgrade(self.settings.effective_database_url)
         for role in self.workers:
             self._spawn(role, self._command(role))
         if self.flower:
-            self._spawn("flower", self._flower_command())
+            self._spawn("flower", flower_command(), flower_env(self.settings))
         if self.supervise:
             self._stopping.clear()
             self._supervisor = threading.Thread(
@@ -115,28 +165,68 @@ class Stack:
             with self._lock:
                 if self._stopping.is_set():
                     return
+                self._supervise_broker()
                 for child in list(self.children):
                     if child.given_up or child.process.poll() is None:
                         continue
-                    now = time.monotonic()
-                    recent = [t for t in child.restarts if now - t < RESTART_WINDOW_S]
-                    if len(recent) >= RESTART_LIMIT:
-                        log.error(
-                            "%s exited (code %s) %d times within %.0f s; not restarting it. "
-                            "See %s",
-                            child.name, child.process.returncode, len(recent),
-                            RESTART_WINDOW_S, child.log_path,
-                        )  # fmt: skip
-                        child.given_up = True
-                        continue
-                    log.warning(
-                        "%s exited with code %s; restarting it (see %s)",
-                        child.name, child.process.returncode, child.log_path,
-                    )  # fmt: skip
-                    _signal_group(child.process, signal.SIGKILL)  # its pool children too
-                    self.children.remove(child)
-                    self._spawn(child.name, child.command)
-                    self.children[-1].restarts = [*recent, now]
+                    self._restart_child(child)
+
+    def _supervise_broker(self) -> None:
+        broker = self.broker
+        if broker is None or broker.process is None or broker.process.poll() is None:
+            return
+        code = broker.process.returncode
+        now = time.monotonic()
+        recent = [t for t in self.broker_restarts if now - t < RESTART_WINDOW_S]
+        if len(recent) >= RESTART_LIMIT:
+            if broker.process is not None:
+                log.error(
+                    "the embedded redis-server exited (code %s) %d times within %.0f s; not "
+                    "restarting it. See %s",
+                    code, len(recent), RESTART_WINDOW_S, broker.log_path,
+                )  # fmt: skip
+                broker.process = None
+            return
+        log.warning(
+            "the embedded redis-server (pid %d) exited with code %s; restarting it on %s "
+            "with the same configuration (see %s)",
+            broker.process.pid, code, broker.socket_path, broker.log_path,
+        )  # fmt: skip
+        self.broker_restarts = [*recent, now]
+        try:
+            started = broker.start()
+        except TransientError as exc:
+            log.error("the embedded redis-server did not restart: %s; trying again", exc)
+            return
+        if not started:
+            log.error(
+                "another redis-server answers on %s; using it, but it is not supervised",
+                broker.socket_path,
+            )
+            broker.process = None
+            return
+        pid = broker.process.pid if broker.process is not None else None
+        log.warning("the embedded redis-server is back (pid %s); workers reconnect to it", pid)
+
+    def _restart_child(self, child: Child) -> None:
+        now = time.monotonic()
+        recent = [t for t in child.restarts if now - t < RESTART_WINDOW_S]
+        if len(recent) >= RESTART_LIMIT:
+            log.error(
+                "%s exited (code %s) %d times within %.0f s; not restarting it. See %s",
+                child.name, child.process.returncode, len(recent),
+                RESTART_WINDOW_S, child.log_path,
+            )  # fmt: skip
+            child.given_up = True
+            return
+        log.warning(
+            "%s exited with code %s; restarting it (see %s)",
+            child.name, child.process.returncode, child.log_path,
+        )  # fmt: skip
+        _signal_group(child.process, signal.SIGKILL)  # its pool children too
+        self.children.remove(child)
+        self._spawn(child.name, child.command, child.extra_env)
+        self.children[-1].restarts = [*recent, now]
 
     def add_gpu_worker(self, device: str) -> None:
         """One more model worker pinned to ``device`` (``cuda:N`` or ``cpu``)."""
@@ -155,31 +245,22 @@ class Stack:
             return [*base, "ingest"]
         raise ValueError(f"unknown worker role {role!r}")
 
-    def _flower_command(self) -> list[str]:
-        password = self.settings.flower_password
-        assert password is not None
-        return [
-            sys.executable, "-m", "celery",
-            "--broker", self.settings.effective_broker_url,
-            "flower",
-            "--address=127.0.0.1",
-            f"--port={self.settings.flower_port}",
-            f"--basic-auth={self.settings.flower_user}:{password}",
-            f"--db={self.settings.resolved_data_dir / 'flower.db'}",
-        ]  # fmt: skip
-
-    def _spawn(self, name: str, command: list[str]) -> None:
+    def _spawn(
+        self, name: str, command: list[str], extra_env: dict[str, str] | None = None
+    ) -> None:
         log_path = self.log_dir / f"{name}.log"
-        with log_path.open("ab") as log_file:
+        env = child_env(self.settings, extra_env)
+        # A stop signal between starting the child and recording it would orphan it.
+        with signals_deferred(), log_path.open("ab") as log_file:
             process = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                env=child_env(self.settings),
+                env=env,
                 start_new_session=True,
             )
-        self.children.append(Child(name, process, log_path, command))
+            self.children.append(Child(name, process, log_path, command, dict(extra_env or {})))
 
     def child(self, name: str) -> Child:
         for child in self.children:
@@ -230,38 +311,52 @@ class Stack:
                     return
                 if time.monotonic() > deadline:
                     raise TransientError(
-                        f"{len(replies)} of {expected} workers answered within {timeout_s:.0f} s; "
+                        f"{len(replies)} of {expected} workers answered within {timeout_s:.0f} s "
+                        f"on {redact_url(self.settings.effective_broker_url)}; "
                         f"see the logs in {self.log_dir}"
                     )
         finally:
             app.close()
 
     def stop(self) -> None:
-        self._stopping.set()
-        if self._supervisor is not None:
-            self._supervisor.join(timeout=5)
-            self._supervisor = None
-        for child in self.children:
-            # The main process only: Celery's warm shutdown lets pool children finish the
-            # task in hand (a SIGTERM to the whole group killed them mid-stage).
-            with contextlib.suppress(ProcessLookupError):
-                child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_timeout_s
-        for child in self.children:
+        """Stop every child in STOP_ORDER, then the embedded broker; nothing is left."""
+        with signals_deferred():
+            self._stopping.set()
+            if self._supervisor is not None:
+                self._supervisor.join(timeout=5)
+                self._supervisor = None
+            for step in range(len(STOP_ORDER)):
+                self._stop_children([c for c in self.children if _stop_step(c.name) == step])
+            self.children.clear()
+            if self.broker is not None:
+                self.broker.stop()
+                self.broker = None
+
+    def _stop_children(self, children: list[Child]) -> None:
+        if not children:
+            return
+        log.info("stopping %s", ", ".join(c.name for c in children))
+        for child in children:
+            # The main process only: a warm shutdown lets the batch or task in hand
+            # finish (a SIGTERM to the whole group killed pool children mid-stage).
+            if child.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.effective_stop_timeout_s
+        for child in children:
             remaining = max(0.1, deadline - time.monotonic())
             try:
                 child.process.wait(remaining)
             except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in time; killing it", child.name)
-        for child in self.children:
+                log.warning(
+                    "%s did not stop within %.0f s; killing it (see %s)",
+                    child.name, self.effective_stop_timeout_s, child.log_path,
+                )  # fmt: skip
+        for child in children:
             # Pool children of a worker that exited can outlive it: kill the whole group.
             _signal_group(child.process, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.process.wait(5)
-        self.children.clear()
-        if self.broker is not None:
-            self.broker.stop()
-            self.broker = None
 
     def __enter__(self) -> Stack:
         try:

@@ -98,7 +98,9 @@ def run_cpu_worker(settings: Settings, queues: Sequence[str], processes: int) ->
         consumer.install_signal_handlers()
         consumer.run()
 
-    run_pool(processes, consume)
+    from imgpipe.face.stack import warm_stop_timeout_s
+
+    run_pool(processes, consume, warm_stop_timeout_s(settings))
 
 
 def run_model_worker(settings: Settings, app: Celery, device: str, queues: Sequence[str]) -> None:

@@ -40,6 +40,10 @@ READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 
 
+BROKER_ENV = "IMGPIPE_BENCH_CANVAS_BROKER_URL"
+BACKEND_ENV = "IMGPIPE_BENCH_CANVAS_BACKEND_URL"
+
+
 def result_url(broker_url: str) -> str:
     """The result backend for the chord: the broker's Redis, the next database number."""
     parts = urlsplit(broker_url)
@@ -131,15 +135,18 @@ class CanvasWorker:
         self.node = f"canvas-{os.getpid()}@{socket.gethostname()}"
         self.command = [
             sys.executable, "-m", "imgpipe.face.bench.canvas",
-            "--broker", broker_url, "--backend", backend_url,
             "--concurrency", str(concurrency), "--node", self.node,
         ]  # fmt: skip
-        self.env = env
+        # URLs may hold passwords: in the environment, never on the command line.
+        self.env = {**env, BROKER_ENV: broker_url, BACKEND_ENV: backend_url}
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, app: Celery) -> None:
-        with self.log.open("ab") as out:
+        from imgpipe.face.stopsignals import signals_deferred
+
+        # a stop signal between starting the worker and recording it would orphan it
+        with signals_deferred(), self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 self.command,
                 stdin=subprocess.DEVNULL,
@@ -221,12 +228,13 @@ def measure_canvas(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="The canvas baseline's worker.")
-    parser.add_argument("--broker", required=True)
-    parser.add_argument("--backend", required=True)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--node", default=f"canvas-{os.getpid()}@{socket.gethostname()}")
     args = parser.parse_args(argv)
-    app = create_canvas_app(args.broker, args.backend)
+    missing = [name for name in (BROKER_ENV, BACKEND_ENV) if not os.environ.get(name)]
+    if missing:
+        parser.error(f"set {' and '.join(missing)} (broker and result backend URLs)")
+    app = create_canvas_app(os.environ[BROKER_ENV], os.environ[BACKEND_ENV])
     argv = [
         "worker", "--queues", CANVAS_QUEUE, "--concurrency", str(args.concurrency),
         "--pool", "prefork", "--hostname", args.node, "--loglevel", "WARNING",

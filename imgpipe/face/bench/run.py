@@ -13,8 +13,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import SecretStr
+
 from imgpipe.face.bench.machine import GpuSampler, machine_info, rss_mib, rss_mib_of_group
 from imgpipe.face.bench.stats import ratio
+from imgpipe.redact import redact_url
 from imgpipe.settings import Settings
 
 if TYPE_CHECKING:
@@ -87,8 +90,9 @@ def tiny_images(count: int = NOOP_DISTINCT_IMAGES, px: int = NOOP_IMAGE_PX) -> l
     return out
 
 
-def _redact(url: str | None, default: str) -> str:
-    return default if url is None else url.split(":", 1)[0]
+def _redact(url: SecretStr | None, default: str) -> str:
+    """What the report says about a server: its URL without credentials."""
+    return default if url is None else redact_url(url.get_secret_value())
 
 
 def run_bench(config: BenchConfig, progress: Progress = lambda _: None) -> dict[str, Any]:
@@ -111,9 +115,9 @@ def run_bench(config: BenchConfig, progress: Progress = lambda _: None) -> dict[
     data_dir = Path(tempfile.mkdtemp(prefix="ipbench-", dir="/tmp"))  # short: unix socket
     settings = Settings(data_dir=data_dir)
     if config.database_url is not None:
-        settings = settings.model_copy(update={"database_url": config.database_url})
+        settings = settings.model_copy(update={"database_url": SecretStr(config.database_url)})
     if config.broker_url is not None:
-        settings = settings.model_copy(update={"broker_url": config.broker_url})
+        settings = settings.model_copy(update={"broker_url": SecretStr(config.broker_url)})
     started = datetime.now(UTC)
     report: dict[str, Any] = {
         "command": config.command,
