@@ -41,7 +41,9 @@ def context_for(task: Task) -> OrchestratorContext:
 
 
 def retry_transient(task: Task, exc: TransientError) -> NoReturn:
-    """Retry ``task`` after a bounded, jittered backoff; never give up on an outage."""
+    """Retry ``task`` after a bounded, jittered backoff; never give up on an outage (the
+    task is declared with ``max_retries=None``: ``retry(max_retries=None)`` would mean the
+    task's default, 3)."""
     settings = settings_of(task.app)
     delay_s = backoff_delay_s(
         task.request.retries, settings.outage_backoff_s, settings.outage_backoff_max_s
@@ -50,10 +52,10 @@ def retry_transient(task: Task, exc: TransientError) -> NoReturn:
         "%s[%s] failed transiently (try %d): %s; retrying in %.1f s",
         task.name, task.request.id, task.request.retries + 1, exc, delay_s,
     )  # fmt: skip
-    raise task.retry(exc=exc, countdown=delay_s, max_retries=None)
+    raise task.retry(exc=exc, countdown=delay_s)
 
 
-@shared_task(name=ADVANCE_TASK, bind=True)
+@shared_task(name=ADVANCE_TASK, bind=True, max_retries=None)
 def advance_task(self: Task, job_id: str) -> None:
     from orchestrator.advance import advance_job
 
@@ -68,7 +70,7 @@ def reap_task(self: Task) -> dict[str, int]:
     return reap(context_for(self)).as_dict()
 
 
-@shared_task(name=SUBMIT_TASK, bind=True)
+@shared_task(name=SUBMIT_TASK, bind=True, max_retries=None)
 def submit_task(self: Task, **fields: Any) -> dict[str, Any]:
     """Celery clients: ``send_task("imgpipe.submit", kwargs={"image_b64": ..., ...},
     queue="imgpipe.control")``. The name ``imgpipe.submit`` is a public contract.

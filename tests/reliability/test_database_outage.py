@@ -45,6 +45,7 @@ from imgpipe.settings import Settings
 from orchestrator.context import OrchestratorContext
 from orchestrator.submit import SubmitRequest, submit
 from tests.clients.submit_client import SubmitClient
+from tests.reliability.conftest import LOG_KEEP_DIR
 from tests.support.services import TEST_PG_ENV, fresh_postgres_database, short_tmp_dir
 from tests.support.tcpproxy import CuttableProxy
 
@@ -154,62 +155,72 @@ def run_drill(direct_url: str, data_dir: Path, broker: EmbeddedRedis) -> None:
         }
         settings = Settings(database_url=proxied_url, **common)
         direct = Settings(database_url=direct_url, **common)
-        with Stack(settings, workers=("orchestrator", "cpu", "ingest"), stop_timeout_s=15) as stack:
-            stack.wait_ready(90)
-            submitter = Submitter(direct, broker, settings)
-            for seed in range(20):
-                submitter.via_api(seed)
-            for seed in range(100, 112):
-                submitter.via_stream(seed)
-            for seed in range(200, 204):
-                submitter.via_celery(seed)
+        stack = Stack(settings, workers=("orchestrator", "cpu", "ingest"), stop_timeout_s=15)
+        try:
+            with stack:
+                stack.wait_ready(90)
+                drill(stack, proxy, broker, settings, direct)
+        finally:  # the worker logs of the last run, for post-mortems
+            shutil.copytree(stack.log_dir, LOG_KEEP_DIR / "test_database_down_30s_mid_run",
+                            dirs_exist_ok=True)  # fmt: skip
 
-            proxy.cut()
-            cut_at = time.monotonic()
-            before = statuses_by_key(direct_url)
-            in_flight = sum(not JobStatus(s).terminal for s in before.values())
-            in_flight += len(submitter.keys) - len(before)  # not even a job row yet
-            for seed in range(112, 128):
-                submitter.via_stream(seed)
-            for seed in range(204, 212):
-                submitter.via_celery(seed)
-            time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - cut_at)))
-            proxy.restore()
-            back_at = time.monotonic()
-            print(
-                f"\noutage drill: database cut for {back_at - cut_at:.1f} s, {in_flight} of 36 "
-                "jobs in flight at the cut, 24 submitted during it"
-            )
 
-            keys = set(submitter.keys)
-            assert len(keys) == 60
-            statuses: dict[str, str] = {}
-            while time.monotonic() - back_at < GIVE_UP_S:
-                statuses = statuses_by_key(direct_url)
-                if keys <= set(statuses) and all(JobStatus(statuses[k]).terminal for k in keys):
-                    break
-                time.sleep(0.1)
-            recovery_s = time.monotonic() - back_at
-            unfinished = {
-                k: statuses.get(k, "no job")
-                for k in keys
-                if k not in statuses or not JobStatus(statuses[k]).terminal
-            }
-            assert not unfinished, (
-                f"{len(unfinished)} of 60 jobs not terminal {GIVE_UP_S:.0f} s after the "
-                f"database came back: {sorted(unfinished.items())[:10]}\n{log_tails(stack)}"
-            )
-            print(
-                f"outage drill: every job terminal {recovery_s:.1f} s after the database came back"
-            )
-            check_results(direct_url, keys, stack)
-            check_stream(broker, stack)
-            check_events(broker, keys)
-            assert in_flight > 0, "the cut must land mid-run (jobs in flight)"
-            assert recovery_s <= CONTRACT_S, (
-                f"jobs took {recovery_s:.1f} s after the database came back; the contract is "
-                f"{CONTRACT_S:.0f} s\n{log_tails(stack)}"
-            )
+def drill(
+    stack: Stack, proxy: CuttableProxy, broker: EmbeddedRedis, settings: Settings, direct: Settings
+) -> None:
+    direct_url = direct.effective_database_url
+    submitter = Submitter(direct, broker, settings)
+    for seed in range(20):
+        submitter.via_api(seed)
+    for seed in range(100, 112):
+        submitter.via_stream(seed)
+    for seed in range(200, 204):
+        submitter.via_celery(seed)
+
+    proxy.cut()
+    cut_at = time.monotonic()
+    before = statuses_by_key(direct_url)
+    in_flight = sum(not JobStatus(s).terminal for s in before.values())
+    in_flight += len(submitter.keys) - len(before)  # not even a job row yet
+    for seed in range(112, 128):
+        submitter.via_stream(seed)
+    for seed in range(204, 212):
+        submitter.via_celery(seed)
+    time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - cut_at)))
+    proxy.restore()
+    back_at = time.monotonic()
+    print(
+        f"\noutage drill: database cut for {back_at - cut_at:.1f} s, {in_flight} of 36 "
+        "jobs in flight at the cut, 24 submitted during it"
+    )
+
+    keys = set(submitter.keys)
+    assert len(keys) == 60
+    statuses: dict[str, str] = {}
+    while time.monotonic() - back_at < GIVE_UP_S:
+        statuses = statuses_by_key(direct_url)
+        if keys <= set(statuses) and all(JobStatus(statuses[k]).terminal for k in keys):
+            break
+        time.sleep(0.1)
+    recovery_s = time.monotonic() - back_at
+    unfinished = {
+        k: statuses.get(k, "no job")
+        for k in keys
+        if k not in statuses or not JobStatus(statuses[k]).terminal
+    }
+    assert not unfinished, (
+        f"{len(unfinished)} of 60 jobs not terminal {GIVE_UP_S:.0f} s after the "
+        f"database came back: {sorted(unfinished.items())[:10]}\n{log_tails(stack)}"
+    )
+    print(f"outage drill: every job terminal {recovery_s:.1f} s after the database came back")
+    check_results(direct_url, keys, stack)
+    check_stream(broker, stack)
+    check_events(broker, keys)
+    assert in_flight > 0, "the cut must land mid-run (jobs in flight)"
+    assert recovery_s <= CONTRACT_S, (
+        f"jobs took {recovery_s:.1f} s after the database came back; the contract is "
+        f"{CONTRACT_S:.0f} s\n{log_tails(stack)}"
+    )
 
 
 def check_results(database_url: str, keys: set[str], stack: Stack) -> None:
