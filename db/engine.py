@@ -27,6 +27,7 @@ from imgpipe.errors import TransientError
 __all__ = ["engine_for", "is_sqlite", "make_engine", "session_scope", "sessionmaker_for"]
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_CONNECT_TIMEOUT_S = 10
 
 _engines: dict[tuple[int, str], Engine] = {}
 _factories: dict[tuple[int, str], sessionmaker[Session]] = {}
@@ -68,7 +69,15 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # A connect to an unreachable host fails after PG_CONNECT_TIMEOUT_S instead of the
+    # OS's minutes: outage handling (workers/outage.py) then retries with its backoff.
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=5,
+        connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S},
+    )
 
 
 def engine_for(url: str) -> Engine:

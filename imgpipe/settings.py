@@ -198,6 +198,27 @@ class Settings(BaseSettings):
         default=8, ge=1, description="Deliveries tried (with exponential backoff) per event."
     )
 
+    # Outages (docs/operations.md "Database or broker outage").
+    outage_backoff_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="First wait before a stage worker, the ingest consumer or a control task "
+        "tries the database (or broker) again after a transient error; doubled per try, "
+        "with jitter.",
+    )
+    outage_backoff_max_s: float = Field(
+        default=4.0,
+        gt=0,
+        description="Longest such wait: the most an outage's end can go unnoticed.",
+    )
+    reaper_postpone_max_s: int = Field(
+        default=3600,
+        ge=1,
+        description="How long the reaper may postpone a dispatched, unclaimed stage behind a "
+        "backlog in its queue; past it the stage is re-dispatched anyway (its message may have "
+        "been lost behind a long backfill).",
+    )
+
     # Flower.
     flower_port: int = 5555
     flower_address: str = Field(

@@ -12,9 +12,16 @@ together (``orchestrator.submit.submit_many``: one transaction for the batch):
 - Malformed entries are rejected at once: the ``rejected`` event (on ``imgpipe:events``
   and the entry's ``reply_to``) and the ``XACK`` go out in one MULTI/EXEC transaction,
   so a crash cannot publish a rejection without acknowledging it or the reverse.
-- Entries that keep failing for transient reasons (database down, a bug) are processed
-  at most ``ingest_max_deliveries`` times (XPENDING's delivery count), then moved to
-  ``imgpipe:submit:dead`` with the last error and rejected with reason ``dead_lettered``.
+- While the database is unreachable the consumer pauses: an entry that failed with a
+  transient error while a probe (``SELECT 1``) fails is held in memory, not counted as a
+  failure; no new entries are read; the held entries' claim is renewed (``XCLAIM
+  JUSTID``: idle time reset, delivery count unchanged) so no other consumer takes them;
+  the probe is retried with bounded backoff and jitter, and once it succeeds the held
+  entries are handled and reading resumes. An outage of any length dead-letters nothing.
+- Entries that keep failing for other reasons (a bug, a transient error while the
+  database answers) are processed at most ``ingest_max_deliveries`` times (XPENDING's
+  delivery count), then moved to ``imgpipe:submit:dead`` with the last error and rejected
+  with reason ``dead_lettered``.
 - Acknowledged entries are trimmed (``XTRIM MINID ~``): image bytes do not pile up.
 """
 
@@ -29,7 +36,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
+from db.engine import session_scope
+from imgpipe.backoff import Backoff
 from imgpipe.contracts import (
     EVENTS_STREAM,
     SUBMIT_DEAD_STREAM,
@@ -71,6 +82,10 @@ class PollReport:
     dead: int = 0
     retrying: int = 0
     """Failed transiently; left pending for a later delivery."""
+    held: int = 0
+    """Failed while the database is unreachable: held by this consumer until it is back."""
+    paused: bool = False
+    """The database is unreachable: nothing new was read."""
 
 
 @dataclass(frozen=True)
@@ -104,23 +119,28 @@ class SubmitConsumer:
         self._group_ready = False
         self._claim_cursor = "0-0"
         self._last_housekeeping = 0.0
+        self._held: list[_Entry] = []
+        """Entries waiting for the database to come back (see the module's docstring)."""
 
     # -- the loop -------------------------------------------------------------------------
     def run_forever(self, stop_event: threading.Event) -> None:
         """Poll until ``stop_event`` is set; Redis or database outages are waited out."""
         log.info("ingest consumer %s reading %s", self.name, SUBMIT_STREAM)
-        backoff_s = 0.5
+        backoff = Backoff(self.settings.outage_backoff_s, self.settings.outage_backoff_max_s)
         while not stop_event.is_set():
             try:
                 report = self.poll_once()
             except (redis.ConnectionError, redis.TimeoutError, OSError, TransientError) as exc:
-                log.warning("ingest: %s; retrying in %.1f s", exc, backoff_s)
-                stop_event.wait(backoff_s)
-                backoff_s = min(backoff_s * 2, 30.0)
+                delay_s = backoff.next_s()
+                log.warning("ingest: %s; retrying in %.1f s", exc, delay_s)
+                stop_event.wait(delay_s)
                 continue
-            backoff_s = 0.5
             if report.read or report.reclaimed:
                 log.info("ingest: %s", report)
+            if report.paused:
+                stop_event.wait(backoff.next_s())
+                continue
+            backoff.reset()
 
     def ensure_group(self) -> None:
         """Create the group (at id 0: entries added before any consumer ran are read)."""
@@ -136,6 +156,9 @@ class SubmitConsumer:
         report = PollReport()
         if not self._group_ready:
             self.ensure_group()
+        if self._held:
+            self._retry_held(report)
+            return report
         try:
             entries = self._reclaim()
             report.reclaimed = len(entries)
@@ -222,6 +245,51 @@ class SubmitConsumer:
             pipe.xack(SUBMIT_STREAM, SUBMIT_GROUP, entry_id)
         pipe.execute()
 
+    # -- a database outage -----------------------------------------------------------------
+    def database_reachable(self) -> bool:
+        """One ``SELECT 1``: can submissions be committed right now?"""
+        try:
+            with session_scope(self.ctx.database_url) as session:
+                session.execute(text("SELECT 1"))
+        except (TransientError, DBAPIError, OSError):
+            return False
+        return True
+
+    def _retry_held(self, report: PollReport) -> None:
+        """Paused: handle the held entries once the database answers, else keep them."""
+        if not self.database_reachable():
+            self._renew_hold()
+            report.paused = True
+            report.held = len(self._held)
+            return
+        entries, self._held = self._held, []
+        log.warning(
+            "ingest: the database answers again; handling the %d held entries, then reading "
+            "new ones", len(entries),
+        )  # fmt: skip
+        self._handle(entries, report)
+
+    def _renew_hold(self) -> None:
+        """Reset the held entries' idle time (no other consumer reclaims them) without
+        counting a delivery (JUSTID); drop any that are no longer pending here."""
+        ids: list[Any] = [e.entry_id for e in self._held]
+        kept = self.client.xclaim(SUBMIT_STREAM, SUBMIT_GROUP, self.name, 0, ids, justid=True)
+        still = {_text(i) for i in kept}
+        self._held = [e for e in self._held if e.entry_id in still]
+
+    def _hold(self, entries: list[tuple[_Entry, Exception]], report: PollReport) -> bool:
+        """Entries that failed transiently: held if the database is unreachable (True)."""
+        if not entries or self.database_reachable():
+            return False
+        self._held.extend(entry for entry, _ in entries)
+        report.held = len(self._held)
+        report.paused = True
+        log.warning(
+            "ingest: the database is unreachable (%s); pausing: %d entries held, no new "
+            "entries read until it answers", entries[0][1], len(self._held),
+        )  # fmt: skip
+        return True
+
     # -- handling -------------------------------------------------------------------------
     def _handle(self, entries: list[_Entry], report: PollReport) -> None:
         """Parse every entry, submit the valid ones as one batch (``submit_many``: one
@@ -229,6 +297,7 @@ class SubmitConsumer:
         finish = self.client.pipeline(transaction=True)
         done: list[str] = []
         parsed: list[tuple[_Entry, SubmitRequest]] = []
+        transient: list[tuple[_Entry, Exception]] = []
         for entry in entries:
             if entry.deliveries > self.settings.ingest_max_deliveries:
                 self._dead_letter(finish, entry)
@@ -237,6 +306,8 @@ class SubmitConsumer:
                 continue
             try:
                 parsed.append((entry, parse_entry(self.ctx, entry.entry_id, entry.fields)))
+            except TransientError as exc:
+                transient.append((entry, exc))
             except Exception as exc:
                 if self._failed(finish, entry, exc, report):
                     done.append(entry.entry_id)
@@ -246,6 +317,9 @@ class SubmitConsumer:
             except Exception as exc:  # nothing of the batch committed
                 results = [exc] * len(parsed)
             for (entry, request), result in zip(parsed, results, strict=True):
+                if isinstance(result, TransientError):
+                    transient.append((entry, result))
+                    continue
                 if isinstance(result, Exception):
                     if self._failed(finish, entry, result, report):
                         done.append(entry.entry_id)
@@ -255,6 +329,9 @@ class SubmitConsumer:
                 if not result.created:
                     report.duplicates += 1
                     replay_final(self.ctx, finish, result, request.reply_to)
+        if not self._hold(transient, report):
+            for failed_entry, error in transient:
+                self._failed(finish, failed_entry, error, report)
         if done:
             finish.xack(SUBMIT_STREAM, SUBMIT_GROUP, *done)
             finish.hdel(SUBMIT_FAILURES_KEY, *done)

@@ -1,4 +1,10 @@
-"""Celery tasks of the control queue: advance, submit, reap, webhook. Bodies stay thin."""
+"""Celery tasks of the control queue: advance, submit, reap, webhook. Bodies stay thin.
+
+A TransientError (the database unreachable) retries ``advance`` and ``submit`` with
+bounded backoff and jitter (``outage_backoff_s`` .. ``outage_backoff_max_s``) and no cap
+on the number of tries: the message is the only copy of a Celery submission, so an
+outage of any length must not ack it away; the retry is noticed within seconds of the
+database's return. (``reap`` needs no retry: beat runs it again.)"""
 
 from __future__ import annotations
 
@@ -6,10 +12,11 @@ import base64
 import binascii
 import json
 import logging
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Task, shared_task
 
+from imgpipe.backoff import backoff_delay_s
 from imgpipe.celery_app import settings_of
 from imgpipe.contracts import ADVANCE_TASK, REAP_TASK, SUBMIT_TASK, WEBHOOK_TASK, Priority
 from imgpipe.errors import ConfigError, PermanentError, TransientError
@@ -33,34 +40,37 @@ def context_for(task: Task) -> OrchestratorContext:
     return ctx
 
 
-@shared_task(
-    name=ADVANCE_TASK,
-    bind=True,
-    autoretry_for=(TransientError,),
-    retry_backoff=1,
-    retry_backoff_max=30,
-    max_retries=10,
-)
+def retry_transient(task: Task, exc: TransientError) -> NoReturn:
+    """Retry ``task`` after a bounded, jittered backoff; never give up on an outage (the
+    task is declared with ``max_retries=None``: ``retry(max_retries=None)`` would mean the
+    task's default, 3)."""
+    settings = settings_of(task.app)
+    delay_s = backoff_delay_s(
+        task.request.retries, settings.outage_backoff_s, settings.outage_backoff_max_s
+    )
+    log.warning(
+        "%s[%s] failed transiently (try %d): %s; retrying in %.1f s",
+        task.name, task.request.id, task.request.retries + 1, exc, delay_s,
+    )  # fmt: skip
+    raise task.retry(exc=exc, countdown=delay_s)
+
+
+@shared_task(name=ADVANCE_TASK, bind=True, max_retries=None)
 def advance_task(self: Task, job_id: str) -> None:
     from orchestrator.advance import advance_job
 
-    advance_job(context_for(self), job_id)
+    try:
+        advance_job(context_for(self), job_id)
+    except TransientError as exc:
+        retry_transient(self, exc)
 
 
 @shared_task(name=REAP_TASK, bind=True)
 def reap_task(self: Task) -> dict[str, int]:
-    report = reap(context_for(self))
-    return {"redispatched": report.redispatched, "dead": report.dead, "advanced": report.advanced}
+    return reap(context_for(self)).as_dict()
 
 
-@shared_task(
-    name=SUBMIT_TASK,
-    bind=True,
-    autoretry_for=(TransientError,),
-    retry_backoff=1,
-    retry_backoff_max=30,
-    max_retries=10,
-)
+@shared_task(name=SUBMIT_TASK, bind=True, max_retries=None)
 def submit_task(self: Task, **fields: Any) -> dict[str, Any]:
     """Celery clients: ``send_task("imgpipe.submit", kwargs={"image_b64": ..., ...},
     queue="imgpipe.control")``. The name ``imgpipe.submit`` is a public contract.
@@ -85,7 +95,10 @@ def submit_task(self: Task, **fields: Any) -> dict[str, Any]:
     )
     if fields:
         raise PermanentError(f"unknown submit field(s): {', '.join(sorted(fields))}")
-    result = submit(context_for(self), request)
+    try:
+        result = submit(context_for(self), request)
+    except TransientError as exc:
+        retry_transient(self, exc)
     return {"job_id": result.job_id, "status": result.status, "created": result.created}
 
 

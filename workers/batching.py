@@ -9,8 +9,9 @@ from the same queues, interactive before bulk, and:
 2. hands them to ``StageExecutor.run_batch``: one transaction claims every row, inputs
    load on a few threads, one forward pass per model, one transaction records every
    result and steps every job; the next stages' messages go out after that commit;
-3. acks each message only after its result is committed. A database outage requeues the
-   batch; a transient stage error re-sends that one message with its backoff delay.
+3. acks each message only after its result is committed. A database or broker outage is
+   waited out holding the batch (bounded backoff with jitter, workers/outage.py); a
+   transient stage error re-sends that one message with its backoff delay.
 
 Why not celery-batches: it buffers requests in the worker's main process and hands the
 pool a list, but it acks late-ack requests in the pool's *return* callback only, leaving
@@ -28,6 +29,7 @@ A watchdog ends the process if one batch runs past the longest time limit of its
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -53,7 +55,6 @@ __all__ = ["BatchingConsumer", "Pending"]
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0
-DB_RETRY_S = 2.0
 WATCHDOG_GRACE_S = 30.0
 WATCHDOG_TICK_S = 0.5
 DEFAULT_BATCH_LIMIT_S = 600.0
@@ -116,6 +117,10 @@ class BatchingConsumer:
         self._channel: Any = None
         self._consumer: Any = None
         self._accept = prepare_accept_content(["json"])  # type: ignore[no-untyped-call]
+        # An outage is waited out inside the batch: a stop request ends the wait, and the
+        # watchdog does not count the time spent waiting for the database or broker.
+        self.executor.outage.stop = self._stop
+        self.executor.outage.on_wait = self._postpone_watchdog
         self.executor.continue_locally(self.queue_names, CONTINUATION_BATCHES * batch_size)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -348,11 +353,11 @@ class BatchingConsumer:
                 [ClaimRequest(p.stage_run_id, p.task_id) for p in batch]
             )
         except TransientError as exc:
-            log.warning("batch of %d not recorded (%s); requeued", len(batch), exc)
+            # Only when stopping mid-outage (run_batch waits out outages otherwise).
+            log.warning("stopping: batch of %d not recorded (%s); requeued", len(batch), exc)
             for p in batch:
                 self._event("task-retried", uuid=p.task_id, exception=str(exc))
                 p.message.requeue()
-            time.sleep(DB_RETRY_S)
             return
         finally:
             self._batch_deadline = None
@@ -392,9 +397,12 @@ class BatchingConsumer:
                 )  # fmt: skip
                 self._event("task-started", uuid=claim.task_id, pid=os.getpid())
                 if outcome.retry_in_s is not None:
-                    self.app.send_task(
-                        name, args=[claim.stage_run_id], queue=claim.queue,
-                        countdown=outcome.retry_in_s,
+                    self.executor.outage.call(
+                        f"re-sending stage run {claim.stage_run_id}",
+                        functools.partial(
+                            self.app.send_task, name, args=[claim.stage_run_id],
+                            queue=claim.queue, countdown=outcome.retry_in_s,
+                        ),
                     )  # fmt: skip
                     self._event("task-retried", uuid=claim.task_id, exception=outcome.error)
                 elif outcome.status in ("failed", "dead"):
@@ -409,13 +417,18 @@ class BatchingConsumer:
     def _settle(self, p: Pending, outcome: Outcome, runtime_s: float) -> None:
         """Ack a message whose outcome is committed; a retry is re-sent first."""
         if outcome.retry_in_s is not None:
-            self.app.send_task(
-                p.task_name,
-                args=[p.stage_run_id],
-                queue=p.message.delivery_info.get("routing_key") or self.queue_names[0],
-                countdown=outcome.retry_in_s,
-                task_id=p.task_id,
-                retries=p.retries + 1,
+            retry_in_s = outcome.retry_in_s
+            # the retry goes out before the ack: an outage is waited out, not acked away
+            self.executor.outage.call(
+                f"re-sending stage run {p.stage_run_id}",
+                lambda: self.app.send_task(
+                    p.task_name,
+                    args=[p.stage_run_id],
+                    queue=p.message.delivery_info.get("routing_key") or self.queue_names[0],
+                    countdown=retry_in_s,
+                    task_id=p.task_id,
+                    retries=p.retries + 1,
+                ),
             )
             self._event("task-retried", uuid=p.task_id, exception=outcome.error or "")
         elif outcome.status in ("failed", "dead"):
@@ -440,6 +453,12 @@ class BatchingConsumer:
             self._dispatcher.send(event_type, **fields)
         except Exception as exc:  # monitoring must never stop the work
             log.debug("event %s not sent: %s", event_type, exc)
+
+    def _postpone_watchdog(self, seconds: float) -> None:
+        """Time spent waiting out an outage does not count against the batch's limit."""
+        deadline = self._batch_deadline
+        if deadline is not None:
+            self._batch_deadline = deadline + seconds
 
     def _watchdog(self) -> None:
         """Exit the process when a stage's compute runs past its hard time limit (the soft

@@ -157,10 +157,12 @@ def claim_rows(
             log.warning("stage run %s is still pending; not dispatched yet", row.id)
             results.append(Outcome("not_dispatched", row.job_id))
             continue
+        retake = _own_unacknowledged_claim(row, request, me)
         if (
             row.status == StageStatus.RUNNING
             and row.deadline_at is not None
             and row.deadline_at > now
+            and not retake
         ):
             # A live attempt holds it (a duplicate delivery, or a message the reaper
             # re-sent too early): never start a second run of the same stage.
@@ -172,6 +174,14 @@ def claim_rows(
             row.skip_reason = f"job_{job.status}"
             row.finished_at = now
             results.append(Outcome("skipped", row.job_id))
+            continue
+        if retake:
+            log.warning(
+                "stage run %s: this worker's claim of it committed but the database's answer "
+                "was lost; running it as attempt %s", row.id, row.attempts,
+            )  # fmt: skip
+            _start(row, request, now, me)
+            results.append(_claim_of(row, job, images, siblings.get(row.job_id, {})))
             continue
         row.attempts += 1
         if row.attempts > row.max_attempts:
@@ -186,6 +196,20 @@ def claim_rows(
         _start(row, request, now, me)
         results.append(_claim_of(row, job, images, siblings.get(row.job_id, {})))
     return results
+
+
+def _own_unacknowledged_claim(row: StageRun, request: ClaimRequest, me: WorkerIdentity) -> bool:
+    """The row is ``running`` in this very process for this very message: a claim of ours
+    committed but its connection died before the answer came back, and the claim was
+    tried again. One process claims one batch at a time, so nothing else is running it."""
+    return (
+        row.status == StageStatus.RUNNING
+        and request.celery_task_id is not None
+        and not request.celery_task_id.startswith("local-")
+        and row.celery_task_id == request.celery_task_id
+        and row.worker_pid == me.pid
+        and row.worker_host == me.host
+    )
 
 
 def claim_in_place(

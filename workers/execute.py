@@ -50,6 +50,7 @@ from workers.claims import (
     WorkerIdentity,
     claim_rows,
 )
+from workers.outage import OnceSender, OutageWait, resend_uncertain
 from workers.persist import Failure, Finished, LocalContinuation, persist_finished
 from workers.pixels import PixelCache, encode_working_copy
 from workers.runtime import BatchRunner, StageInput, StageOutput, StageSkip
@@ -104,6 +105,9 @@ class StageExecutor:
         self._recorded_models: set[tuple[str, str, str]] = set()
         self.compute_clock = ComputeClock()
         """The hard time limit of the forward pass in progress (the consumer's watchdog)."""
+        self.outage = OutageWait(settings.outage_backoff_s, settings.outage_backoff_max_s)
+        """How claims, persists and sends wait out a database or broker outage; a consumer
+        gives it its stop event and watchdog (workers/batching.py)."""
 
     @property
     def db_url(self) -> str:
@@ -152,28 +156,38 @@ class StageExecutor:
         key = (info["name"], info["version"], info["weights_sha256"])
         if key in self._recorded_models:
             return
-        with session_scope(self.db_url) as session:
-            record_model(
-                session,
-                name=info["name"],
-                version=info["version"],
-                weights_sha256=info["weights_sha256"],
-                source=info["source"],
-                license=info["license"],
-            )
+        try:
+            with session_scope(self.db_url) as session:
+                record_model(
+                    session,
+                    name=info["name"],
+                    version=info["version"],
+                    weights_sha256=info["weights_sha256"],
+                    source=info["source"],
+                    license=info["license"],
+                )
+        except TransientError as exc:
+            # Bookkeeping only (each stage row names its model itself): never fail a
+            # stage for it; the row is written at the model's next use.
+            log.warning("models row for %s not written yet: %s", info["name"], exc)
+            return
         self._recorded_models.add(key)
 
     # -- the whole path -------------------------------------------------------------------
     def run_batch(self, requests: Sequence[ClaimRequest]) -> list[Outcome]:
         """Claim, load, compute and persist ``requests``; one outcome per request.
 
-        Raises TransientError only when the database cannot be reached to claim or to
-        persist: nothing was recorded then, and the messages should be retried. Stages
-        this worker claimed for itself while persisting (``continue_locally``) wait in
-        ``continuations`` for ``run_continuations``."""
+        A database or broker outage is waited out here (``outage``: bounded backoff with
+        jitter), holding the batch: TransientError escapes only when the worker is asked to
+        stop meanwhile. Stages this worker claimed for itself while persisting
+        (``continue_locally``) wait in ``continuations`` for ``run_continuations``."""
         started = time.perf_counter()
-        with session_scope(self.db_url) as session:
-            claimed = claim_rows(session, requests, utcnow(), self.identity)
+
+        def claim() -> list[Claim | Outcome | NoInput]:
+            with session_scope(self.db_url) as session:
+                return claim_rows(session, requests, utcnow(), self.identity)
+
+        claimed = self.outage.call(f"claiming {len(requests)} stage run(s)", claim)
         outcomes: dict[int, Outcome] = {}
         claims: list[Claim] = []
         failed: list[Finished] = []
@@ -234,16 +248,44 @@ class StageExecutor:
         by_id: dict[int, Outcome] = {}
         after = AfterCommit()
         if finished:
-            with session_scope(self.db_url) as session:
-                results, after, local = persist_finished(
-                    session, finished, utcnow(), self.settings, self.local
-                )
+            results, after, local = self._persist(finished)
             self.continuations.extend(local)
             by_id = {f.stage_run_id: r for f, r in zip(finished, results, strict=True)}
         if dead_jobs:
-            after.extend(self._advance(dead_jobs))
-        deliver(self.app, self.events, after)
+            after.extend(self.outage.call("advancing jobs", lambda: self._advance(dead_jobs)))
+        sender = OnceSender(self.app)
+        self.outage.call(
+            "sending the next stages' messages", lambda: deliver(sender, self.events, after)
+        )
         return by_id
+
+    def _persist(self, finished: list[Finished]) -> tuple[list[Outcome], AfterCommit, list[Claim]]:
+        """``persist_finished`` in one transaction, tried again through an outage. A try
+        after a failed one also re-sends what an unacknowledged commit may have decided
+        (``resend_uncertain``): the results are written once (the claim's attempt is the
+        token), the messages at least once."""
+        tries = 0
+
+        def persist() -> tuple[list[Outcome], AfterCommit, list[Claim]]:
+            nonlocal tries
+            tries += 1
+            now = utcnow()
+            with session_scope(self.db_url) as session:
+                results, after, local = persist_finished(
+                    session, finished, now, self.settings, self.local
+                )
+                if tries > 1:
+                    skip = {d.stage_run_id for d in after.dispatches}
+                    skip |= {c.stage_run_id for c in [*local, *self.continuations]}
+                    after.extend(
+                        resend_uncertain(
+                            session, {f.job_id for f in finished}, self.identity, skip, now,
+                            self.settings.dispatch_timeout_s,
+                        )
+                    )  # fmt: skip
+            return results, after, local
+
+        return self.outage.call(f"recording {len(finished)} stage result(s)", persist)
 
     def _advance(self, job_ids: set[str]) -> AfterCommit:
         """Step jobs whose stage went dead at claim time (rare: attempts exhausted)."""

@@ -113,3 +113,60 @@ def test_reaper_reruns_a_stage_whose_worker_died_until_attempts_run_out(
     assert reap(ctx).dead >= 1
     assert reload(ctx, last).status == StageStatus.DEAD
     assert "never finished" in (reload(ctx, last).error or "")
+
+
+def test_reaper_redispatches_past_the_postponement_cap_despite_a_backlog(
+    redis_broker: EmbeddedRedis,
+) -> None:
+    """A message lost behind an endless backfill is re-sent once the row has been postponed
+    for ``reaper_postpone_max_s`` since its dispatch, backlog or not."""
+    database_url = f"sqlite:///{short_tmp_dir('iprp-') / 'reaper.db'}"
+    upgrade(database_url)
+    ctx = OrchestratorContext(make_settings(redis_broker, database_url, reaper_postpone_max_s=60))
+    client = redis_broker.client()
+    client.delete(QUEUE)
+    client.lpush(QUEUE, "a backfill's message")
+    stage_id = overdue_job(ctx, StageStatus.DISPATCHED, dispatch_count=1)
+
+    report = reap(ctx)
+    assert (report.postponed, report.redispatched_past_cap) == (1, 0)
+    row = reload(ctx, stage_id)
+    assert row.dispatched_at is not None and row.deadline_at is not None
+    assert row.deadline_at <= row.dispatched_at + timedelta(seconds=60), "checked at the cap"
+
+    with session_scope(ctx.database_url) as session:
+        stage = session.get(StageRun, stage_id)
+        assert stage is not None
+        stage.dispatched_at = utcnow() - timedelta(seconds=61)
+        stage.deadline_at = utcnow() - timedelta(seconds=1)
+    report = reap(ctx)
+    assert (report.postponed, report.redispatched_past_cap) == (0, 1)
+    assert reload(ctx, stage_id).dispatch_count == 2
+    assert client.llen(QUEUE) == 2, "re-sent behind the backlog"
+
+
+def test_one_failing_job_does_not_end_the_reaper_pass(redis_broker: EmbeddedRedis) -> None:
+    """A job whose advance raises (its stage names a need that does not exist) is logged
+    and counted; the healthy job next to it is still advanced in the same pass."""
+    database_url = f"sqlite:///{short_tmp_dir('iprp-') / 'reaper.db'}"
+    upgrade(database_url)
+    ctx = OrchestratorContext(make_settings(redis_broker, database_url))
+    redis_broker.client().delete(QUEUE)
+    healthy = overdue_job(ctx, StageStatus.SUCCEEDED)
+    broken = overdue_job(ctx, StageStatus.SUCCEEDED)
+    with session_scope(ctx.database_url) as session:
+        job_id = reload(ctx, broken).job_id
+        for row in session.query(StageRun).filter(StageRun.job_id == job_id):
+            if row.stage == "enhance":
+                row.needs = ["no-such-stage"]
+
+    report = reap(ctx)
+    assert report.errors == 1, report
+    assert report.advanced == 1, report
+    with session_scope(ctx.database_url) as session:
+        enhance = (
+            session.query(StageRun)
+            .filter(StageRun.job_id == reload(ctx, healthy).job_id, StageRun.stage == "enhance")
+            .one()
+        )
+        assert enhance.status == StageStatus.DISPATCHED
