@@ -259,20 +259,26 @@ def test_detector_in_fp16_is_within_tolerance_of_fp32(
     assert_within_tolerance(got, fp32_results, BOX_TOL_PX, SCORE_TOL)
 
 
-def test_detector_in_bf16_is_not_within_tolerance_so_it_runs_fp32(
-    photos: list[NDArray[np.uint8]], fp32_results: list[DetectResult]
+def test_detector_refuses_bf16_which_strays_further_from_fp32_than_fp16(
+    photos: list[NDArray[np.uint8]],
 ) -> None:
-    """bf16 (8-bit mantissa) moved FACE_FEMALE on the 150x97 thumbnail by 0.0203."""
+    """bf16 keeps 8 mantissa bits to fp16's 11: on the machine where the choice was made it
+    moved FACE_FEMALE on the 150x97 thumbnail by 0.0203 (tolerance 0.02). Whether it stays
+    within tolerance depends on the CPU's bf16 kernels, so the detector refuses it and runs
+    fp32; what holds everywhere is that bf16's raw outputs stray further than fp16's."""
     assert "bf16" not in NudeNetDetector.reduced_precisions
     assert _detector(precision="bf16").precision == "fp32"
-    module = _detector(precision="fp32").ensure_loaded().to(torch.bfloat16)
-    pixels, letterboxes = letterbox_batch(photos)
-    with torch.inference_mode():
-        raw = module(to_network_input(pixels, torch.device("cpu")).bfloat16()).float()
-    requests = [DetectRequest(p) for p in photos]
-    got = decode_batch(raw, letterboxes, requests, NudeNetDetector.labels)
-    with pytest.raises(AssertionError):
-        assert_within_tolerance(got, fp32_results, BOX_TOL_PX, SCORE_TOL)
+    pixels, _ = letterbox_batch(photos)
+
+    def raw(dtype: torch.dtype) -> torch.Tensor:
+        module = _detector(precision="fp32").ensure_loaded().to(dtype)
+        with torch.inference_mode():
+            return module(to_network_input(pixels, torch.device("cpu")).to(dtype)).float()
+
+    reference = raw(torch.float32)
+    gap_bf16 = (raw(torch.bfloat16) - reference).abs().max().item()
+    gap_fp16 = (raw(torch.float16) - reference).abs().max().item()
+    assert gap_bf16 > gap_fp16 > 0, (gap_bf16, gap_fp16)
 
 
 def test_detector_channels_last_and_device_letterbox_keep_labels_and_boxes(
