@@ -85,7 +85,7 @@ def add_ops_commands(app: typer.Typer, console: Console) -> None:
 
         report = reap(OrchestratorContext(Settings()))
         console.print(
-            f"redispatched {report.redispatched}, dead {report.dead}, advanced {report.advanced}"
+            ", ".join(f"{name.replace('_', ' ')} {n}" for name, n in report.as_dict().items())
         )
 
     @blobs_app.command("gc")
