@@ -26,7 +26,14 @@ from urllib.parse import unquote, urlparse
 
 from imgpipe.errors import ConfigError, TransientError
 
-__all__ = ["BlobStore", "LocalBlobStore", "PendingPuts", "open_blob_store", "sha256_bytes"]
+__all__ = [
+    "BlobStore",
+    "LocalBlobStore",
+    "PendingPuts",
+    "open_blob_store",
+    "parked_blob_key",
+    "sha256_bytes",
+]
 
 _SUFFIXES = {
     "application/octet-stream": "",
@@ -66,6 +73,12 @@ class BlobStore:
     def delete(self, key: str) -> int:
         """Remove ``key``; returns the bytes freed (0 if it was not there)."""
         raise NotImplementedError
+
+
+def parked_blob_key(digest: str) -> str:
+    """Where bytes that have no images row yet are parked (a dead-lettered submission's
+    upload, orchestrator/ingest.py): the untyped key of their sha256."""
+    return blob_key(digest, "application/octet-stream")
 
 
 def blob_key(digest: str, media_type: str) -> str:
