@@ -154,9 +154,10 @@ def probe_image(data: bytes, limits: DecodeLimits) -> ImageHeader:
     return header
 
 
-CRASH_DRILL_ENV: Final = "IMGPIPE_TEST_CRASH_DECODE_MAGIC"
+CRASH_DRILL_ENV: Final = "TEST_IMGPIPE_CRASH_DECODE_MAGIC"
 """Test-only: when this variable is set (only tests/reliability/test_poison_submit.py
-sets it), decoding bytes that start with its value ends the process at once, as a
+sets it; the stack passes it on, as it does every variable not named IMGPIPE_*),
+decoding bytes that start with its value ends the process at once, as a
 decoder crash (a segfault in a native codec) would. No image is known that crashes this
 Pillow, so the poison-image drill needs this stand-in; unset, it does nothing."""
 
