@@ -40,6 +40,7 @@ from imgpipe.contracts import (
 from imgpipe.errors import PermanentError, TransientError
 from imgpipe.events import EventType, encode_fields
 from orchestrator.context import OrchestratorContext
+from orchestrator.ingest_dead import dead_letter_fields
 from orchestrator.ingest_entry import parse_entry, rejection_code, routing_of
 from orchestrator.ingest_replay import replay_final
 from orchestrator.submit import SubmitRequest, submit_many
@@ -320,7 +321,9 @@ class SubmitConsumer:
             f"is kept in {SUBMIT_DEAD_STREAM}; fix the cause and submit it again"
         )
         log.error("ingest: entry %s dead-lettered: %s", entry.entry_id, message)
-        dead: dict[str | bytes, bytes | str] = {k: v for k, v in entry.fields.items()}
+        dead: dict[str | bytes, bytes | str] = dict(
+            dead_letter_fields(self.ctx.blobs, entry.entry_id, entry.fields).items()
+        )
         dead.update(
             {
                 f"{DEAD_FIELD_PREFIX}entry_id": entry.entry_id,

@@ -58,14 +58,15 @@ def _contexts(ctx: OrchestratorContext, n: int) -> list[OrchestratorContext]:
 def test_same_bytes_under_different_keys_race_into_one_image_and_a_job_each(
     race_ctx: OrchestratorContext,
 ) -> None:
-    data = photo_jpeg(101)
     for round_ in range(3):
         data = photo_jpeg(101 + round_)
+        requests = [
+            SubmitRequest(data=data, pipeline="basic", idempotency_key=f"b{round_}-{i}")
+            for i in range(THREADS)
+        ]
         calls: list[Callable[[], SubmitResult]] = [
-            lambda c=c, i=i: submit(
-                c, SubmitRequest(data=data, pipeline="basic", idempotency_key=f"b{round_}-{i}")
-            )
-            for i, c in enumerate(_contexts(race_ctx, THREADS))
+            lambda c=c, r=r: submit(c, r)
+            for c, r in zip(_contexts(race_ctx, THREADS), requests, strict=True)
         ]
         results = race(calls)
         assert all(r.created and r.status == "running" for r in results), results

@@ -28,9 +28,15 @@ def ctx(tmp_path: Path) -> OrchestratorContext:
     return OrchestratorContext(Settings(data_dir=tmp_path, metadata_max_bytes=1024))
 
 
+def _text(value: Any) -> bytes:
+    """A stream field's bytes: objects as compact JSON text, anything else as text."""
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":")).encode()
+    return str(value).encode()
+
+
 def _stream(ctx: OrchestratorContext, fields: dict[str, Any]) -> tuple[str, str]:
-    raw = {k.encode(): json.dumps(v, separators=(",", ":")).encode() if isinstance(v, dict) else str(v).encode()
-           for k, v in fields.items()}  # fmt: skip
+    raw = {k.encode(): _text(v) for k, v in fields.items()}
     raw[b"image"] = IMAGE
     return _outcome(lambda: parse_entry(ctx, "1-1", raw))
 
@@ -85,8 +91,7 @@ def test_valid_fields_give_the_same_request_on_every_entry_point(ctx: Orchestrat
         "reply_to": "imgpipe:reply:svc", "metadata": {"order": 7},
         "overrides": {"quality": {"min_side_px": 64}},
     }  # fmt: skip
-    raw = {k.encode(): json.dumps(v, separators=(",", ":")).encode() if isinstance(v, dict) else v.encode()
-           for k, v in fields.items()}  # fmt: skip
+    raw = {k.encode(): _text(v) for k, v in fields.items()}
     stream = parse_entry(ctx, "9-0", {**raw, b"image": IMAGE})
     celery = parse_task_fields(
         ctx, "t-9", {**fields, "image_b64": base64.b64encode(IMAGE).decode()}
