@@ -184,6 +184,13 @@ class Settings(BaseSettings):
         default=16 * 1024, ge=64, description="Largest `metadata` / `overrides` JSON accepted."
     )
 
+    blob_retention_s: int = Field(
+        default=7 * 24 * 3600,
+        ge=0,
+        description="`imgpipe gc` deletes blobs no row names once they are older than this "
+        "(a dead letter's parked upload included, once it left the dead-letter stream).",
+    )
+
     # Webhooks (orchestrator/webhooks.py): the completed event, POSTed and HMAC-signed.
     webhook_url: str | None = Field(
         default=None, description="POST every job's completed event here (http or https)."

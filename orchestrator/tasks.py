@@ -8,8 +8,6 @@ database's return. (``reap`` needs no retry: beat runs it again.)"""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 from typing import Any, NoReturn
@@ -18,11 +16,10 @@ from celery import Task, shared_task
 
 from imgpipe.backoff import backoff_delay_s
 from imgpipe.celery_app import settings_of
-from imgpipe.contracts import ADVANCE_TASK, REAP_TASK, SUBMIT_TASK, WEBHOOK_TASK, Priority
-from imgpipe.errors import ConfigError, PermanentError, TransientError
+from imgpipe.contracts import ADVANCE_TASK, REAP_TASK, SUBMIT_TASK, WEBHOOK_TASK
+from imgpipe.errors import ConfigError, TransientError
 from orchestrator.context import OrchestratorContext
 from orchestrator.reaper import reap
-from orchestrator.submit import SubmitRequest, submit
 
 __all__ = ["advance_task", "reap_task", "submit_task", "webhook_task"]
 
@@ -75,31 +72,16 @@ def submit_task(self: Task, **fields: Any) -> dict[str, Any]:
     """Celery clients: ``send_task("imgpipe.submit", kwargs={"image_b64": ..., ...},
     queue="imgpipe.control")``. The name ``imgpipe.submit`` is a public contract.
 
-    Fields are those of the submit stream (docs/submitting.md); ``image_b64`` carries the
-    bytes because Celery messages are JSON.
+    Fields are those of the submit stream (docs/submitting.md), validated by the same
+    parser; ``image_b64`` carries the bytes because Celery messages are JSON. A malformed
+    submission is answered with a ``rejected`` event (orchestrator/submit_task.py).
     """
+    from orchestrator.submit_task import handle_submit_task
+
     try:
-        data = base64.b64decode(fields.pop("image_b64", ""), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise PermanentError(f"image_b64 is not valid base64: {exc}") from exc
-    request = SubmitRequest(
-        data=data,
-        pipeline=str(fields.pop("pipeline", settings_of(self.app).default_pipeline)),
-        priority=Priority(fields.pop("priority", Priority.INTERACTIVE)),
-        idempotency_key=fields.pop("idempotency_key", None),
-        source="celery",
-        metadata=fields.pop("metadata", None),
-        overrides=fields.pop("overrides", None),
-        reply_to=fields.pop("reply_to", None),
-        force=bool(fields.pop("force", False)),
-    )
-    if fields:
-        raise PermanentError(f"unknown submit field(s): {', '.join(sorted(fields))}")
-    try:
-        result = submit(context_for(self), request)
+        return handle_submit_task(context_for(self), str(self.request.id), fields)
     except TransientError as exc:
         retry_transient(self, exc)
-    return {"job_id": result.job_id, "status": result.status, "created": result.created}
 
 
 @shared_task(name=WEBHOOK_TASK, bind=True, acks_late=True, ignore_result=True)
