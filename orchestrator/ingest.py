@@ -41,7 +41,6 @@ from imgpipe.errors import PermanentError, TransientError
 from imgpipe.events import EventType, encode_fields
 from orchestrator.context import OrchestratorContext
 from orchestrator.ingest_entry import parse_entry, rejection_code, routing_of
-from orchestrator.ingest_replay import replay_final
 from orchestrator.submit import SubmitRequest, submit_many
 
 __all__ = ["PollReport", "SubmitConsumer", "default_consumer_name"]
@@ -245,16 +244,15 @@ class SubmitConsumer:
                 results = submit_many(self.ctx, [request for _, request in parsed])
             except Exception as exc:  # nothing of the batch committed
                 results = [exc] * len(parsed)
-            for (entry, request), result in zip(parsed, results, strict=True):
+            for (entry, _request), result in zip(parsed, results, strict=True):
                 if isinstance(result, Exception):
                     if self._failed(finish, entry, result, report):
                         done.append(entry.entry_id)
                     continue
                 done.append(entry.entry_id)
                 report.jobs += 1
-                if not result.created:
+                if not result.created:  # answered by submit_many (orchestrator/duplicates.py)
                     report.duplicates += 1
-                    replay_final(self.ctx, finish, result, request.reply_to)
         if done:
             finish.xack(SUBMIT_STREAM, SUBMIT_GROUP, *done)
             finish.hdel(SUBMIT_FAILURES_KEY, *done)

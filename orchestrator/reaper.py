@@ -7,7 +7,8 @@ Runs periodically on the control queue (``imgpipe.reap``). It
 - marks them ``dead`` once they used up ``max_attempts`` runs or ``max_dispatches``
   dispatches, and advances the job so it fails with the reason;
 - advances jobs that are not terminal but have nothing in flight (an ``advance``
-  message that was lost).
+  message that was lost);
+- first of all, relays outbox rows left undelivered (orchestrator/relay.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from imgpipe.aftercommit import AfterCommit, Dispatch
 from imgpipe.contracts import JobStatus, StageStatus
 from orchestrator.advance import advance_job, deliver_after_commit
 from orchestrator.context import OrchestratorContext
+from orchestrator.relay import relay_outbox
 
 __all__ = ["ReapReport", "reap"]
 
@@ -120,6 +122,7 @@ class QueueDepths:
 
 
 def reap(ctx: OrchestratorContext) -> ReapReport:
+    relay_outbox(ctx)
     report = ReapReport()
     now = utcnow()
     with session_scope(ctx.database_url) as session:

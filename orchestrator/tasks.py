@@ -1,4 +1,5 @@
-"""Celery tasks of the control queue: advance, submit, reap, webhook. Bodies stay thin."""
+"""Celery tasks of the control queue: advance, submit, reap, webhook (and the outbox relay
+when the worker starts). Bodies stay thin."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import logging
 from typing import Any
 
 from celery import Task, shared_task
+from celery.signals import worker_ready
 
 from imgpipe.celery_app import settings_of
 from imgpipe.contracts import ADVANCE_TASK, REAP_TASK, SUBMIT_TASK, WEBHOOK_TASK, Priority
 from imgpipe.errors import ConfigError, PermanentError, TransientError
 from orchestrator.context import OrchestratorContext
 from orchestrator.reaper import reap
+from orchestrator.relay import relay_outbox
 from orchestrator.submit import SubmitRequest, submit
 
 __all__ = ["advance_task", "reap_task", "submit_task", "webhook_task"]
@@ -31,6 +34,15 @@ def context_for(task: Task) -> OrchestratorContext:
         ctx = OrchestratorContext(settings_of(app), app)
         _contexts[id(app)] = ctx
     return ctx
+
+
+@worker_ready.connect
+def relay_at_start(sender: Any = None, **_: Any) -> None:
+    """When the orchestrator starts, answers that a crashed process committed but never
+    published go out at once rather than at the first reaper pass."""
+    app = getattr(sender, "app", None)
+    if app is not None:
+        relay_outbox(OrchestratorContext(settings_of(app), app))
 
 
 @shared_task(

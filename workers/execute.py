@@ -33,6 +33,7 @@ from db.blobs import BlobStore, open_blob_store
 from db.dag import advance_in_session, mark_dispatched
 from db.engine import session_scope
 from db.models import utcnow
+from db.outbox import DeferredAcks, delete_rows
 from db.repo import lock_stage_runs, record_model
 from imgpipe.aftercommit import AfterCommit, deliver
 from imgpipe.celery_app import create_app
@@ -94,6 +95,8 @@ class StageExecutor:
         self._pixels: PixelCache | None = None
         self._loader: ThreadPoolExecutor | None = None
         self.events = EventPublisher(settings.effective_redis_url, settings.events_maxlen)
+        self.acks = DeferredAcks(settings.effective_database_url)
+        """Outbox rows this worker delivered; its next persist transaction removes them."""
         self._app: Any = None
         self._runners: dict[str, BatchRunner] = {}
         self.local: LocalContinuation | None = None
@@ -219,7 +222,7 @@ class StageExecutor:
                     continue
                 row.attempts -= 1
                 after.dispatches.append(mark_dispatched(row, now, self.settings.dispatch_timeout_s))
-        deliver(self.app, self.events, after)
+        deliver(self.app, self.events, after, self.acks)
 
     def _run_claims(
         self, claims: list[Claim], finished: list[Finished], started: float, dead_jobs: set[str]
@@ -231,15 +234,21 @@ class StageExecutor:
         by_id: dict[int, Outcome] = {}
         after = AfterCommit()
         if finished:
-            with session_scope(self.db_url) as session:
-                results, after, local = persist_finished(
-                    session, finished, utcnow(), self.settings, self.local
-                )
+            delivered = self.acks.take()  # removed in this transaction: no extra one
+            try:
+                with session_scope(self.db_url) as session:
+                    delete_rows(session, delivered)
+                    results, after, local = persist_finished(
+                        session, finished, utcnow(), self.settings, self.local
+                    )
+            except BaseException:
+                self.acks.delivered(delivered)
+                raise
             self.continuations.extend(local)
             by_id = {f.stage_run_id: r for f, r in zip(finished, results, strict=True)}
         if dead_jobs:
             after.extend(self._advance(dead_jobs))
-        deliver(self.app, self.events, after)
+        deliver(self.app, self.events, after, self.acks)
         return by_id
 
     def _advance(self, job_ids: set[str]) -> AfterCommit:
