@@ -53,7 +53,6 @@ from imgpipe.events import EventType, encode_fields
 from orchestrator.context import OrchestratorContext
 from orchestrator.ingest_dead import dead_letter_fields
 from orchestrator.ingest_entry import parse_entry, rejection_code, routing_of
-from orchestrator.ingest_replay import replay_final
 from orchestrator.ingest_trimmed import TrimWatch
 from orchestrator.submit import SubmitRequest, submit_many
 
@@ -332,7 +331,7 @@ class SubmitConsumer:
                 results = submit_many(self.ctx, [request for _, request in parsed])
             except Exception as exc:  # nothing of the batch committed
                 results = [exc] * len(parsed)
-            for (entry, request), result in zip(parsed, results, strict=True):
+            for (entry, _request), result in zip(parsed, results, strict=True):
                 if isinstance(result, TransientError):
                     transient.append((entry, result))
                     continue
@@ -342,9 +341,8 @@ class SubmitConsumer:
                     continue
                 done.append(entry.entry_id)
                 report.jobs += 1
-                if not result.created:
+                if not result.created:  # answered by submit_many (orchestrator/duplicates.py)
                     report.duplicates += 1
-                    replay_final(self.ctx, finish, result, request.reply_to)
         if not self._hold(transient, report):
             for failed_entry, error in transient:
                 self._failed(finish, failed_entry, error, report)

@@ -17,8 +17,11 @@ from sqlalchemy.exc import IntegrityError
 from db.blobs import sha256_bytes
 from db.engine import session_scope
 from db.models import Job, new_uuid, utcnow
+from db.outbox import write_outbox
+from imgpipe.aftercommit import AfterCommit
 from imgpipe.contracts import JobStatus
 from imgpipe.events import EventType
+from orchestrator.advance import deliver_after_commit
 from orchestrator.context import OrchestratorContext
 from orchestrator.submit import SubmitRequest, SubmitResult
 
@@ -69,16 +72,8 @@ def reject_crashing(ctx: OrchestratorContext, request: SubmitRequest, crashes: i
         reasons=[CRASHED_REASON],
         error=message,
     )
-    try:
-        with session_scope(ctx.database_url) as session:
-            session.add(job)
-    except IntegrityError:  # a concurrent delivery of the same key committed first
-        found = _existing(ctx, request.idempotency_key)
-        if found is None:
-            raise
-        return found
-    log.error("submission %s rejected: %s", request.idempotency_key, message)
-    ctx.events.publish(
+    after = AfterCommit()
+    after.event(
         EventType.REJECTED,
         job.id,
         idempotency_key=job.idempotency_key,
@@ -86,4 +81,15 @@ def reject_crashing(ctx: OrchestratorContext, request: SubmitRequest, crashes: i
         reason=CRASHED_REASON,
         error=message,
     )
+    try:
+        with session_scope(ctx.database_url) as session:
+            session.add(job)
+            write_outbox(session, after, fan_out=False)  # the answer, in the same commit
+    except IntegrityError:  # a concurrent delivery of the same key committed first
+        found = _existing(ctx, request.idempotency_key)
+        if found is None:
+            raise
+        return found
+    log.error("submission %s rejected: %s", request.idempotency_key, message)
+    deliver_after_commit(ctx, after)
     return SubmitResult(job.id, job.status, created=True, reason=message)

@@ -1,4 +1,5 @@
-"""Celery tasks of the control queue: advance, submit, reap, webhook. Bodies stay thin.
+"""Celery tasks of the control queue: advance, submit, reap, webhook (and the outbox relay
+when the worker starts). Bodies stay thin.
 
 A TransientError (the database unreachable) retries ``advance`` and ``submit`` with
 bounded backoff and jitter (``outage_backoff_s`` .. ``outage_backoff_max_s``) and no cap
@@ -13,6 +14,7 @@ import logging
 from typing import Any, NoReturn
 
 from celery import Task, shared_task
+from celery.signals import worker_ready
 
 from imgpipe.backoff import backoff_delay_s
 from imgpipe.celery_app import settings_of
@@ -20,6 +22,7 @@ from imgpipe.contracts import ADVANCE_TASK, REAP_TASK, SUBMIT_TASK, WEBHOOK_TASK
 from imgpipe.errors import ConfigError, TransientError
 from orchestrator.context import OrchestratorContext
 from orchestrator.reaper import reap
+from orchestrator.relay import relay_outbox
 
 __all__ = ["advance_task", "reap_task", "submit_task", "webhook_task"]
 
@@ -50,6 +53,15 @@ def retry_transient(task: Task, exc: TransientError) -> NoReturn:
         task.name, task.request.id, task.request.retries + 1, exc, delay_s,
     )  # fmt: skip
     raise task.retry(exc=exc, countdown=delay_s)
+
+
+@worker_ready.connect
+def relay_at_start(sender: Any = None, **_: Any) -> None:
+    """When the orchestrator starts, answers that a crashed process committed but never
+    published go out at once rather than at the first reaper pass."""
+    app = getattr(sender, "app", None)
+    if app is not None:
+        relay_outbox(OrchestratorContext(settings_of(app), app))
 
 
 @shared_task(name=ADVANCE_TASK, bind=True, max_retries=None)
@@ -84,7 +96,7 @@ def submit_task(self: Task, **fields: Any) -> dict[str, Any]:
         retry_transient(self, exc)
 
 
-@shared_task(name=WEBHOOK_TASK, bind=True, acks_late=True, ignore_result=True)
+@shared_task(name=WEBHOOK_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
 def webhook_task(self: Task, body: str) -> str:
     """POST one completed event (orchestrator/webhooks.py); retried with backoff."""
     from orchestrator.webhooks import deliver, retry_delay_s
@@ -105,7 +117,9 @@ def webhook_task(self: Task, body: str) -> str:
             "webhook for job %s failed (%s), attempt %d of %d; retrying in %.1f s",
             job_id, result.detail, attempt, settings.webhook_max_attempts, delay_s,
         )  # fmt: skip
-        raise self.retry(countdown=delay_s, max_retries=None)
+        # the task has max_retries=None (``retry(max_retries=None)`` would mean Celery's
+        # default of 3); WEBHOOK_MAX_ATTEMPTS is the cap, checked above
+        raise self.retry(countdown=delay_s)
     log.error(
         "webhook for job %s given up after %d attempt(s): %s; the event is still on the events "
         "stream", job_id, attempt, result.detail,
