@@ -84,7 +84,7 @@ def _refresh(path: Path) -> bool:
     name looks young to ``imgpipe gc`` (db/gc_orphans.py), which never deletes young blobs."""
     try:
         os.utime(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
     return True
 
