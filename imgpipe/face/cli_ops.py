@@ -116,7 +116,7 @@ def add_ops_commands(app: typer.Typer, console: Console) -> None:
         device: Annotated[str, typer.Option()] = "cpu",
     ) -> None:
         """Fit an anomaly profile on good images."""
-        from workers.anomaly.cli import fit_command
+        from imgpipe.face.cli_anomaly import fit_command
 
         fit_command(profile, images, name or profile.stem, device, console)
 
@@ -128,6 +128,6 @@ def add_ops_commands(app: typer.Typer, console: Console) -> None:
         device: Annotated[str, typer.Option()] = "cpu",
     ) -> None:
         """AUROC and the confusion at the calibrated threshold."""
-        from workers.anomaly.cli import eval_command
+        from imgpipe.face.cli_anomaly import eval_command
 
         eval_command(profile, good, bad, device, console)

@@ -1,4 +1,5 @@
-"""The ``imgpipe anomaly fit|eval`` commands (imported lazily by imgpipe/face/cli_ops.py)."""
+"""The ``imgpipe anomaly fit|eval`` commands (imported lazily by imgpipe/face/cli_ops.py:
+they load torch through workers/anomaly)."""
 
 from __future__ import annotations
 
