@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from imgpipe.contracts import CONTROL_QUEUE, WEBHOOK_TASK, bulk_queue
-from imgpipe.events import EventPublisher, EventType, PendingEvent
+from imgpipe.events import EventPublisher, EventType, PendingEvent, envelope
 
 __all__ = [
     "WEBHOOK_QUEUE",
@@ -103,13 +102,7 @@ class AfterCommit:
 
 def webhook_body(job_id: str, idempotency_key: str | None, completed: Mapping[str, Any]) -> str:
     """The webhook's JSON body: the completed event's fields as one object."""
-    event = {
-        "event": str(EventType.COMPLETED),
-        "job_id": job_id,
-        "idempotency_key": idempotency_key,
-        "at": time.time(),
-        **completed,
-    }
+    event = envelope(EventType.COMPLETED, job_id, idempotency_key, completed)
     return json.dumps(event, separators=(",", ":"), default=str)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
 
 from imgpipe.contracts import (
     ADVANCE_TASK,
@@ -22,9 +22,11 @@ from imgpipe.contracts import (
     SUBMIT_TASK,
     bulk_queue,
 )
+from imgpipe.errors import TransientError
+from imgpipe.retry import CONTROL_TASK_RETRY, RetryPolicy
 from imgpipe.settings import Settings
 
-__all__ = ["DELIVERY_SETTINGS", "QUEUES", "create_app", "settings_of"]
+__all__ = ["DELIVERY_SETTINGS", "QUEUES", "RetryingTask", "create_app", "settings_of"]
 
 QUEUES: dict[str, tuple[str, ...]] = {
     "control": (CONTROL_QUEUE, bulk_queue(CONTROL_QUEUE)),
@@ -95,3 +97,23 @@ def settings_of(app: Celery) -> Settings:
         settings = Settings()
         app.conf[_SETTINGS_KEY] = settings
     return settings
+
+
+class RetryingTask(Task):  # type: ignore[misc]
+    """Celery task base: a ``TransientError`` retries the task after
+    ``retry_policy.delay_s`` until the policy gives up, then propagates. Any other
+    exception propagates at once. Use as ``@shared_task(base=RetryingTask)``; a task may
+    set its own ``retry_policy`` in the decorator."""
+
+    retry_policy: RetryPolicy = CONTROL_TASK_RETRY
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except TransientError as exc:
+            attempt = int(self.request.retries) + 1
+            if self.retry_policy.gives_up(attempt):
+                raise
+            raise self.retry(
+                exc=exc, countdown=self.retry_policy.delay_s(attempt), max_retries=None
+            ) from exc

@@ -20,7 +20,7 @@ import redis
 
 from imgpipe.contracts import EVENTS_STREAM
 
-__all__ = ["EventPublisher", "EventType", "PendingEvent", "encode_fields"]
+__all__ = ["EventPublisher", "EventType", "PendingEvent", "encode_fields", "envelope"]
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,22 @@ class PendingEvent:
     fields: Mapping[str, Any] = field(default_factory=dict)
 
     def entry(self) -> dict[str, str]:
-        return encode_fields(
-            {
-                "event": str(self.event),
-                "job_id": self.job_id,
-                "idempotency_key": self.idempotency_key,
-                "at": time.time(),
-                **self.fields,
-            }
-        )
+        return encode_fields(envelope(self.event, self.job_id, self.idempotency_key, self.fields))
+
+
+def envelope(
+    event: EventType, job_id: str, idempotency_key: str | None, fields: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Every event as one object (a stream entry's fields, a webhook's body): the one place
+    the envelope is built. ``fields`` are the event's own (for ``completed``:
+    db/dag.py ``completed_payload``)."""
+    return {
+        "event": str(event),
+        "job_id": job_id,
+        "idempotency_key": idempotency_key,
+        "at": time.time(),
+        **fields,
+    }
 
 
 def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:

@@ -5,18 +5,16 @@ event). Used by the submit-stream consumer (orchestrator/ingest.py)."""
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Mapping
 from typing import Any
 
 import redis
 
-from db.dag import summary_scores
+from db.dag import completed_payload
 from db.engine import session_scope
 from db.models import Job
 from imgpipe.contracts import JobStatus
 from imgpipe.errors import TransientError
-from imgpipe.events import EventType, encode_fields
+from imgpipe.events import EventType, PendingEvent
 from orchestrator.context import OrchestratorContext
 from orchestrator.submit import SubmitResult
 
@@ -45,33 +43,21 @@ def replay_final(
         return
     pipe.xadd(
         reply_to,
-        encode_fields(fields),  # type: ignore[arg-type]
+        fields,  # type: ignore[arg-type]
         maxlen=ctx.settings.events_maxlen,
         approximate=True,
     )
 
 
-def _final_event(job: Job) -> dict[str, Any]:
-    common = {
-        "job_id": job.id,
-        "idempotency_key": job.idempotency_key,
-        "at": time.time(),
-        "replay": True,
-    }
+def _final_event(job: Job) -> dict[str, str]:
+    """The job's final event as first sent (db/dag.py ``completed_payload``, or the
+    rejection), marked ``replay``."""
     if job.status == JobStatus.REJECTED:
         reason = job.reasons[0] if job.reasons else None
-        return {"event": str(EventType.REJECTED), **common, "reason": reason, "error": job.error}
-    outputs: Mapping[str, Mapping[str, Any]] = {
-        r.stage: r.output for r in job.stage_runs if r.status == "succeeded" and r.output
-    }
-    return {
-        "event": str(EventType.COMPLETED),
-        **common,
-        "status": job.status,
-        "verdict": job.verdict,
-        "reasons": job.reasons,
-        "error": job.error,
-        "stages": {r.stage: r.status for r in job.stage_runs},
-        "scores": summary_scores(outputs),
-        "cache_hit": job.cache_hit_of is not None,
-    }
+        fields: dict[str, Any] = {"reason": reason, "error": job.error}
+        event = EventType.REJECTED
+    else:
+        fields, event = completed_payload(job, job.stage_runs), EventType.COMPLETED
+    return PendingEvent(
+        event, job.id, job.idempotency_key, fields={**fields, "replay": True}
+    ).entry()

@@ -10,9 +10,9 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from imgpipe.celery_app import settings_of
+from imgpipe.celery_app import RetryingTask, settings_of
 from imgpipe.contracts import ADVANCE_TASK, REAP_TASK, SUBMIT_TASK, WEBHOOK_TASK, Priority
-from imgpipe.errors import ConfigError, PermanentError, TransientError
+from imgpipe.errors import ConfigError, PermanentError
 from orchestrator.context import OrchestratorContext
 from orchestrator.reaper import reap
 from orchestrator.submit import SubmitRequest, submit
@@ -33,14 +33,7 @@ def context_for(task: Task) -> OrchestratorContext:
     return ctx
 
 
-@shared_task(
-    name=ADVANCE_TASK,
-    bind=True,
-    autoretry_for=(TransientError,),
-    retry_backoff=1,
-    retry_backoff_max=30,
-    max_retries=10,
-)
+@shared_task(name=ADVANCE_TASK, bind=True, base=RetryingTask)
 def advance_task(self: Task, job_id: str) -> None:
     from orchestrator.advance import advance_job
 
@@ -53,14 +46,7 @@ def reap_task(self: Task) -> dict[str, int]:
     return {"redispatched": report.redispatched, "dead": report.dead, "advanced": report.advanced}
 
 
-@shared_task(
-    name=SUBMIT_TASK,
-    bind=True,
-    autoretry_for=(TransientError,),
-    retry_backoff=1,
-    retry_backoff_max=30,
-    max_retries=10,
-)
+@shared_task(name=SUBMIT_TASK, bind=True, base=RetryingTask)
 def submit_task(self: Task, **fields: Any) -> dict[str, Any]:
     """Celery clients: ``send_task("imgpipe.submit", kwargs={"image_b64": ..., ...},
     queue="imgpipe.control")``. The name ``imgpipe.submit`` is a public contract.
@@ -91,8 +77,9 @@ def submit_task(self: Task, **fields: Any) -> dict[str, Any]:
 
 @shared_task(name=WEBHOOK_TASK, bind=True, acks_late=True, ignore_result=True)
 def webhook_task(self: Task, body: str) -> str:
-    """POST one completed event (orchestrator/webhooks.py); retried with backoff."""
-    from orchestrator.webhooks import deliver, retry_delay_s
+    """POST one completed event (orchestrator/webhooks.py); retried by
+    ``webhook_retry_policy`` (a refused answer is final, so not ``RetryingTask``)."""
+    from orchestrator.webhooks import deliver, webhook_retry_policy
 
     settings = settings_of(self.app)
     job_id = json.loads(body).get("job_id")
@@ -104,8 +91,9 @@ def webhook_task(self: Task, body: str) -> str:
     if result.delivered:
         return "delivered"
     attempt = self.request.retries + 1
-    if result.retry and attempt < settings.webhook_max_attempts:
-        delay_s = retry_delay_s(settings, attempt)
+    policy = webhook_retry_policy(settings)
+    if result.retry and not policy.gives_up(attempt):
+        delay_s = policy.delay_s(attempt)
         log.warning(
             "webhook for job %s failed (%s), attempt %d of %d; retrying in %.1f s",
             job_id, result.detail, attempt, settings.webhook_max_attempts, delay_s,

@@ -19,6 +19,7 @@ import importlib
 import logging
 import os
 import socket
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from celery.exceptions import SoftTimeLimitExceeded
 from numpy.typing import NDArray
 
 from db.blobs import BlobStore, open_blob_store
@@ -66,7 +68,10 @@ Result = StageOutput | StageSkip | Failure
 
 
 def _is_cuda_oom(exc: BaseException) -> bool:
-    return type(exc).__name__ == "OutOfMemoryError"
+    """A device out-of-memory error, by type. torch is looked up, not imported: a process
+    that never loaded torch (a CPU stage worker) cannot have raised one."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
 @dataclass
@@ -298,6 +303,7 @@ class StageExecutor:
                 params=w.claim.params,
                 upstream=w.claim.upstream,
                 device=self.device,
+                upstream_kinds=w.claim.upstream_kinds,
             )
             for w in group
         ]
@@ -335,7 +341,7 @@ class StageExecutor:
             return Failure(str(exc), permanent=True)
         if _is_cuda_oom(exc):
             return Failure(f"CUDA out of memory on one image: {exc}", permanent=False)
-        if type(exc).__name__ == "SoftTimeLimitExceeded":
+        if isinstance(exc, SoftTimeLimitExceeded):
             return Failure("stage exceeded its time limit", permanent=False)
         log.exception("stage %s of job %s crashed", claim.stage, claim.job_id, exc_info=exc)
         return Failure(

@@ -30,6 +30,9 @@ class StageInput:
     """Output JSON of every stage listed in this stage's ``needs``, by stage name."""
     device: str = "cpu"
     """torch device string the worker is pinned to (``cpu``, ``cuda:0`` ...)."""
+    upstream_kinds: Mapping[str, str] = field(default_factory=dict)
+    """Stage kind of each entry of ``upstream``: which schema of imgpipe/stageoutputs.py
+    its output follows."""
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -50,8 +53,9 @@ class DetectionRow:
 
 @dataclass(frozen=True)
 class StageOutput:
-    output: dict[str, Any]
-    """JSON-serialisable result stored on the stage row."""
+    output: Mapping[str, Any]
+    """JSON-serialisable result stored on the stage row: the kind's schema in
+    imgpipe/stageoutputs.py."""
     blob: bytes | None = None
     """Optional artifact (enhanced image, heat map) written to the blob store by the wrapper."""
     blob_media_type: str | None = None

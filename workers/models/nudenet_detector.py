@@ -30,6 +30,7 @@ import torchvision  # type: ignore[import-untyped]
 from numpy.typing import NDArray
 
 from imgpipe.errors import PermanentError
+from imgpipe.modelcatalog import MODELS, NUDENET_MODEL
 from workers.models._letterbox import (
     INPUT_SIZE,
     PAD_VALUE,
@@ -195,8 +196,8 @@ def labels_from_metadata(metadata: dict[str, str], num_classes: int) -> tuple[st
 class NudeNetDetector(InferenceModel[DetectRequest, DetectResult]):
     """YOLOv8n trained by the NudeNet project on 18 body-part/face classes."""
 
-    name = "nudenet-yolov8n"
-    version = "320n-rgb-letterbox114-v1"
+    name = NUDENET_MODEL
+    version = MODELS[NUDENET_MODEL].version
     license = (
         "AGPL-3.0 (nudenet 3.4.2 LICENSE; ONNX metadata: 'AGPL-3.0 License (ultralytics)'; "
         "the wheel's METADATA field says MIT)"

@@ -28,6 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from imgpipe.errors import PermanentError, WeightsMismatchError
+from imgpipe.stageoutputs import AnomalyOutput
 from workers.anomaly.profile import Profile, load_profile
 from workers.anomaly.scoring import backbone_for, score_images
 from workers.runtime import StageInput, StageOutput, StageSkip
@@ -139,7 +140,7 @@ def run_stage_batch(inputs: Sequence[StageInput]) -> list[StageOutput | StageSki
             threshold = params[i].threshold or profile.threshold
             # In the upload's frame, whatever size the stage was given to read.
             png, (width, height) = heatmap_png(scored.heatmap, threshold, inputs[i].original_size)
-            output: dict[str, Any] = {
+            output: AnomalyOutput = {
                 "score": scored.score,
                 "threshold": threshold,
                 "anomalous": scored.score > threshold,

@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from imgpipe.stageoutputs import AppliedOpOutput, EnhanceOutput
 from workers.stages._params import params_from_json, require
 from workers.stages.quality import QualityResult, check_rgb_image
 
@@ -127,7 +128,7 @@ class AppliedOp:
     """The flag and metric value that triggered it."""
     params: dict[str, float]
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self) -> AppliedOpOutput:
         return {"op": self.op, "reason": self.reason, "params": dict(self.params)}
 
 
@@ -139,13 +140,16 @@ class EnhanceResult:
     """In the order applied; empty if nothing needed doing."""
     duration_ms: float
 
-    def to_json(self) -> dict[str, object]:
-        height, width = self.image.shape[:2]
+    def to_json(self) -> EnhanceOutput:
+        height, width = (int(n) for n in self.image.shape[:2])
         return {
             "applied": [op.to_json() for op in self.applied],
             "duration_ms": self.duration_ms,
             "width_px": width,
             "height_px": height,
+            # the image read, which has the output's size (kept for existing readers)
+            "width": width,
+            "height": height,
         }
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from imgpipe.stageoutputs import NoopOutput
 from workers.runtime import StageInput, StageOutput, StageSkip
 
 __all__ = ["run_stage_batch"]
 
 
 def run_stage_batch(inputs: Sequence[StageInput]) -> list[StageOutput | StageSkip]:
-    return [StageOutput(output={"noop": True, "upstream": sorted(i.upstream)}) for i in inputs]
+    outputs: list[NoopOutput] = [{"noop": True, "upstream": sorted(i.upstream)} for i in inputs]
+    return [StageOutput(output=output) for output in outputs]
