@@ -36,7 +36,7 @@ class StageKind:
     """Importable top-level modules the implementation needs."""
     description: str = ""
     entry: str = "run_stage_batch"
-    """Name of the ``workers.runtime.BatchRunner`` function in ``implementation``."""
+    """Name of the ``workers.stagecontract.BatchRunner`` function in ``implementation``."""
     max_input_side_px: int | None = None
     """Longest image side this stage can use: the worker decodes its input at most this
     large (JPEG draft mode) and caches it so. None: full resolution. Chosen per kind by

@@ -54,7 +54,7 @@ from workers.claims import (
 )
 from workers.persist import Failure, Finished, LocalContinuation, persist_finished
 from workers.pixels import PixelCache, encode_working_copy
-from workers.runtime import BatchRunner, StageInput, StageOutput, StageSkip
+from workers.stagecontract import BatchRunner, StageInput, StageOutput, StageSkip
 from workers.version import code_version
 
 __all__ = ["Claim", "ClaimRequest", "Outcome", "StageExecutor"]

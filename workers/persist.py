@@ -29,7 +29,7 @@ from imgpipe.events import EventType
 from imgpipe.retry import stage_retry_policy
 from imgpipe.settings import Settings
 from workers.claims import Claim, ClaimRequest, Outcome, WorkerIdentity, claim_in_place
-from workers.runtime import StageOutput, StageSkip
+from workers.stagecontract import StageOutput, StageSkip
 
 __all__ = ["Failure", "Finished", "persist_finished"]
 

@@ -15,9 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from imgpipe.contracts import JobStatus, Priority
 from imgpipe.errors import ImgpipeError
-from imgpipe.face.cli_bench import add_bench_commands
-from imgpipe.face.cli_ingest import add_ingest_commands
-from imgpipe.face.cli_ops import add_ops_commands
+from imgpipe.face import cli_bench, cli_ingest, cli_ops, cli_reprocess, cli_review
+from imgpipe.face.cli_console import console
+from imgpipe.face.cli_console import fail as _fail
 from imgpipe.face.cli_render import render_results_table
 from imgpipe.settings import Settings
 
@@ -33,15 +33,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
 
 EXIT_FAILED = 1
 EXIT_REJECTED = 3
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code)
 
 
 @app.command()
@@ -262,9 +256,11 @@ def orchestrator(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
     run_worker(Settings(), "orchestrator", loglevel=loglevel)
 
 
-add_ops_commands(app, console)
-add_ingest_commands(app, console)
-add_bench_commands(app, console)
+cli_ops.register(app)
+cli_ingest.register(app)
+cli_reprocess.register(app)
+cli_review.register(app)
+cli_bench.register(app)
 
 
 def main() -> None:

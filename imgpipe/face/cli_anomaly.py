@@ -16,7 +16,8 @@ from db.repo import record_model
 from imgpipe.decode import DecodeLimits, decode_image
 from imgpipe.errors import ImageRejectedError, PermanentError
 from imgpipe.settings import Settings
-from workers.anomaly.profile import evaluate_profile, fit_profile
+from workers.anomaly.fit import fit_profile
+from workers.anomaly.profile import evaluate_profile
 
 __all__ = ["eval_command", "fit_command", "load_images"]
 

@@ -23,8 +23,8 @@ from imgpipe.stageoutputs import (
 )
 from orchestrator.pipelines import parse_pipeline
 from tests.unit.conftest import LoadSample
-from workers.models.nudenet_detector import DetectResult
-from workers.runtime import DetectionRow, StageInput
+from workers.models.detection import DetectResult
+from workers.stagecontract import DetectionRow, StageInput
 from workers.stages import detect, moderate
 from workers.stages.classical import run_enhance_batch, run_quality_batch
 from workers.stages.noop import run_stage_batch as run_noop_batch

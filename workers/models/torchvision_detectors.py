@@ -24,12 +24,7 @@ from torchvision.models import detection  # type: ignore[import-untyped]
 from imgpipe.errors import PermanentError
 from imgpipe.modelcatalog import torchvision_model_version
 from workers.models.base import InferenceModel
-from workers.models.nudenet_detector import (
-    DetectRequest,
-    DetectResult,
-    check_image,
-    select_detections,
-)
+from workers.models.detection import DetectRequest, DetectResult, check_image, select_detections
 
 __all__ = [
     "TORCHVISION_DETECTORS",

@@ -1,7 +1,7 @@
 """Batch runners for the classical stages (quality, enhance): StageInput -> StageOutput.
 
 The pure functions live in quality.py and enhance.py; this module only adapts them to
-the executor's contract (workers/runtime.py). Enhance reads the output of the first
+the executor's contract (workers/stagecontract.py). Enhance reads the output of the first
 quality stage it needs (found by kind) to choose its operations.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from imgpipe.errors import PermanentError
-from workers.runtime import StageInput, StageOutput, StageSkip
+from workers.stagecontract import StageInput, StageOutput, StageSkip
 from workers.stages.enhance import EnhanceParams, enhance_image
 from workers.stages.quality import QualityParams, QualityResult, assess_quality
 

@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any, Final
 from imgpipe.errors import PermanentError
 from imgpipe.modelcatalog import NUDENET_MODEL, TORCHVISION_DETECTORS
 from imgpipe.stageoutputs import DetectOutput
-from workers.runtime import DetectionRow, StageInput, StageOutput, StageSkip
+from workers.stagecontract import DetectionRow, StageInput, StageOutput, StageSkip
 
 if TYPE_CHECKING:
     from workers.models.base import InferenceModel
-    from workers.models.nudenet_detector import DetectRequest, DetectResult
+    from workers.models.detection import DetectRequest, DetectResult
 
 __all__ = [
     "DETECTOR_MODELS",
@@ -167,7 +167,7 @@ def _existing(model: str, weights_path: str) -> Path:
 
 
 def run_stage_batch(inputs: Sequence[StageInput]) -> list[StageOutput | StageSkip]:
-    from workers.models.nudenet_detector import DetectRequest
+    from workers.models.detection import DetectRequest
 
     params = [DetectParams.from_json(item.params) for item in inputs]
     groups: dict[int, list[int]] = {}

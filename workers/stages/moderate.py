@@ -25,7 +25,7 @@ from typing import Any, Final, Literal
 
 from imgpipe.errors import PermanentError
 from imgpipe.stageoutputs import ModerateOutput, ModerationThresholds
-from workers.runtime import StageInput, StageOutput, StageSkip
+from workers.stagecontract import StageInput, StageOutput, StageSkip
 from workers.stages.detect import (
     NUDENET_MODEL,
     check_keys,
@@ -177,7 +177,7 @@ def merge_thresholds(overrides: Any) -> Mapping[str, CategoryThresholds]:
 
 
 def run_stage_batch(inputs: Sequence[StageInput]) -> list[StageOutput | StageSkip]:
-    from workers.models.nudenet_detector import DetectRequest
+    from workers.models.detection import DetectRequest
 
     params = [ModerateParams.from_json(item.params) for item in inputs]
     groups: dict[int, list[int]] = {}

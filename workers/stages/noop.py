@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from imgpipe.stageoutputs import NoopOutput
-from workers.runtime import StageInput, StageOutput, StageSkip
+from workers.stagecontract import StageInput, StageOutput, StageSkip
 
 __all__ = ["run_stage_batch"]
 

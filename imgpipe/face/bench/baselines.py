@@ -20,7 +20,7 @@ from typing import Any
 from imgpipe.contracts import GPU_QUEUE
 from imgpipe.decode import DecodeLimits, decode_image
 from imgpipe.stagekinds import STAGE_KINDS
-from workers.runtime import BatchRunner, StageInput, StageOutput, StageSkip
+from workers.stagecontract import BatchRunner, StageInput, StageOutput, StageSkip
 
 __all__ = ["batched_baseline", "model_stages", "release_device_memory", "sequential_baseline"]
 
