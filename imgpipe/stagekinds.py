@@ -18,6 +18,7 @@ from imgpipe.contracts import CPU_QUEUE, GPU_QUEUE
 __all__ = [
     "ANOMALY_INPUT_SIDE_PX",
     "DETECTOR_INPUT_SIDE_PX",
+    "GPU_STAGE_KINDS",
     "STAGE_KINDS",
     "StageKind",
     "missing_requirements",
@@ -29,7 +30,8 @@ class StageKind:
     name: str
     queue: str
     implementation: str
-    """Module holding the Celery task body for this kind."""
+    """Module holding this kind's batch function (``entry``); the batching consumers call
+    it through workers/execute.py (there is no Celery task object per kind)."""
     version: str
     """Bumped whenever the stage's computation changes; part of the pipeline hash."""
     requires: tuple[str, ...] = ()
@@ -121,6 +123,12 @@ STAGE_KINDS: dict[str, StageKind] = {
         ),
     )
 }
+
+
+GPU_STAGE_KINDS: frozenset[str] = frozenset(
+    name for name, kind in STAGE_KINDS.items() if kind.queue == GPU_QUEUE
+)
+"""Kinds run by the model worker (``imgpipe worker gpu``): a pipeline with one needs it."""
 
 
 def missing_requirements(kind: StageKind) -> list[str]:

@@ -20,6 +20,7 @@ from imgpipe.face.cli_console import console
 from imgpipe.face.cli_console import fail as _fail
 from imgpipe.face.cli_render import render_results_table
 from imgpipe.settings import Settings
+from imgpipe.stagekinds import GPU_STAGE_KINDS
 
 if TYPE_CHECKING:
     from imgpipe.face.stack import Stack
@@ -63,7 +64,7 @@ def run(
         spec.require_installed()
     except ImgpipeError as exc:
         raise _fail(str(exc)) from None
-    needs_gpu = any(s.kind in ("detect", "anomaly", "moderate") for s in spec.stages)
+    needs_gpu = any(s.kind in GPU_STAGE_KINDS for s in spec.stages)
     roles = ("orchestrator", "cpu", "gpu") if needs_gpu else ("orchestrator", "cpu")
     reports: list[dict[str, Any]] = []
     unreadable: list[tuple[Path, str]] = []
