@@ -30,6 +30,7 @@ lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Throughput and latency through the embedded stack against the in-process and Celery
 # canvas baselines, measured in the same run (docs/benchmarks.md). BENCH_ARGS adds options,

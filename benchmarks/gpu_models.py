@@ -47,12 +47,13 @@ from PIL import Image
 from workers.anomaly.patchcore import FeatureConfig, preprocess
 from workers.models._letterbox import letterbox_batch, letterbox_on_device, to_network_input
 from workers.models.base import InferenceModel
+from workers.models.detection import DetectRequest
 from workers.models.efficientnet_lite0 import (
     EfficientNetLite0Features,
     FeatureRequest,
 )
 from workers.models.efficientnet_lite0 import default_weights_path as backbone_weights
-from workers.models.nudenet_detector import DetectRequest, NudeNetDetector
+from workers.models.nudenet_detector import NudeNetDetector
 from workers.models.nudenet_detector import default_weights_path as detector_weights
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"

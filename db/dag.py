@@ -33,6 +33,8 @@ from db.repo import lock_job
 from imgpipe.aftercommit import AfterCommit, Dispatch
 from imgpipe.contracts import JobStatus, StageStatus
 from imgpipe.policy import Policy, evaluate_policy, parse_policy
+from imgpipe.retry import RetryPolicy
+from imgpipe.stageoutputs import gate_reason, headline
 
 __all__ = [
     "AdvanceOutcome",
@@ -60,9 +62,18 @@ def mark_dispatched(row: StageRun, now: datetime, dispatch_timeout_s: int) -> Di
     row.status = StageStatus.DISPATCHED
     row.dispatched_at = now
     row.dispatch_count += 1
-    backoff = 2 ** min(row.dispatch_count - 1, MAX_DISPATCH_BACKOFF_EXPONENT)
-    row.deadline_at = now + timedelta(seconds=dispatch_timeout_s * backoff)
+    row.deadline_at = now + timedelta(
+        seconds=_dispatch_deadlines(dispatch_timeout_s).ceiling_s(row.dispatch_count)
+    )
     return Dispatch(row.task_name, row.id, row.queue, row.time_limit_s)
+
+
+@functools.cache
+def _dispatch_deadlines(dispatch_timeout_s: int) -> RetryPolicy:
+    """The reaper's look-again delays: the timeout, doubled per dispatch up to 64x (no
+    jitter: a deadline, not a retry; ``max_attempts`` is the reaper's, unused here)."""
+    cap_s = dispatch_timeout_s * 2**MAX_DISPATCH_BACKOFF_EXPONENT
+    return RetryPolicy(base_s=dispatch_timeout_s, cap_s=cap_s, max_attempts=1)
 
 
 def _skip(row: StageRun, reason: str, now: datetime) -> None:
@@ -75,9 +86,7 @@ def _gate_reason(row: StageRun) -> str | None:
     """Why a succeeded gate stage stops the pipeline, or None if it passes."""
     if not row.gate or row.status != StageStatus.SUCCEEDED or row.output is None:
         return None
-    if row.output.get("usable", True):
-        return None
-    return str(row.output.get("unusable_reason") or "image unusable")
+    return gate_reason(row.kind, row.output)
 
 
 def step(
@@ -119,14 +128,17 @@ def step(
 
 
 @functools.lru_cache(maxsize=256)
-def _policy(pipeline: str, policy_json: str, stage_names: frozenset[str]) -> Policy:
-    return parse_policy(pipeline, json.loads(policy_json), set(stage_names))
+def _policy(pipeline: str, policy_json: str, stage_kinds: tuple[tuple[str, str], ...]) -> Policy:
+    # Rule fields were checked against the output schemas when the job was submitted; a
+    # job queued before a schema change must still finish, so they are not checked again.
+    return parse_policy(pipeline, json.loads(policy_json), dict(stage_kinds), check_fields=False)
 
 
 def job_policy(job: Job, rows: Sequence[StageRun]) -> Policy:
     """The verdict policy stored with the job's resolved spec (parsed once per process)."""
     raw = (job.pipeline_spec or {}).get("policy", {})
-    return _policy(job.pipeline, json.dumps(raw, sort_keys=True), frozenset(r.stage for r in rows))
+    kinds = tuple(sorted((r.stage, r.kind) for r in rows))
+    return _policy(job.pipeline, json.dumps(raw, sort_keys=True), kinds)
 
 
 def finalise(job: Job, rows: Sequence[StageRun], now: datetime) -> dict[str, Any]:
@@ -153,25 +165,26 @@ def succeeded_outputs(rows: Sequence[StageRun]) -> dict[str, Mapping[str, Any]]:
 
 
 def completed_payload(job: Job, rows: Sequence[StageRun]) -> dict[str, Any]:
-    """The fields of a job's ``completed`` event (and webhook body)."""
+    """The fields of a job's ``completed`` event (and webhook body, and its replay to a
+    duplicate submission): the one place they are built."""
     return {
         "status": job.status,
         "verdict": job.verdict,
         "reasons": job.reasons,
         "error": job.error,
         "stages": {r.stage: r.status for r in rows},
-        "scores": summary_scores(succeeded_outputs(rows)),
+        "scores": summary_scores(rows),
         "cache_hit_of": job.cache_hit_of,
     }
 
 
-def summary_scores(outputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The headline numbers of each stage for events and the CLI."""
+def summary_scores(rows: Sequence[StageRun]) -> dict[str, Any]:
+    """The headline fields of each succeeded stage (imgpipe/stageoutputs.py
+    HEADLINE_FIELDS), keyed ``<stage>.<field>``, for events and the CLI."""
     scores: dict[str, Any] = {}
-    for stage, output in outputs.items():
-        for key in ("score", "verdict", "count", "anomalous", "flags", "scores", "applied"):
-            if key in output:
-                scores[f"{stage}.{key}"] = output[key]
+    for row in rows:
+        if row.status == StageStatus.SUCCEEDED and row.output:
+            scores.update(headline(row.stage, row.kind, row.output))
     return scores
 
 

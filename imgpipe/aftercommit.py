@@ -128,16 +128,9 @@ class AfterCommit:
 
 
 def webhook_body(completed: PendingEvent) -> str:
-    """The webhook's JSON body: the completed event's fields as one object (its
-    ``event_id`` too, so receivers can deduplicate)."""
-    event = {
-        "event": str(completed.event),
-        "event_id": completed.event_id,
-        "job_id": completed.job_id,
-        "idempotency_key": completed.idempotency_key,
-        "at": completed.at,
-        **completed.fields,
-    }
+    """The webhook's JSON body: the completed event as one object (its ``event_id`` too,
+    so receivers can deduplicate)."""
+    event = completed.envelope()
     return json.dumps(event, separators=(",", ":"), default=str)
 
 

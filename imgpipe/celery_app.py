@@ -8,10 +8,11 @@ its interactive queue before the ``.bulk`` one.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
 
 from imgpipe.contracts import (
     ADVANCE_TASK,
@@ -22,9 +23,13 @@ from imgpipe.contracts import (
     SUBMIT_TASK,
     bulk_queue,
 )
+from imgpipe.errors import TransientError
+from imgpipe.retry import RetryPolicy, outage_retry_policy
 from imgpipe.settings import Settings
 
-__all__ = ["DELIVERY_SETTINGS", "QUEUES", "create_app", "settings_of"]
+log = logging.getLogger(__name__)
+
+__all__ = ["DELIVERY_SETTINGS", "QUEUES", "RetryingTask", "create_app", "settings_of"]
 
 QUEUES: dict[str, tuple[str, ...]] = {
     "control": (CONTROL_QUEUE, bulk_queue(CONTROL_QUEUE)),
@@ -95,3 +100,32 @@ def settings_of(app: Celery) -> Settings:
         settings = Settings()
         app.conf[_SETTINGS_KEY] = settings
     return settings
+
+
+class RetryingTask(Task):  # type: ignore[misc]
+    """Celery task base: a ``TransientError`` (the database or broker unreachable) retries
+    the task after ``retry_policy``'s delay — by default the outage policy of
+    imgpipe/retry.py, which never gives up, so an outage of any length acks nothing away
+    — and propagates once a policy with a cap gives up. Any other exception propagates at
+    once. Use as ``@shared_task(base=RetryingTask)``; a task may set its own
+    ``retry_policy`` in the decorator."""
+
+    retry_policy: RetryPolicy | None = None
+    max_retries = None
+    """The policy is the cap: Celery's own default (3) would end an outage's retries, and
+    ``retry(max_retries=None)`` means "the task's default", not "no limit"."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except TransientError as exc:
+            policy = self.retry_policy or outage_retry_policy(settings_of(self.app))
+            attempt = int(self.request.retries) + 1
+            if policy.gives_up(attempt):
+                raise
+            delay_s = policy.delay_s(attempt)
+            log.warning(
+                "%s[%s] failed transiently (try %d): %s; retrying in %.1f s",
+                self.name, self.request.id, attempt, exc, delay_s,
+            )  # fmt: skip
+            raise self.retry(exc=exc, countdown=delay_s) from exc

@@ -25,7 +25,14 @@ import redis
 
 from imgpipe.contracts import EVENTS_STREAM
 
-__all__ = ["EventPublisher", "EventType", "PendingEvent", "encode_fields", "new_event_id"]
+__all__ = [
+    "EventPublisher",
+    "EventType",
+    "PendingEvent",
+    "encode_fields",
+    "envelope",
+    "new_event_id",
+]
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +91,34 @@ class PendingEvent:
         return targets
 
     def entry(self) -> dict[str, str]:
-        return encode_fields(
-            {
-                "event": str(self.event),
-                "event_id": self.event_id,
-                "job_id": self.job_id,
-                "idempotency_key": self.idempotency_key,
-                "at": self.at,
-                **self.fields,
-            }
-        )
+        return encode_fields(self.envelope())
+
+    def envelope(self) -> dict[str, Any]:
+        """This event as one object (a stream entry's fields, a webhook's body)."""
+        return envelope(self.event, self.job_id, self.idempotency_key, self.fields,
+                        event_id=self.event_id, at=self.at)  # fmt: skip
+
+
+def envelope(
+    event: EventType,
+    job_id: str,
+    idempotency_key: str | None,
+    fields: Mapping[str, Any],
+    *,
+    event_id: str,
+    at: float,
+) -> dict[str, Any]:
+    """Every event as one object: the one place the envelope is built. ``event_id`` is the
+    receivers' deduplication key (an answer is delivered at least once: db/outbox.py);
+    ``fields`` are the event's own (for ``completed``: db/dag.py ``completed_payload``)."""
+    return {
+        "event": str(event),
+        "event_id": event_id,
+        "job_id": job_id,
+        "idempotency_key": idempotency_key,
+        "at": at,
+        **fields,
+    }
 
 
 def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:

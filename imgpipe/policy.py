@@ -1,7 +1,8 @@
 """Verdict policies: ordered rules over stage outputs -> the most severe verdict.
 
-A rule reads one field of one stage's output (dotted path), compares it with a value
-and, when it matches, proposes a verdict. The job's verdict is the most severe proposal;
+A rule reads one field of one stage's output (dotted path, checked against the stage
+kind's schema in imgpipe/stageoutputs.py when the pipeline is loaded), compares it with a
+value and, when it matches, proposes a verdict. The job's verdict is the most severe proposal;
 each matching rule adds a reason such as ``quality.score=22.5 < 25 -> fail``.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imgpipe.errors import PipelineSpecError
+from imgpipe.stageoutputs import field_problem
 
 __all__ = ["VOCABULARIES", "Policy", "Rule", "evaluate_policy", "parse_policy"]
 
@@ -75,7 +77,12 @@ class Policy:
         }
 
 
-def parse_policy(pipeline: str, raw: object, stage_names: set[str]) -> Policy:
+def parse_policy(
+    pipeline: str, raw: object, stage_kinds: Mapping[str, str], *, check_fields: bool = True
+) -> Policy:
+    """The policy of ``pipeline`` from its TOML table. ``stage_kinds``: stage name -> kind;
+    with ``check_fields`` each rule's field must exist in its stage kind's output schema."""
+
     def err(where: str, message: str) -> PipelineSpecError:
         return PipelineSpecError(f"pipeline {pipeline!r}: policy.{where}: {message}")
 
@@ -105,8 +112,11 @@ def parse_policy(pipeline: str, raw: object, stage_names: set[str]) -> Policy:
         extra = set(r) - {"stage", "field", "op", "value", "verdict"}
         if extra:
             raise err(f"{where}.{sorted(extra)[0]}", "unknown key")
-        if r["stage"] not in stage_names:
+        if r["stage"] not in stage_kinds:
             raise err(f"{where}.stage", f"unknown stage {r['stage']!r}")
+        problem = field_problem(stage_kinds[r["stage"]], str(r["field"]))
+        if check_fields and problem is not None:
+            raise err(f"{where}.field", problem)
         if r["op"] not in _OPS:
             raise err(f"{where}.op", f"{r['op']!r} is not one of {' '.join(_OPS)}")
         if r["verdict"] not in verdicts:

@@ -18,6 +18,7 @@ from imgpipe.contracts import CPU_QUEUE, GPU_QUEUE
 __all__ = [
     "ANOMALY_INPUT_SIDE_PX",
     "DETECTOR_INPUT_SIDE_PX",
+    "GPU_STAGE_KINDS",
     "STAGE_KINDS",
     "StageKind",
     "missing_requirements",
@@ -29,14 +30,15 @@ class StageKind:
     name: str
     queue: str
     implementation: str
-    """Module holding the Celery task body for this kind."""
+    """Module holding this kind's batch function (``entry``); the batching consumers call
+    it through workers/execute.py (there is no Celery task object per kind)."""
     version: str
     """Bumped whenever the stage's computation changes; part of the pipeline hash."""
     requires: tuple[str, ...] = ()
     """Importable top-level modules the implementation needs."""
     description: str = ""
     entry: str = "run_stage_batch"
-    """Name of the ``workers.runtime.BatchRunner`` function in ``implementation``."""
+    """Name of the ``workers.stagecontract.BatchRunner`` function in ``implementation``."""
     max_input_side_px: int | None = None
     """Longest image side this stage can use: the worker decodes its input at most this
     large (JPEG draft mode) and caches it so. None: full resolution. Chosen per kind by
@@ -127,6 +129,12 @@ STAGE_KINDS: dict[str, StageKind] = {
         ),
     )
 }
+
+
+GPU_STAGE_KINDS: frozenset[str] = frozenset(
+    name for name, kind in STAGE_KINDS.items() if kind.queue == GPU_QUEUE
+)
+"""Kinds run by the model worker (``imgpipe worker gpu``): a pipeline with one needs it."""
 
 
 def missing_requirements(kind: StageKind) -> list[str]:

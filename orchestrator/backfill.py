@@ -10,7 +10,8 @@ the database about every image again.
 
 Selection (images in sha256 order, optionally ``first_seen >= --since``):
 - ``--where model-version-differs``: the image's latest job for the pipeline has another
-  ``pipeline_hash`` than the current resolved pipeline (params, stage versions);
+  ``pipeline_hash`` than the current resolved pipeline (params, stage versions, and each
+  stage's model version and weights identity: imgpipe/modelcatalog.py);
 - ``--stage S``: the image's latest job for the pipeline has no succeeded stage ``S`` or
   ran ``S`` with other settings (kind, params, inputs) than the pipeline has now.
 Both given: both must hold.

@@ -40,7 +40,6 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from db.engine import session_scope
-from imgpipe.backoff import Backoff
 from imgpipe.contracts import (
     EVENTS_STREAM,
     SUBMIT_DEAD_STREAM,
@@ -50,6 +49,7 @@ from imgpipe.contracts import (
 )
 from imgpipe.errors import PermanentError, TransientError
 from imgpipe.events import EventType, encode_fields
+from imgpipe.retry import Backoff, outage_retry_policy
 from orchestrator.context import OrchestratorContext
 from orchestrator.ingest_dead import dead_letter_fields
 from orchestrator.ingest_entry import parse_entry, rejection_code, routing_of
@@ -128,7 +128,7 @@ class SubmitConsumer:
     def run_forever(self, stop_event: threading.Event) -> None:
         """Poll until ``stop_event`` is set; Redis or database outages are waited out."""
         log.info("ingest consumer %s reading %s", self.name, SUBMIT_STREAM)
-        backoff = Backoff(self.settings.outage_backoff_s, self.settings.outage_backoff_max_s)
+        backoff = Backoff(outage_retry_policy(self.settings))
         while not stop_event.is_set():
             try:
                 report = self.poll_once()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe.errors import PipelineSpecError, StageNotInstalledError, UnknownPipelineError
+from imgpipe.modelcatalog import stage_models
 from imgpipe.policy import Policy, parse_policy
 from imgpipe.stagekinds import STAGE_KINDS, missing_requirements
 
@@ -227,7 +228,7 @@ def parse_pipeline(data: Mapping[str, Any], *, default_name: str | None = None) 
     description = data.get("description", "")
     if not isinstance(description, str):
         raise _err(name, "description", "must be a string")
-    policy = parse_policy(name, data.get("policy", {}), set(stages))
+    policy = parse_policy(name, data.get("policy", {}), {n: st.kind for n, st in stages.items()})
     return PipelineSpec(name, description, ordered, policy)
 
 
@@ -272,9 +273,19 @@ def load_pipeline(name_or_path: str, extra_dir: Path | None = None) -> PipelineS
 
 
 def pipeline_hash(spec_json: Mapping[str, Any]) -> str:
-    """sha256 of the resolved spec (params after overrides) and every stage kind's version."""
-    versions = {s["kind"]: STAGE_KINDS[s["kind"]].version for s in spec_json["stages"].values()}
+    """sha256 of the resolved spec (params after overrides), every stage kind's version
+    and every stage's models: name, version and weights identity (imgpipe/modelcatalog.py),
+    so a job's hash changes when the model that would run changes."""
+    stages: Mapping[str, Mapping[str, Any]] = spec_json["stages"]
+    versions = {s["kind"]: STAGE_KINDS[s["kind"]].version for s in stages.values()}
+    models = {
+        name: found
+        for name, s in stages.items()
+        if (found := stage_models(s["kind"], s.get("params") or {}))
+    }
     canonical = json.dumps(
-        {"spec": spec_json, "kind_versions": versions}, sort_keys=True, separators=(",", ":")
+        {"spec": spec_json, "kind_versions": versions, "models": models},
+        sort_keys=True,
+        separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode()).hexdigest()

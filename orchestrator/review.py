@@ -96,6 +96,30 @@ def pending_reviews(
     ]
 
 
+def _reviewable_job(session: Session, job_id: str, decision: str) -> Job:
+    """The job, locked, if ``decision`` may be recorded for it; else ReviewError says why."""
+    job = lock_job(session, job_id)
+    if job is None:
+        raise ReviewError(f"no job {job_id}; `imgpipe review list` shows the waiting jobs")
+    choices = decision_choices(job)
+    if decision not in choices:
+        raise ReviewError(
+            f"decision {decision!r} is not in pipeline {job.pipeline!r}'s vocabulary; "
+            f"choose one of {', '.join(choices)}"
+        )
+    reviewed_before = session.execute(
+        select(Review.id).where(Review.job_id == job_id).limit(1)
+    ).first()
+    if job.status != JobStatus.SUCCEEDED or (
+        job.verdict != REVIEW_VERDICT and reviewed_before is None
+    ):
+        raise ReviewError(
+            f"job {job_id} is {job.status} with verdict {job.verdict!r}: only jobs waiting "
+            "for review (or already reviewed) can be decided; see `imgpipe review list`"
+        )
+    return job
+
+
 def decide(
     ctx: OrchestratorContext,
     job_id: str,
@@ -112,25 +136,7 @@ def decide(
         )
     now = utcnow()
     with session_scope(ctx.database_url) as session:
-        job = lock_job(session, job_id)
-        if job is None:
-            raise ReviewError(f"no job {job_id}; `imgpipe review list` shows the waiting jobs")
-        choices = decision_choices(job)
-        if decision not in choices:
-            raise ReviewError(
-                f"decision {decision!r} is not in pipeline {job.pipeline!r}'s vocabulary; "
-                f"choose one of {', '.join(choices)}"
-            )
-        reviewed_before = session.execute(
-            select(Review.id).where(Review.job_id == job_id).limit(1)
-        ).first()
-        if job.status != JobStatus.SUCCEEDED or (
-            job.verdict != REVIEW_VERDICT and reviewed_before is None
-        ):
-            raise ReviewError(
-                f"job {job_id} is {job.status} with verdict {job.verdict!r}: only jobs waiting "
-                "for review (or already reviewed) can be decided; see `imgpipe review list`"
-            )
+        job = _reviewable_job(session, job_id, decision)
         previous = job.verdict
         session.add(Review(job_id=job_id, decision=decision, reviewer=reviewer, note=note, at=now))
         job.verdict = decision

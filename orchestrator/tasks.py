@@ -1,25 +1,25 @@
 """Celery tasks of the control queue: advance, submit, reap, webhook (and the outbox relay
 when the worker starts). Bodies stay thin.
 
-A TransientError (the database unreachable) retries ``advance`` and ``submit`` with
-bounded backoff and jitter (``outage_backoff_s`` .. ``outage_backoff_max_s``) and no cap
-on the number of tries: the message is the only copy of a Celery submission, so an
-outage of any length must not ack it away; the retry is noticed within seconds of the
-database's return. (``reap`` needs no retry: beat runs it again.)"""
+A TransientError (the database unreachable) retries ``advance`` and ``submit`` through
+their base class, ``RetryingTask`` (imgpipe/celery_app.py), with the outage policy of
+imgpipe/retry.py: bounded backoff with jitter and no cap on the number of tries — the
+message is the only copy of a Celery submission, so an outage of any length must not ack
+it away, and the retry is noticed within seconds of the database's return. (``reap``
+needs no retry: beat runs it again.)"""
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any, NoReturn
+from typing import Any
 
 from celery import Task, shared_task
 from celery.signals import worker_ready
 
-from imgpipe.backoff import backoff_delay_s
-from imgpipe.celery_app import settings_of
+from imgpipe.celery_app import RetryingTask, settings_of
 from imgpipe.contracts import ADVANCE_TASK, REAP_TASK, SUBMIT_TASK, WEBHOOK_TASK
-from imgpipe.errors import ConfigError, TransientError
+from imgpipe.errors import ConfigError
 from orchestrator.context import OrchestratorContext
 from orchestrator.reaper import reap
 from orchestrator.relay import relay_outbox
@@ -40,21 +40,6 @@ def context_for(task: Task) -> OrchestratorContext:
     return ctx
 
 
-def retry_transient(task: Task, exc: TransientError) -> NoReturn:
-    """Retry ``task`` after a bounded, jittered backoff; never give up on an outage (the
-    task is declared with ``max_retries=None``: ``retry(max_retries=None)`` would mean the
-    task's default, 3)."""
-    settings = settings_of(task.app)
-    delay_s = backoff_delay_s(
-        task.request.retries, settings.outage_backoff_s, settings.outage_backoff_max_s
-    )
-    log.warning(
-        "%s[%s] failed transiently (try %d): %s; retrying in %.1f s",
-        task.name, task.request.id, task.request.retries + 1, exc, delay_s,
-    )  # fmt: skip
-    raise task.retry(exc=exc, countdown=delay_s)
-
-
 @worker_ready.connect
 def relay_at_start(sender: Any = None, **_: Any) -> None:
     """When the orchestrator starts, answers that a crashed process committed but never
@@ -64,14 +49,11 @@ def relay_at_start(sender: Any = None, **_: Any) -> None:
         relay_outbox(OrchestratorContext(settings_of(app), app))
 
 
-@shared_task(name=ADVANCE_TASK, bind=True, max_retries=None)
+@shared_task(name=ADVANCE_TASK, bind=True, base=RetryingTask)
 def advance_task(self: Task, job_id: str) -> None:
     from orchestrator.advance import advance_job
 
-    try:
-        advance_job(context_for(self), job_id)
-    except TransientError as exc:
-        retry_transient(self, exc)
+    advance_job(context_for(self), job_id)
 
 
 @shared_task(name=REAP_TASK, bind=True)
@@ -79,7 +61,7 @@ def reap_task(self: Task) -> dict[str, int]:
     return reap(context_for(self)).as_dict()
 
 
-@shared_task(name=SUBMIT_TASK, bind=True, max_retries=None)
+@shared_task(name=SUBMIT_TASK, bind=True, base=RetryingTask)
 def submit_task(self: Task, **fields: Any) -> dict[str, Any]:
     """Celery clients: ``send_task("imgpipe.submit", kwargs={"image_b64": ..., ...},
     queue="imgpipe.control")``. The name ``imgpipe.submit`` is a public contract.
@@ -90,16 +72,14 @@ def submit_task(self: Task, **fields: Any) -> dict[str, Any]:
     """
     from orchestrator.submit_task import handle_submit_task
 
-    try:
-        return handle_submit_task(context_for(self), str(self.request.id), fields)
-    except TransientError as exc:
-        retry_transient(self, exc)
+    return handle_submit_task(context_for(self), str(self.request.id), fields)
 
 
 @shared_task(name=WEBHOOK_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
 def webhook_task(self: Task, body: str) -> str:
-    """POST one completed event (orchestrator/webhooks.py); retried with backoff."""
-    from orchestrator.webhooks import deliver, retry_delay_s
+    """POST one completed event (orchestrator/webhooks.py); retried by
+    ``webhook_retry_policy`` (a refused answer is final, so not ``RetryingTask``)."""
+    from orchestrator.webhooks import deliver, webhook_retry_policy
 
     settings = settings_of(self.app)
     job_id = json.loads(body).get("job_id")
@@ -111,8 +91,9 @@ def webhook_task(self: Task, body: str) -> str:
     if result.delivered:
         return "delivered"
     attempt = self.request.retries + 1
-    if result.retry and attempt < settings.webhook_max_attempts:
-        delay_s = retry_delay_s(settings, attempt)
+    policy = webhook_retry_policy(settings)
+    if result.retry and not policy.gives_up(attempt):
+        delay_s = policy.delay_s(attempt)
         log.warning(
             "webhook for job %s failed (%s), attempt %d of %d; retrying in %.1f s",
             job_id, result.detail, attempt, settings.webhook_max_attempts, delay_s,

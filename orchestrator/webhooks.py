@@ -9,8 +9,9 @@ The task POSTs the body with
     X-Imgpipe-Timestamp: <unix seconds>
     X-Imgpipe-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>
 
-and retries connection errors, timeouts, 408, 429 and 5xx with exponential backoff up to
-``webhook_max_attempts`` deliveries; other 4xx answers are final (the receiver refused
+and retries connection errors, timeouts, 408, 429 and 5xx with the retry policy
+(imgpipe/retry.py: exponential backoff, full jitter) up to ``webhook_max_attempts``
+deliveries; other 4xx answers are final (the receiver refused
 the event). Each attempt is signed with a fresh timestamp, so receivers can reject
 anything older than a few minutes. A receiver may see an event more than once: dedupe by
 ``job_id``.
@@ -29,6 +30,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from imgpipe.errors import ConfigError
+from imgpipe.retry import RetryPolicy
 from imgpipe.settings import Settings
 
 __all__ = [
@@ -36,9 +38,9 @@ __all__ = [
     "TIMESTAMP_HEADER",
     "WebhookResult",
     "deliver",
-    "retry_delay_s",
     "sign",
     "verify",
+    "webhook_retry_policy",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,8 +126,13 @@ def deliver(settings: Settings, body: str, timeout_s: float = REQUEST_TIMEOUT_S)
         return WebhookResult(False, True, f"cannot reach {url}: {reason}")
 
 
-def retry_delay_s(settings: Settings, attempt: int) -> float:
-    """Exponential backoff from IMGPIPE_RETRY_BACKOFF_S, capped at 300 s (below the
-    broker's visibility timeout, so a waiting retry is never delivered twice)."""
-    base = max(settings.retry_backoff_s, 0.1)
-    return float(min(base * 2 ** max(attempt - 1, 0), settings.retry_backoff_max_s, 300.0))
+def webhook_retry_policy(settings: Settings) -> RetryPolicy:
+    """Backoff from IMGPIPE_RETRY_BACKOFF_S, capped at IMGPIPE_RETRY_BACKOFF_MAX_S and at
+    300 s (below the broker's visibility timeout, so a waiting retry is never delivered
+    twice), ``webhook_max_attempts`` deliveries."""
+    base_s = max(settings.retry_backoff_s, 0.1)
+    return RetryPolicy(
+        base_s=base_s,
+        cap_s=max(base_s, min(settings.retry_backoff_max_s, 300.0)),
+        max_attempts=settings.webhook_max_attempts,
+    )

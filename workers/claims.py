@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -66,6 +66,8 @@ class Claim:
     """The Celery task id of the message, or ``local-<uuid>`` for a stage continued locally."""
     time_limit_s: float | None = None
     """The stage's soft time limit (workers/timelimits.py)."""
+    upstream_kinds: dict[str, str] = field(default_factory=dict)
+    """Stage name -> kind of each entry of ``upstream`` (which schema its output follows)."""
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,7 @@ def _claim_of(
         image_key=image_key,
         original_size=(image.width, image.height),
         upstream={n: dict(siblings[n].output or {}) for n in row.needs},
+        upstream_kinds={n: siblings[n].kind for n in row.needs},
         idempotency_key=job.idempotency_key,
         priority=job.priority,
         queue=row.queue,

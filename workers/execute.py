@@ -19,6 +19,7 @@ import importlib
 import logging
 import os
 import socket
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from celery.exceptions import SoftTimeLimitExceeded
 from numpy.typing import NDArray
 
 from db.blobs import BlobStore, open_blob_store
@@ -41,6 +43,7 @@ from imgpipe.contracts import StageStatus
 from imgpipe.decode import DecodeLimits
 from imgpipe.errors import PermanentError, TransientError
 from imgpipe.events import EventPublisher
+from imgpipe.retry import outage_retry_policy
 from imgpipe.settings import Settings
 from imgpipe.stagekinds import STAGE_KINDS
 from workers.claims import (
@@ -54,7 +57,7 @@ from workers.claims import (
 from workers.outage import OnceSender, OutageWait, resend_uncertain
 from workers.persist import Failure, Finished, LocalContinuation, persist_finished
 from workers.pixels import PixelCache, encode_working_copy
-from workers.runtime import BatchRunner, StageInput, StageOutput, StageSkip
+from workers.stagecontract import BatchRunner, StageInput, StageOutput, StageSkip
 from workers.timelimits import ComputeClock, soft_time_limit
 from workers.version import code_version
 
@@ -69,7 +72,10 @@ Result = StageOutput | StageSkip | Failure
 
 
 def _is_cuda_oom(exc: BaseException) -> bool:
-    return type(exc).__name__ == "OutOfMemoryError"
+    """A device out-of-memory error, by type. torch is looked up, not imported: a process
+    that never loaded torch (a CPU stage worker) cannot have raised one."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
 @dataclass
@@ -108,7 +114,7 @@ class StageExecutor:
         self._recorded_models: set[tuple[str, str, str]] = set()
         self.compute_clock = ComputeClock()
         """The hard time limit of the forward pass in progress (the consumer's watchdog)."""
-        self.outage = OutageWait(settings.outage_backoff_s, settings.outage_backoff_max_s)
+        self.outage = OutageWait(outage_retry_policy(settings))
         """How claims, persists and sends wait out a database or broker outage; a consumer
         gives it its stop event and watchdog (workers/batching.py)."""
 
@@ -353,6 +359,7 @@ class StageExecutor:
                 params=w.claim.params,
                 upstream=w.claim.upstream,
                 device=self.device,
+                upstream_kinds=w.claim.upstream_kinds,
             )
             for w in group
         ]
@@ -393,7 +400,7 @@ class StageExecutor:
             return Failure(str(exc), permanent=True)
         if _is_cuda_oom(exc):
             return Failure(f"CUDA out of memory on one image: {exc}", permanent=False)
-        if type(exc).__name__ == "SoftTimeLimitExceeded":
+        if isinstance(exc, SoftTimeLimitExceeded):
             return Failure("stage exceeded its time limit", permanent=False)
         log.exception("stage %s of job %s crashed", claim.stage, claim.job_id, exc_info=exc)
         return Failure(

@@ -27,9 +27,9 @@ from sqlalchemy.orm import Session
 from db.dag import mark_dispatched
 from db.models import StageRun
 from imgpipe.aftercommit import AfterCommit, Dispatch
-from imgpipe.backoff import Backoff
 from imgpipe.contracts import StageStatus
 from imgpipe.errors import TransientError
+from imgpipe.retry import Backoff, RetryPolicy
 from workers.claims import WorkerIdentity
 
 __all__ = ["OUTAGE_ERRORS", "OnceSender", "OutageWait", "resend_uncertain"]
@@ -56,18 +56,16 @@ class OutageWait:
 
     def __init__(
         self,
-        base_s: float,
-        max_s: float,
+        policy: RetryPolicy,
         stop: threading.Event | None = None,
         on_wait: Callable[[float], None] | None = None,
     ) -> None:
-        self.base_s = base_s
-        self.max_s = max_s
+        self.policy = policy
         self.stop = stop or threading.Event()
         self.on_wait = on_wait
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
-        backoff = Backoff(self.base_s, self.max_s)
+        backoff = Backoff(self.policy)
         first_failure: float | None = None
         while True:
             started = time.monotonic()
@@ -81,7 +79,7 @@ class OutageWait:
                     first_failure = started
                 log.warning(
                     "%s failed (try %d): %s; trying again in %.1f s",
-                    what, backoff.tries, _one_line(exc), delay_s,
+                    what, backoff.failures, _one_line(exc), delay_s,
                 )  # fmt: skip
                 if self.on_wait is not None:
                     self.on_wait(time.monotonic() - started + delay_s)
@@ -90,7 +88,7 @@ class OutageWait:
             if first_failure is not None:
                 log.warning(
                     "%s succeeded after %d failed tries (%.1f s)",
-                    what, backoff.tries, time.monotonic() - first_failure,
+                    what, backoff.failures, time.monotonic() - first_failure,
                 )  # fmt: skip
             return result
 

@@ -29,9 +29,10 @@ from db.repo import lock_jobs
 from imgpipe.aftercommit import AfterCommit
 from imgpipe.contracts import Priority, StageStatus
 from imgpipe.events import EventType
+from imgpipe.retry import stage_retry_policy
 from imgpipe.settings import Settings
 from workers.claims import Claim, ClaimRequest, Outcome, WorkerIdentity, claim_in_place
-from workers.runtime import StageOutput, StageSkip
+from workers.stagecontract import StageOutput, StageSkip
 
 __all__ = ["Failure", "Finished", "persist_finished"]
 
@@ -111,13 +112,12 @@ def _record_failure(
         *row.error_history,
         {"at": now.isoformat(), "attempt": row.attempts, "error": failure.error},
     ]
-    if failure.permanent or row.attempts >= row.max_attempts:
+    policy = stage_retry_policy(settings, row.max_attempts)
+    if failure.permanent or policy.gives_up(row.attempts):
         row.status = StageStatus.FAILED if failure.permanent else StageStatus.DEAD
         row.finished_at = now
         return None
-    retry_in: float = min(
-        settings.retry_backoff_s * 2 ** max(row.attempts - 1, 0), settings.retry_backoff_max_s
-    )
+    retry_in = policy.delay_s(row.attempts)
     row.status = StageStatus.DISPATCHED
     row.dispatched_at = now
     row.deadline_at = now + timedelta(seconds=retry_in + settings.dispatch_timeout_s)

@@ -16,14 +16,17 @@ from imgpipe.settings import Settings
 
 __all__ = ["results", "submit", "wait"]
 
-_contexts: dict[int, Any] = {}
+_contexts: dict[str, Any] = {}
+"""One orchestrator context (Celery app, Redis and database clients) per distinct
+configuration, keyed by the settings' values: calls without settings share one, and a
+Settings object that is garbage-collected cannot hand its context to another."""
 
 
 def _context(settings: Settings | None) -> Any:
     from orchestrator.context import OrchestratorContext
 
     settings = settings or Settings()
-    key = id(settings)
+    key = settings.model_dump_json()
     if key not in _contexts:
         _contexts[key] = OrchestratorContext(settings)
     return _contexts[key]

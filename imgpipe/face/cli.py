@@ -16,13 +16,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from imgpipe.contracts import JobStatus, Priority
 from imgpipe.errors import ImgpipeError
-from imgpipe.face.cli_bench import add_bench_commands
-from imgpipe.face.cli_ingest import add_ingest_commands
-from imgpipe.face.cli_ops import add_ops_commands
+from imgpipe.face import cli_bench, cli_ingest, cli_ops, cli_reprocess, cli_review
+from imgpipe.face.cli_console import console
+from imgpipe.face.cli_console import fail as _fail
 from imgpipe.face.cli_render import render_results_table
 from imgpipe.face.stopsignals import StopRequested, stop_on_signals
 from imgpipe.redact import redact_text, redact_url
 from imgpipe.settings import Settings
+from imgpipe.stagekinds import GPU_STAGE_KINDS
 
 if TYPE_CHECKING:
     from imgpipe.face.stack import Stack
@@ -36,15 +37,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
 
 EXIT_FAILED = 1
 EXIT_REJECTED = 3
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code)
 
 
 @app.command()
@@ -75,7 +70,7 @@ def run(
         spec.require_installed()
     except ImgpipeError as exc:
         raise _fail(str(exc)) from None
-    needs_gpu = any(s.kind in ("detect", "anomaly", "moderate") for s in spec.stages)
+    needs_gpu = any(s.kind in GPU_STAGE_KINDS for s in spec.stages)
     roles = ("orchestrator", "cpu", "gpu") if needs_gpu else ("orchestrator", "cpu")
     reports: list[dict[str, Any]] = []
     unreadable: list[tuple[Path, str]] = []
@@ -283,9 +278,11 @@ def orchestrator(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
     run_worker(Settings(), "orchestrator", loglevel=loglevel)
 
 
-add_ops_commands(app, console)
-add_ingest_commands(app, console)
-add_bench_commands(app, console)
+cli_ops.register(app)
+cli_ingest.register(app)
+cli_reprocess.register(app)
+cli_review.register(app)
+cli_bench.register(app)
 
 
 def main() -> None:

@@ -12,59 +12,64 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["add_bench_commands", "render_bench"]
+from imgpipe.face.cli_console import console
+
+__all__ = ["bench", "register", "render_bench"]
 
 
-def add_bench_commands(app: typer.Typer, console: Console) -> None:
-    @app.command()
-    def bench(
-        images: Annotated[int, typer.Option(min=1, help="Jobs submitted at once.")] = 200,
-        pipeline: Annotated[str, typer.Option(help="Pipeline name or .toml path.")] = "full",
-        stages: Annotated[
-            str,
-            typer.Option(
-                help="'pipeline': the pipeline's own stages on the samples; 'noop': the noop "
-                "pipeline (full's DAG, no-op stages) on 16 px PNGs, plus a Celery canvas."
-            ),
-        ] = "pipeline",
-        device: Annotated[str, typer.Option(help="Device of the model worker.")] = "cpu",
-        database_url: Annotated[
-            str | None, typer.Option(help="Default: SQLite in a temp data dir.")
-        ] = None,
-        broker_url: Annotated[
-            str | None, typer.Option(help="Default: an embedded redis-server in a temp dir.")
-        ] = None,
-        image: Annotated[
-            list[Path] | None, typer.Option(help="Input image (repeatable); default: samples.")
-        ] = None,
-        latency_jobs: Annotated[
-            int, typer.Option(min=1, help="Jobs run one at a time for latency.")
-        ] = 20,
-        json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    ) -> None:
-        """Throughput and latency through the stack vs in-process and canvas baselines,
-        measured in the same run (docs/benchmarks.md)."""
-        from imgpipe.face.bench import BenchConfig, run_bench
+def bench(
+    images: Annotated[int, typer.Option(min=1, help="Jobs submitted at once.")] = 200,
+    pipeline: Annotated[str, typer.Option(help="Pipeline name or .toml path.")] = "full",
+    stages: Annotated[
+        str,
+        typer.Option(
+            help="'pipeline': the pipeline's own stages on the samples; 'noop': the noop "
+            "pipeline (full's DAG, no-op stages) on 16 px PNGs, plus a Celery canvas."
+        ),
+    ] = "pipeline",
+    device: Annotated[str, typer.Option(help="Device of the model worker.")] = "cpu",
+    database_url: Annotated[
+        str | None, typer.Option(help="Default: SQLite in a temp data dir.")
+    ] = None,
+    broker_url: Annotated[
+        str | None, typer.Option(help="Default: an embedded redis-server in a temp dir.")
+    ] = None,
+    image: Annotated[
+        list[Path] | None, typer.Option(help="Input image (repeatable); default: samples.")
+    ] = None,
+    latency_jobs: Annotated[
+        int, typer.Option(min=1, help="Jobs run one at a time for latency.")
+    ] = 20,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Throughput and latency through the stack vs in-process and canvas baselines,
+    measured in the same run (docs/benchmarks.md)."""
+    from imgpipe.face.bench import BenchConfig, run_bench
 
-        if stages not in ("pipeline", "noop"):
-            raise typer.BadParameter("must be 'pipeline' or 'noop'", param_hint="--stages")
-        config = BenchConfig(
-            images=images,
-            pipeline=pipeline,
-            noop=stages == "noop",
-            device=device,
-            database_url=database_url,
-            broker_url=broker_url,
-            image_paths=tuple(image or ()),
-            latency_jobs=latency_jobs,
-            command=shlex.join(["imgpipe", *sys.argv[1:]]),
-        )
-        with console.status("benchmarking") as status:
-            report = run_bench(config, lambda step: status.update(f"benchmarking: {step}"))
-        if json_out:
-            sys.stdout.write(json.dumps(report, indent=2) + "\n")
-        else:
-            render_bench(Console(), report)
+    if stages not in ("pipeline", "noop"):
+        raise typer.BadParameter("must be 'pipeline' or 'noop'", param_hint="--stages")
+    config = BenchConfig(
+        images=images,
+        pipeline=pipeline,
+        noop=stages == "noop",
+        device=device,
+        database_url=database_url,
+        broker_url=broker_url,
+        image_paths=tuple(image or ()),
+        latency_jobs=latency_jobs,
+        command=shlex.join(["imgpipe", *sys.argv[1:]]),
+    )
+    with console.status("benchmarking") as status:
+        report = run_bench(config, lambda step: status.update(f"benchmarking: {step}"))
+    if json_out:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        render_bench(Console(), report)
+
+
+def register(app: typer.Typer) -> None:
+    """Add these commands to the ``imgpipe`` app."""
+    app.command()(bench)
 
 
 def _fmt(value: Any, digits: int = 1) -> str:

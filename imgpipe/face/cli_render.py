@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rich.console import Console
 from rich.table import Table
+
+from imgpipe.errors import PermanentError
+from imgpipe.stageoutputs import (
+    AnomalyOutput,
+    DetectOutput,
+    EnhanceOutput,
+    ModerateOutput,
+    QualityOutput,
+    read_output,
+)
 
 __all__ = ["render_results_table", "stage_cell"]
 
@@ -20,32 +32,56 @@ _STATUS_STYLE = {
 
 
 def stage_cell(stage: dict[str, Any]) -> str:
-    """A short human summary of one stage's outcome."""
+    """A short human summary of one stage's outcome (its output read by its kind's schema,
+    imgpipe/stageoutputs.py)."""
     status = stage.get("status", "?")
-    output = stage.get("output") or {}
     if status == "skipped":
         return f"skipped ({stage.get('skip_reason')})"
     if status != "succeeded":
         return f"{status}: {stage.get('error') or ''}"[:60]
-    kind = stage.get("kind")
-    if kind == "quality":
-        flags = ",".join(output.get("flags", [])) or "ok"
-        return f"{output.get('score', 0):.0f} {flags}"
-    if kind == "enhance":
-        ops = [a.get("op", "?") for a in output.get("applied", [])]
-        return "+".join(ops) if ops else "none needed"
-    if kind == "detect":
-        labels: dict[str, int] = {}
-        for d in output.get("detections", []):
-            labels[d["label"]] = labels.get(d["label"], 0) + 1
-        shown = ", ".join(f"{n}x{lab}" for lab, n in sorted(labels.items())[:3])
-        return f"{output.get('count', 0)} boxes" + (f": {shown}" if shown else "")
-    if kind == "moderate":
-        return str(output.get("verdict"))
-    if kind == "anomaly":
-        flag = "ANOMALOUS" if output.get("anomalous") else "normal"
-        return f"{output.get('score', 0):.3g} {flag}"
-    return "ok"
+    kind = str(stage.get("kind"))
+    if kind not in _CELLS:
+        return "ok"
+    try:
+        output = read_output(kind, stage.get("output") or {})
+    except PermanentError:
+        return "output does not match its schema"
+    return _CELLS[kind](output)
+
+
+def _quality_cell(output: Mapping[str, Any]) -> str:
+    quality = cast(QualityOutput, output)
+    return f"{quality['score']:.0f} {','.join(quality['flags']) or 'ok'}"
+
+
+def _enhance_cell(output: Mapping[str, Any]) -> str:
+    ops = [a["op"] for a in cast(EnhanceOutput, output)["applied"]]
+    return "+".join(ops) if ops else "none needed"
+
+
+def _detect_cell(output: Mapping[str, Any]) -> str:
+    detect = cast(DetectOutput, output)
+    labels = Counter(d["label"] for d in detect["detections"])
+    shown = ", ".join(f"{n}x{lab}" for lab, n in sorted(labels.items())[:3])
+    return f"{detect['count']} boxes" + (f": {shown}" if shown else "")
+
+
+def _moderate_cell(output: Mapping[str, Any]) -> str:
+    return cast(ModerateOutput, output)["verdict"]
+
+
+def _anomaly_cell(output: Mapping[str, Any]) -> str:
+    anomaly = cast(AnomalyOutput, output)
+    return f"{anomaly['score']:.3g} {'ANOMALOUS' if anomaly['anomalous'] else 'normal'}"
+
+
+_CELLS: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    "quality": _quality_cell,
+    "enhance": _enhance_cell,
+    "detect": _detect_cell,
+    "moderate": _moderate_cell,
+    "anomaly": _anomaly_cell,
+}
 
 
 def render_results_table(

@@ -29,7 +29,7 @@ from tests.support.services import own_database
 from workers.claims import Claim, ClaimRequest, claim_rows
 from workers.execute import StageExecutor
 from workers.persist import Finished, persist_finished
-from workers.runtime import StageOutput
+from workers.stagecontract import StageOutput
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
-import itertools
 import json
 import shutil
 import threading
@@ -192,8 +191,8 @@ def test_failed_deliveries_are_retried_with_backoff_and_never_hold_the_job(
     assert [h.status for h in hits] == [503, 500, 200]
     assert len({h.body for h in hits}) == 1, "every attempt sends the same event"
     assert all(verify(SECRET, h.timestamp, h.body, h.signature) for h in hits)
-    gaps = [b.at - a.at for a, b in itertools.pairwise(hits)]
-    assert gaps[0] >= 0.25 and gaps[1] >= 0.5, f"backoff 0.3 s then 0.6 s, got {gaps}"
+    # the delays between them are drawn by the retry policy with full jitter (anywhere
+    # from 0 to 0.2 s, then to 0.4 s here): tests/unit/test_retry.py checks the draws
     assert job.finished_at is not None
     assert job.finished_at.timestamp() <= hits[0].at, "the job finished before any delivery"
 

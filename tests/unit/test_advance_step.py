@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from db.dag import step
 from db.models import Job, StageRun
 from imgpipe.contracts import JobStatus, StageStatus
+from imgpipe.stageoutputs import QualityOutput
 from orchestrator.pipelines import load_pipeline
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -23,6 +24,10 @@ def make_job(pipeline: str = "full") -> tuple[Job, list[StageRun]]:
         for i, s in enumerate(spec.stages)
     ]  # fmt: skip
     return job, rows
+
+
+def quality_output(score: float, usable: bool = True, reason: str | None = None) -> QualityOutput:
+    return {"score": score, "flags": [], "metrics": {}, "usable": usable, "unusable_reason": reason}
 
 
 def by_name(rows: list[StageRun]) -> dict[str, StageRun]:
@@ -42,7 +47,7 @@ def test_downstream_dispatches_when_needs_succeed() -> None:
     job, rows = make_job()
     step(job, rows, NOW, 5)
     quality = by_name(rows)["quality"]
-    quality.status, quality.output = StageStatus.SUCCEEDED, {"usable": True, "score": 80.0}
+    quality.status, quality.output = StageStatus.SUCCEEDED, dict(quality_output(80.0))
     outcome = step(job, rows, NOW, 5)
     names = {r.stage for r in rows if r.id in {d.stage_run_id for d in outcome.dispatches}}
     assert names == {"enhance", "anomaly", "moderate"}
@@ -53,7 +58,7 @@ def test_tripped_gate_skips_every_downstream_stage_and_finalises() -> None:
     step(job, rows, NOW, 5)
     quality = by_name(rows)["quality"]
     quality.status = StageStatus.SUCCEEDED
-    quality.output = {"usable": False, "unusable_reason": "uniform image"}
+    quality.output = dict(quality_output(0.0, usable=False, reason="uniform image"))
     outcome = step(job, rows, NOW, 5)
     assert outcome.dispatches == []
     assert {r.skip_reason for r in rows if r.stage != "quality"} == {"quality_gate"}

@@ -37,7 +37,7 @@ from workers.models.efficientnet_lite0 import (
     load_efficientnet_lite0,
     normalize,
 )
-from workers.runtime import StageInput, StageOutput, StageSkip
+from workers.stagecontract import StageInput, StageOutput, StageSkip
 from workers.stages.anomaly import AnomalyParams, run_stage_batch
 
 

@@ -1,4 +1,4 @@
-"""Bounded backoff with jitter (imgpipe/backoff.py)."""
+"""Waiting out an outage (imgpipe/retry.py ``Backoff`` under ``outage_retry_policy``)."""
 
 from __future__ import annotations
 
@@ -6,26 +6,28 @@ import random
 
 import pytest
 
-from imgpipe.backoff import Backoff, backoff_delay_s
+from imgpipe.retry import Backoff, outage_retry_policy
+from imgpipe.settings import Settings
 
 
-def test_delays_double_then_stay_under_the_cap_with_jitter() -> None:
-    rng = random.Random(1)
-    for tries in range(40):
-        capped = min(4.0, 0.5 * 2**tries)
-        delays = {backoff_delay_s(tries, 0.5, 4.0, rng) for _ in range(50)}
-        assert all(capped / 2 <= d <= capped for d in delays)
-        assert len(delays) > 1, "jittered: processes that failed together spread out"
+def test_outage_waits_are_jittered_capped_and_never_give_up() -> None:
+    policy = outage_retry_policy(Settings(outage_backoff_s=0.5, outage_backoff_max_s=4.0))
+    backoff = Backoff(policy, random.Random(1))
+    waits = [backoff.next_s() for _ in range(1000)]
+    assert all(0.0 <= w <= 4.0 for w in waits)
+    assert len(set(waits)) > 100, "jittered: processes that failed together spread out"
+    assert not policy.gives_up(10**6)
 
 
 def test_backoff_resets_after_a_success() -> None:
-    backoff = Backoff(0.5, 4.0, random.Random(2))
-    waits = [backoff.next_s() for _ in range(6)]
-    assert waits[0] <= 0.5 and max(waits) <= 4.0 and waits[-1] >= 2.0
+    backoff = Backoff(outage_retry_policy(Settings()), random.Random(2))
+    for _ in range(6):
+        backoff.next_s()
     backoff.reset()
-    assert backoff.next_s() <= 0.5
+    assert backoff.failures == 0
+    assert backoff.next_s() <= Settings().outage_backoff_s
 
 
 def test_a_cap_below_the_first_wait_is_refused_with_the_settings_named() -> None:
     with pytest.raises(ValueError, match="IMGPIPE_OUTAGE_BACKOFF_MAX_S"):
-        Backoff(5.0, 1.0)
+        outage_retry_policy(Settings(outage_backoff_s=5.0, outage_backoff_max_s=1.0))

@@ -25,9 +25,9 @@ from PIL import Image
 
 from imgpipe.errors import PermanentError, WeightsMismatchError
 from workers.models.base import sha256_file
+from workers.models.detection import DetectRequest
 from workers.models.nudenet_detector import (
     NUDENET_LABELS,
-    DetectRequest,
     NudeNetDetector,
     default_weights_path,
     labels_from_metadata,
@@ -35,7 +35,7 @@ from workers.models.nudenet_detector import (
     to_network_input,
 )
 from workers.models.yolov8 import YOLOv8, load_onnx_initializers, read_onnx_weights
-from workers.runtime import StageInput, StageOutput
+from workers.stagecontract import StageInput, StageOutput
 from workers.stages import detect
 from workers.stages.detect import DetectParams
 

@@ -22,15 +22,9 @@ from numpy.typing import NDArray
 
 from workers.models._letterbox import letterbox_batch, letterbox_on_device, to_network_input
 from workers.models._yolo_decode import decode_batch
-from workers.models.nudenet_detector import (
-    DetectRequest,
-    DetectResult,
-    Letterbox,
-    NudeNetDetector,
-    default_weights_path,
-    select_detections,
-)
-from workers.runtime import DetectionRow
+from workers.models.detection import DetectRequest, DetectResult, select_detections
+from workers.models.nudenet_detector import Letterbox, NudeNetDetector, default_weights_path
+from workers.stagecontract import DetectionRow
 
 pytest.importorskip("onnx")
 

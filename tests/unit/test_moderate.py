@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from imgpipe.errors import PermanentError
-from workers.runtime import StageInput, StageOutput
+from workers.stagecontract import StageInput, StageOutput
 from workers.stages.moderate import (
     DEFAULT_THRESHOLDS,
     CategoryThresholds,

@@ -95,7 +95,7 @@ def test_noop_pipeline_has_the_shape_of_full_and_always_passes() -> None:
 def test_noop_stage_returns_a_small_output_per_input_without_pixels() -> None:
     import numpy as np
 
-    from workers.runtime import StageInput, StageOutput
+    from workers.stagecontract import StageInput, StageOutput
     from workers.stages.noop import run_stage_batch
 
     image = np.zeros((4, 4, 3), np.uint8)

@@ -18,8 +18,8 @@ from PIL import Image
 
 from imgpipe.decode import DecodeLimits, decode_image
 from imgpipe.stagekinds import STAGE_KINDS
-from workers.anomaly.profile import fit_profile
-from workers.runtime import StageInput, StageOutput
+from workers.anomaly.fit import fit_profile
+from workers.stagecontract import StageInput, StageOutput
 from workers.stages import anomaly, detect, moderate
 
 LIMITS = DecodeLimits()

@@ -21,7 +21,7 @@ from workers.models.torchvision_detectors import (
     TORCHVISION_DETECTORS,
     hub_checkpoint_path,
 )
-from workers.runtime import StageInput, StageOutput
+from workers.stagecontract import StageInput, StageOutput
 from workers.stages import detect
 
 BUILDERS = {

@@ -4,6 +4,7 @@ Public surface used by the anomaly stage and the ``imgpipe anomaly fit|eval`` CL
 Importing this package imports torch.
 """
 
+from workers.anomaly.fit import fit_profile
 from workers.anomaly.metrics import Confusion, auroc, confusion_at
 from workers.anomaly.patchcore import FeatureConfig
 from workers.anomaly.profile import (
@@ -11,7 +12,6 @@ from workers.anomaly.profile import (
     Profile,
     ProfileInfo,
     evaluate_profile,
-    fit_profile,
     load_profile,
 )
 from workers.anomaly.scoring import ImageScore, backbone_for, score_images

@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from workers.anomaly.fit import fit_profile
 from workers.anomaly.metrics import auroc
 from workers.anomaly.patchcore import FeatureConfig, nearest_distances
-from workers.anomaly.profile import evaluate_profile, fit_profile, load_profile
+from workers.anomaly.profile import evaluate_profile, load_profile
 from workers.anomaly.scoring import backbone_for, score_images
 from workers.anomaly.synthetic import DEFECT_KINDS, texture_split
 

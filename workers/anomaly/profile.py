@@ -1,4 +1,4 @@
-"""Anomaly profiles: fit one from good images, save/load it safely, evaluate it.
+"""Anomaly profiles: save/load one safely, evaluate it (fitting: workers/anomaly/fit.py).
 
 A profile is one ``.npz`` file written by ``np.savez`` (no pickle; loaded with
 ``allow_pickle=False``) holding the memory bank, the block weights, the optional random
@@ -6,11 +6,7 @@ projection, the per-scale score normalisers and a JSON metadata record (feature 
 threshold, backbone weights sha256, image counts, created_at, version). The sha256 of
 the file is the profile's identity: results record ``{name, version, sha256}``.
 
-Threshold rule (see docs/anomaly.md): ``holdout_fraction`` of the fit images (at least
-3) never enter the memory bank. Their score maps give the per-scale references; each of
-them is then scored leave-one-out (references from the other held-out images, as a new
-image would be) and ``threshold = max(max(those scores) + THRESHOLD_MARGIN, THRESHOLD_MARGIN)``,
-so the threshold is always positive.
+Threshold rule: workers/anomaly/fit.py.
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +30,8 @@ from workers.anomaly.metrics import auroc, confusion_at
 from workers.anomaly.patchcore import (
     FeatureConfig,
     ScoreScales,
-    extract_pooled,
-    fuse_scales,
-    greedy_coreset,
-    layer_norms,
-    make_projection,
-    patch_features,
 )
-from workers.anomaly.scoring import backbone_for, distance_maps, score_images
+from workers.anomaly.scoring import backbone_for, score_images
 from workers.models.base import sha256_file
 
 __all__ = [
@@ -52,8 +41,8 @@ __all__ = [
     "Profile",
     "ProfileInfo",
     "evaluate_profile",
-    "fit_profile",
     "load_profile",
+    "write_profile_file",
 ]
 
 PROFILE_FORMAT = "imgpipe-anomaly-profile"
@@ -135,7 +124,7 @@ class EvalReport:
 
 
 # -- saving and loading ---------------------------------------------------------------------
-def _save(path: Path, arrays: dict[str, NDArray[Any]], meta: dict[str, Any]) -> str:
+def write_profile_file(path: Path, arrays: dict[str, NDArray[Any]], meta: dict[str, Any]) -> str:
     """Write atomically (temp file + rename); returns the file's sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     meta_bytes = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
@@ -226,143 +215,6 @@ def _read(path: Path) -> Profile:
 
 # -- scoring ----------------------------------------------------------------------------------
 # -- fitting -----------------------------------------------------------------------------------
-def _loo_scores(maps: torch.Tensor) -> list[float]:
-    """Each held-out image's score with references from the other held-out images."""
-    scores = []
-    for i in range(maps.shape[0]):
-        others = torch.cat([maps[:i], maps[i + 1 :]])
-        scales = ScoreScales.from_good_maps(others)
-        scores.append(float(fuse_scales(maps[i : i + 1], scales).max()))
-    return scores
-
-
-def _split_holdout(
-    images: Sequence[NDArray[np.uint8]],
-    holdout_images: Sequence[NDArray[np.uint8]] | None,
-    holdout_fraction: float,
-    seed: int,
-) -> tuple[list[NDArray[np.uint8]], list[NDArray[np.uint8]]]:
-    """(memory-bank images, held-out images)."""
-    if holdout_images is not None:
-        bank_images, holdout = list(images), list(holdout_images)
-        if len(holdout) < MIN_HOLDOUT_IMAGES or len(bank_images) < MIN_BANK_IMAGES:
-            raise PermanentError(
-                f"fitting needs at least {MIN_BANK_IMAGES} images and {MIN_HOLDOUT_IMAGES} "
-                f"held-out images, got {len(bank_images)} and {len(holdout)}"
-            )
-        return bank_images, holdout
-    n_holdout = max(MIN_HOLDOUT_IMAGES, round(len(images) * holdout_fraction))
-    if len(images) - n_holdout < MIN_BANK_IMAGES:
-        raise PermanentError(
-            f"fitting needs at least {MIN_HOLDOUT_IMAGES + MIN_BANK_IMAGES} good images "
-            f"({MIN_HOLDOUT_IMAGES} are held out to set the threshold), got {len(images)}"
-        )
-    order = np.random.default_rng(seed).permutation(len(images))
-    return [images[i] for i in order[n_holdout:]], [images[i] for i in order[:n_holdout]]
-
-
-def fit_profile(
-    images: Sequence[NDArray[np.uint8]],
-    out_path: Path,
-    *,
-    name: str,
-    device: str = "cpu",
-    holdout_fraction: float = 0.2,
-    coreset_fraction: float = 0.1,
-    seed: int = 0,
-    config: FeatureConfig | None = None,
-    holdout_images: Sequence[NDArray[np.uint8]] | None = None,
-) -> ProfileInfo:
-    """Fit a profile from good images (HxWx3 RGB uint8) and write it to ``out_path``.
-
-    ``holdout_images`` (at least 3 more good images, e.g. from another shoot) calibrate the
-    threshold instead of a seeded random ``holdout_fraction`` of ``images``; pass them when
-    the fit images overlap or are near-duplicates (crops of one photo, burst shots), since
-    a held-out image that the memory bank has nearly seen scores too low.
-    """
-    started = time.perf_counter()
-    config = config or FeatureConfig()
-    config.validate()
-    if not 0.0 < holdout_fraction < 1.0 or not 0.0 < coreset_fraction <= 1.0:
-        raise PermanentError(
-            f"holdout_fraction must be in (0, 1) and coreset_fraction in (0, 1], got "
-            f"{holdout_fraction} and {coreset_fraction}"
-        )
-    bank_images, holdout = _split_holdout(images, holdout_images, holdout_fraction, seed)
-    n_holdout = len(holdout)
-    backbone = backbone_for(device)
-    with torch.inference_mode():
-        pooled_chunks = [
-            extract_pooled(backbone, bank_images[i : i + SCORE_BATCH], config)
-            for i in range(0, len(bank_images), SCORE_BATCH)
-        ]
-        pooled = [torch.cat(parts) for parts in zip(*pooled_chunks, strict=True)]
-        scales = layer_norms(pooled)
-        projection = None
-        if config.projection_dim:
-            in_dim = sum(p.shape[1] for p in pooled)
-            projection = make_projection(in_dim, config.projection_dim, seed).to(backbone.device)
-        feats = patch_features(pooled, scales, projection)
-        feats = feats.reshape(-1, feats.shape[-1])
-        count = max(1, round(feats.shape[0] * coreset_fraction))
-        bank = feats[greedy_coreset(feats, count, seed)].contiguous()
-        maps = torch.cat(
-            [
-                distance_maps(
-                    backbone, holdout[i : i + SCORE_BATCH], config, scales, projection, bank
-                )
-                for i in range(0, len(holdout), SCORE_BATCH)
-            ]
-        )
-        score_scales = ScoreScales.from_good_maps(maps)
-        holdout_scores = _loo_scores(maps)
-    threshold = max(max(holdout_scores) + THRESHOLD_MARGIN, THRESHOLD_MARGIN)
-
-    created = datetime.now(UTC)
-    version = created.strftime("%Y%m%dT%H%M%SZ")
-    meta: dict[str, Any] = {
-        "format": PROFILE_FORMAT,
-        "format_version": PROFILE_FORMAT_VERSION,
-        "name": name,
-        "version": version,
-        "created_at": created.isoformat(),
-        "config": asdict(config),
-        "threshold": threshold,
-        "threshold_rule": f"max(leave-one-out holdout scores) + {THRESHOLD_MARGIN}, at least that",
-        "holdout_scores": holdout_scores,
-        "backbone": {k: v for k, v in backbone.info().to_json().items() if k != "device"},
-        "normalisation": "per-image standardisation" if config.standardize else "none",
-        "fit_images": len(bank_images) + n_holdout,
-        "bank_images": len(bank_images),
-        "holdout_images": n_holdout,
-        "coreset_fraction": coreset_fraction,
-        "memory_bank_size": int(bank.shape[0]),
-        "seed": seed,
-    }
-    arrays: dict[str, NDArray[Any]] = {
-        "memory_bank": bank.cpu().numpy().astype(np.float32),
-        "layer_scales": scales.cpu().numpy().astype(np.float32),
-        "projection": (
-            projection.cpu().numpy() if projection is not None else np.zeros((0, 0), np.float32)
-        ),
-        "score_reference": score_scales.reference.cpu().numpy(),
-    }
-    sha = _save(Path(out_path), arrays, meta)
-    return ProfileInfo(
-        path=str(out_path),
-        name=name,
-        version=version,
-        sha256=sha,
-        threshold=threshold,
-        fit_images=len(bank_images) + n_holdout,
-        bank_images=len(bank_images),
-        holdout_images=n_holdout,
-        memory_bank_size=int(bank.shape[0]),
-        holdout_scores=holdout_scores,
-        fit_s=time.perf_counter() - started,
-    )
-
-
 def evaluate_profile(
     path: Path,
     good: Sequence[NDArray[np.uint8]],

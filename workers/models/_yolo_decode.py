@@ -19,18 +19,28 @@ themselves are computed in float32 with exactly the per-image arithmetic
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import torchvision  # type: ignore[import-untyped]
 
 from workers.models._letterbox import Letterbox
-from workers.runtime import DetectionRow
-
-if TYPE_CHECKING:
-    from workers.models.nudenet_detector import DetectRequest, DetectResult
+from workers.models.detection import DetectRequest, DetectResult, label_of
+from workers.stagecontract import DetectionRow
 
 __all__ = ["decode_batch"]
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    """Anchors above their image's score threshold, boxes in their image's pixels."""
+
+    boxes: torch.Tensor
+    """[N, 4] float32 x1, y1, x2, y2, clamped to the image."""
+    scores: torch.Tensor
+    classes: torch.Tensor
+    image_idx: torch.Tensor
+    """Which request each candidate belongs to."""
 
 
 def decode_batch(
@@ -41,13 +51,18 @@ def decode_batch(
 ) -> list[DetectResult]:
     """``raw``: ``[B, 4 + C, A]`` float32 network output (cx, cy, w, h in input pixels,
     then per-class scores) -> one :class:`DetectResult` per request."""
-    from workers.models.nudenet_detector import DetectResult
-
-    device = raw.device
     num_classes = raw.shape[1] - 4
-    class_scores = raw[:, 4:, :]
-    class_max = class_scores.amax(dim=2)  # [B, C], before any threshold
-    scores, classes = class_scores.max(dim=1)  # [B, A]
+    class_max = raw[:, 4:, :].amax(dim=2)  # [B, C], before any threshold
+    found = _candidates(raw, letterboxes, requests)
+    order = _nms_order(found, requests, num_classes)
+    return _results(found, order, class_max, requests, labels)
+
+
+def _candidates(
+    raw: torch.Tensor, letterboxes: Sequence[Letterbox], requests: Sequence[DetectRequest]
+) -> _Candidates:
+    device = raw.device
+    scores, classes = raw[:, 4:, :].max(dim=1)  # [B, A]
     thresholds = torch.tensor([r.score_threshold for r in requests], device=device)
     image_idx, anchor_idx = (scores >= thresholds[:, None]).nonzero(as_tuple=True)
     cx, cy, w, h = raw[:, :4, :].permute(0, 2, 1)[image_idx, anchor_idx].unbind(1)
@@ -73,32 +88,49 @@ def decode_batch(
         ),
         dim=1,
     )
+    return _Candidates(boxes, scores, classes, image_idx)
 
+
+def _nms_order(
+    found: _Candidates, requests: Sequence[DetectRequest], num_classes: int
+) -> torch.Tensor:
+    """Indices of the kept candidates, grouped by image, each image's by descending score."""
+    device = found.boxes.device
     by_iou: dict[float, list[int]] = {}
     for i, request in enumerate(requests):
         by_iou.setdefault(request.iou_threshold, []).append(i)
     kept: list[torch.Tensor] = []
     for iou, members in by_iou.items():
-        candidates = torch.arange(len(image_idx), device=device)
+        candidates = torch.arange(len(found.image_idx), device=device)
         if len(by_iou) > 1:
             member_ids = torch.tensor(members, device=device)
-            candidates = candidates[torch.isin(image_idx, member_ids)]
+            candidates = candidates[torch.isin(found.image_idx, member_ids)]
         keep = torchvision.ops.batched_nms(
-            boxes[candidates].double(),
-            scores[candidates].double(),
-            image_idx[candidates] * num_classes + classes[candidates],
+            found.boxes[candidates].double(),
+            found.scores[candidates].double(),
+            found.image_idx[candidates] * num_classes + found.classes[candidates],
             iou,
         )
         kept.append(candidates[keep])
     order = torch.cat(kept)
     # stable: inside one image the NMS order (descending score) is kept
-    order = order[torch.sort(image_idx[order], stable=True).indices]
+    return order[torch.sort(found.image_idx[order], stable=True).indices]
+
+
+def _results(
+    found: _Candidates,
+    order: torch.Tensor,
+    class_max: torch.Tensor,
+    requests: Sequence[DetectRequest],
+    labels: Sequence[str],
+) -> list[DetectResult]:
+    """The kept boxes to the host in one copy, split per image, cut at max_detections."""
     rows = torch.cat(
         (
-            boxes[order].double(),
-            scores[order, None].double(),
-            classes[order, None].double(),
-            image_idx[order, None].double(),
+            found.boxes[order].double(),
+            found.scores[order, None].double(),
+            found.classes[order, None].double(),
+            found.image_idx[order, None].double(),
         ),
         dim=1,
     ).tolist()
@@ -106,18 +138,14 @@ def decode_batch(
 
     detections: list[list[DetectionRow]] = [[] for _ in requests]
     for x1, y1, x2, y2, score, cls, img in rows:
-        found = detections[int(img)]
-        if len(found) < requests[int(img)].max_detections:
-            found.append(DetectionRow(_label(labels, int(cls)), score, x1, y1, x2, y2))
+        kept = detections[int(img)]
+        if len(kept) < requests[int(img)].max_detections:
+            kept.append(DetectionRow(label_of(labels, int(cls)), score, x1, y1, x2, y2))
     return [
         DetectResult(
-            detections=tuple(found),
+            detections=tuple(kept),
             class_scores=dict(zip(labels, class_max_rows[i], strict=False)),
             image_size=(int(request.image.shape[1]), int(request.image.shape[0])),
         )
-        for i, (found, request) in enumerate(zip(detections, requests, strict=True))
+        for i, (kept, request) in enumerate(zip(detections, requests, strict=True))
     ]
-
-
-def _label(labels: Sequence[str], index: int) -> str:
-    return labels[index] if 0 <= index < len(labels) else f"class_{index}"

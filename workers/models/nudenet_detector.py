@@ -11,8 +11,7 @@ Pre- and post-processing follow Ultralytics conventions, chosen by measurement
 * YOLOv8 head decoding (done in the module), per-class NMS with
   ``torchvision.ops.batched_nms``, boxes mapped back to the input image's pixels.
 
-This module also holds the request/result types every detector in ``workers.models``
-shares (:class:`DetectRequest`, :class:`DetectResult`, :func:`select_detections`).
+The request/result types every detector shares live in workers/models/detection.py.
 """
 
 from __future__ import annotations
@@ -20,16 +19,13 @@ from __future__ import annotations
 import ast
 import importlib.util
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
-import numpy as np
 import torch
-import torchvision  # type: ignore[import-untyped]
-from numpy.typing import NDArray
 
 from imgpipe.errors import PermanentError
+from imgpipe.modelcatalog import MODELS, NUDENET_MODEL
 from workers.models._letterbox import (
     INPUT_SIZE,
     PAD_VALUE,
@@ -41,8 +37,8 @@ from workers.models._letterbox import (
 )
 from workers.models._yolo_decode import decode_batch
 from workers.models.base import InferenceModel
+from workers.models.detection import DetectRequest, DetectResult, check_image
 from workers.models.yolov8 import YOLOv8, load_onnx_initializers, read_onnx_weights
-from workers.runtime import DetectionRow
 
 __all__ = [
     "CHANNEL_ORDER",
@@ -50,15 +46,11 @@ __all__ = [
     "NUDENET_LABELS",
     "PAD_VALUE",
     "ChannelOrder",
-    "DetectRequest",
-    "DetectResult",
     "Letterbox",
     "NudeNetDetector",
-    "check_image",
     "default_weights_path",
     "labels_from_metadata",
     "letterbox_batch",
-    "select_detections",
     "to_network_input",
 ]
 
@@ -102,78 +94,6 @@ def default_weights_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "320n.onnx"
 
 
-# -- shared detector types --------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class DetectRequest:
-    """One image to detect on, with the thresholds its stage run asked for."""
-
-    image: NDArray[np.uint8]
-    """HxWx3 RGB uint8."""
-    score_threshold: float = 0.25
-    iou_threshold: float = 0.45
-    max_detections: int = 100
-
-
-@dataclass(frozen=True)
-class DetectResult:
-    detections: tuple[DetectionRow, ...]
-    """Boxes in the request image's pixel coordinates, highest score first."""
-    class_scores: dict[str, float] = field(default_factory=dict)
-    """Per class, the highest score the model gave anywhere in the image (before any
-    threshold or NMS); classes the model cannot score are absent."""
-    image_size: tuple[int, int] = (0, 0)
-    """(width, height) of the request image."""
-
-
-def check_image(image: NDArray[np.uint8]) -> None:
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise PermanentError(
-            f"detector input must be an HxWx3 uint8 RGB array, got shape {image.shape} "
-            f"dtype {image.dtype}; the stage wrapper should decode images to RGB"
-        )
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise PermanentError(f"detector input is empty (shape {image.shape})")
-
-
-def select_detections(
-    boxes: torch.Tensor,
-    scores: torch.Tensor,
-    classes: torch.Tensor,
-    labels: Sequence[str],
-    request: DetectRequest,
-) -> tuple[DetectionRow, ...]:
-    """Threshold, per-class NMS, top-k and clipping of candidate boxes (xyxy, image px)."""
-    height, width = request.image.shape[:2]
-    keep = scores >= request.score_threshold
-    boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
-    boxes = torch.stack(
-        (
-            boxes[:, 0].clamp(0, width),
-            boxes[:, 1].clamp(0, height),
-            boxes[:, 2].clamp(0, width),
-            boxes[:, 3].clamp(0, height),
-        ),
-        dim=1,
-    )
-    order = torchvision.ops.batched_nms(
-        boxes.float(), scores.float(), classes, request.iou_threshold
-    )
-    order = order[: request.max_detections]
-    rows_boxes = boxes[order].float().cpu().tolist()
-    rows_scores = scores[order].float().cpu().tolist()
-    rows_classes = classes[order].cpu().tolist()
-    return tuple(
-        DetectionRow(_label(labels, c), float(s), b[0], b[1], b[2], b[3])
-        for b, s, c in zip(rows_boxes, rows_scores, rows_classes, strict=True)
-    )
-
-
-def _label(labels: Sequence[str], index: int) -> str:
-    return labels[index] if 0 <= index < len(labels) else f"class_{index}"
-
-
 def labels_from_metadata(metadata: dict[str, str], num_classes: int) -> tuple[str, ...]:
     """Class names from an Ultralytics export's ``names`` metadata (a dict literal)."""
     raw = metadata.get("names")
@@ -195,8 +115,8 @@ def labels_from_metadata(metadata: dict[str, str], num_classes: int) -> tuple[st
 class NudeNetDetector(InferenceModel[DetectRequest, DetectResult]):
     """YOLOv8n trained by the NudeNet project on 18 body-part/face classes."""
 
-    name = "nudenet-yolov8n"
-    version = "320n-rgb-letterbox114-v1"
+    name = NUDENET_MODEL
+    version = MODELS[NUDENET_MODEL].version
     license = (
         "AGPL-3.0 (nudenet 3.4.2 LICENSE; ONNX metadata: 'AGPL-3.0 License (ultralytics)'; "
         "the wheel's METADATA field says MIT)"

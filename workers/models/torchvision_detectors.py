@@ -19,17 +19,12 @@ from typing import Any, ClassVar, Final
 
 import numpy as np
 import torch
-import torchvision  # type: ignore[import-untyped]
 from torchvision.models import detection  # type: ignore[import-untyped]
 
 from imgpipe.errors import PermanentError
+from imgpipe.modelcatalog import torchvision_model_version
 from workers.models.base import InferenceModel
-from workers.models.nudenet_detector import (
-    DetectRequest,
-    DetectResult,
-    check_image,
-    select_detections,
-)
+from workers.models.detection import DetectRequest, DetectResult, check_image, select_detections
 
 __all__ = [
     "TORCHVISION_DETECTORS",
@@ -54,7 +49,7 @@ class TorchvisionDetector(InferenceModel[DetectRequest, DetectResult]):
     """A torchvision COCO detector whose weights come from a local state-dict file."""
 
     license = "BSD-3-Clause (torchvision code); weights: user-supplied"
-    version = f"torchvision-{torchvision.__version__.split('+')[0]}"
+    version = torchvision_model_version()
 
     builder: ClassVar[Callable[..., torch.nn.Module]]
     threshold_kwargs: ClassVar[Mapping[str, float]] = MappingProxyType(

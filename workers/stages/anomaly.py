@@ -28,9 +28,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from imgpipe.errors import PermanentError, WeightsMismatchError
+from imgpipe.stageoutputs import AnomalyOutput
 from workers.anomaly.profile import Profile, load_profile
-from workers.anomaly.scoring import backbone_for, score_images
-from workers.runtime import StageInput, StageOutput, StageSkip
+from workers.anomaly.scoring import ImageScore, backbone_for, score_images
+from workers.stagecontract import StageInput, StageOutput, StageSkip
 
 __all__ = ["HEATMAP_MAX_SIDE_PX", "AnomalyParams", "heatmap_png", "run_stage_batch"]
 
@@ -137,22 +138,30 @@ def run_stage_batch(inputs: Sequence[StageInput]) -> list[StageOutput | StageSki
         model = backbone.info().to_json()
         for i, scored in zip(members, scores, strict=True):
             threshold = params[i].threshold or profile.threshold
-            # In the upload's frame, whatever size the stage was given to read.
-            png, (width, height) = heatmap_png(scored.heatmap, threshold, inputs[i].original_size)
-            output: dict[str, Any] = {
-                "score": scored.score,
-                "threshold": threshold,
-                "anomalous": scored.score > threshold,
-                "profile": profile.record(),
-                "heatmap": {
-                    "width": width,
-                    "height": height,
-                    "max": float(scored.heatmap.max()),
-                    "media_type": "image/png",
-                    "pixel_rule": "round(255 * clip(score / (2 * threshold), 0, 1))",
-                },
-            }
-            results[i] = StageOutput(
-                output=output, blob=png, blob_media_type="image/png", model=model
-            )
+            results[i] = _stage_output(scored, threshold, profile, inputs[i].original_size, model)
     return [r for r in results if r is not None]
+
+
+def _stage_output(
+    scored: ImageScore,
+    threshold: float,
+    profile: Profile,
+    original_size: tuple[int, int],
+    model: Mapping[str, str],
+) -> StageOutput:
+    # In the upload's frame, whatever size the stage was given to read.
+    png, (width, height) = heatmap_png(scored.heatmap, threshold, original_size)
+    output: AnomalyOutput = {
+        "score": scored.score,
+        "threshold": threshold,
+        "anomalous": scored.score > threshold,
+        "profile": profile.record(),
+        "heatmap": {
+            "width": width,
+            "height": height,
+            "max": float(scored.heatmap.max()),
+            "media_type": "image/png",
+            "pixel_rule": "round(255 * clip(score / (2 * threshold), 0, 1))",
+        },
+    }
+    return StageOutput(output=output, blob=png, blob_media_type="image/png", model=model)

@@ -1,17 +1,16 @@
 """Batch runners for the classical stages (quality, enhance): StageInput -> StageOutput.
 
 The pure functions live in quality.py and enhance.py; this module only adapts them to
-the task wrapper's contract (workers/runtime.py). Enhance reads the quality result of the
-stage it needs (the first upstream quality output) to choose its operations.
+the executor's contract (workers/stagecontract.py). Enhance reads the output of the first
+quality stage it needs (found by kind) to choose its operations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from imgpipe.errors import PermanentError
-from workers.runtime import StageInput, StageOutput, StageSkip
+from workers.stagecontract import StageInput, StageOutput, StageSkip
 from workers.stages.enhance import EnhanceParams, enhance_image
 from workers.stages.quality import QualityParams, QualityResult, assess_quality
 
@@ -26,10 +25,10 @@ def run_quality_batch(inputs: Sequence[StageInput]) -> list[StageOutput | StageS
     return results
 
 
-def _upstream_quality(upstream: Mapping[str, Mapping[str, Any]]) -> QualityResult:
-    for output in upstream.values():
-        if "score" in output and "flags" in output and "usable" in output:
-            return QualityResult.from_json(output)
+def _upstream_quality(item: StageInput) -> QualityResult:
+    for stage, kind in item.upstream_kinds.items():
+        if kind == "quality":
+            return QualityResult.from_json(item.upstream[stage])
     raise PermanentError(
         "enhance needs the result of a quality stage: list one in this stage's `needs` "
         "in the pipeline spec"
@@ -40,10 +39,9 @@ def run_enhance_batch(inputs: Sequence[StageInput]) -> list[StageOutput | StageS
     results: list[StageOutput | StageSkip] = []
     for item in inputs:
         params = EnhanceParams.from_json(item.params)
-        quality = _upstream_quality(item.upstream)
+        quality = _upstream_quality(item)
         enhanced = enhance_image(item.image, quality, params)
         output = enhanced.to_json()
-        output["width"], output["height"] = item.image_size
         if enhanced.applied:
             results.append(StageOutput(output=output, image=enhanced.image))
         else:

@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from imgpipe.errors import PermanentError
-from workers.runtime import DetectionRow, StageInput, StageOutput, StageSkip
+from imgpipe.modelcatalog import NUDENET_MODEL, TORCHVISION_DETECTORS
+from imgpipe.stageoutputs import DetectOutput
+from workers.stagecontract import DetectionRow, StageInput, StageOutput, StageSkip
 
 if TYPE_CHECKING:
     from workers.models.base import InferenceModel
-    from workers.models.nudenet_detector import DetectRequest, DetectResult
+    from workers.models.detection import DetectRequest, DetectResult
 
 __all__ = [
     "DETECTOR_MODELS",
@@ -40,13 +42,7 @@ __all__ = [
     "run_stage_batch",
 ]
 
-NUDENET_MODEL: Final = "nudenet-yolov8n"
-DETECTOR_MODELS: Final = (
-    NUDENET_MODEL,
-    "fasterrcnn_mobilenet_v3_large_fpn",
-    "ssdlite320_mobilenet_v3_large",
-    "retinanet_resnet50_fpn_v2",
-)
+DETECTOR_MODELS: Final = (NUDENET_MODEL, *TORCHVISION_DETECTORS)
 MAX_DETECTIONS_LIMIT: Final = 1000
 
 
@@ -171,7 +167,7 @@ def _existing(model: str, weights_path: str) -> Path:
 
 
 def run_stage_batch(inputs: Sequence[StageInput]) -> list[StageOutput | StageSkip]:
-    from workers.models.nudenet_detector import DetectRequest
+    from workers.models.detection import DetectRequest
 
     params = [DetectParams.from_json(item.params) for item in inputs]
     groups: dict[int, list[int]] = {}
@@ -202,14 +198,15 @@ def run_stage_batch(inputs: Sequence[StageInput]) -> list[StageOutput | StageSki
 
 def _stage_output(item: StageInput, result: DetectResult, model: Mapping[str, str]) -> StageOutput:
     rows = to_original(result.detections, item.image_size, item.original_size)
+    output: DetectOutput = {
+        "detections": [
+            {"label": r.label, "score": r.score, "box": [r.x1, r.y1, r.x2, r.y2]} for r in rows
+        ],
+        "count": len(rows),
+        "image_size": list(item.original_size),
+    }
     return StageOutput(
-        output={
-            "detections": [
-                {"label": r.label, "score": r.score, "box": [r.x1, r.y1, r.x2, r.y2]} for r in rows
-            ],
-            "count": len(rows),
-            "image_size": list(item.original_size),
-        },
+        output=output,
         model=model,
         detections=rows,
     )

@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from imgpipe.stageoutputs import AppliedOpOutput, EnhanceOutput
 from workers.stages._params import params_from_json, require
 from workers.stages.quality import QualityResult, check_rgb_image
 
@@ -127,7 +128,7 @@ class AppliedOp:
     """The flag and metric value that triggered it."""
     params: dict[str, float]
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self) -> AppliedOpOutput:
         return {"op": self.op, "reason": self.reason, "params": dict(self.params)}
 
 
@@ -139,13 +140,16 @@ class EnhanceResult:
     """In the order applied; empty if nothing needed doing."""
     duration_ms: float
 
-    def to_json(self) -> dict[str, object]:
-        height, width = self.image.shape[:2]
+    def to_json(self) -> EnhanceOutput:
+        height, width = (int(n) for n in self.image.shape[:2])
         return {
             "applied": [op.to_json() for op in self.applied],
             "duration_ms": self.duration_ms,
             "width_px": width,
             "height_px": height,
+            # the image read, which has the output's size (kept for existing readers)
+            "width": width,
+            "height": height,
         }
 
 
@@ -290,6 +294,49 @@ def _stretch(
     return np.asarray(cv2.LUT(image, lut), dtype=np.uint8), op
 
 
+def _restore_contrast(
+    image: NDArray[np.uint8],
+    hist: NDArray[np.float64] | None,
+    metrics: Mapping[str, float],
+    p: EnhanceParams,
+) -> tuple[NDArray[np.uint8], list[AppliedOp]]:
+    """Stretch, then CLAHE, unless the contrast is already back on target: correcting the
+    exposure often restores the contrast too, so it is measured again first (``hist``:
+    the luma histogram after the exposure step, if it ran)."""
+    hist = _luma_hist(image) if hist is None else hist
+    contrast = _rms_contrast(hist)
+    if contrast >= p.contrast_rms_target:
+        return image, []
+    out, stretched = _stretch(image, hist, contrast, p)
+    applied = [stretched] if stretched else []
+    out = _per_channel(out, _LAB, lambda lum: _clahe(lum, p))
+    applied.append(
+        AppliedOp(
+            "clahe",
+            f"low_contrast: contrast_rms {metrics.get('contrast_rms', 0.0):.3f}",
+            {"clip_limit": p.clahe_clip_limit, "tiles": float(p.clahe_tiles)},
+        )
+    )
+    return out, applied
+
+
+def _sharpen(
+    image: NDArray[np.uint8], metrics: Mapping[str, float], p: EnhanceParams
+) -> tuple[NDArray[np.uint8], AppliedOp]:
+    sharpness = metrics.get("sharpness", 0.0)
+    # Sharpness was measured on the analysis copy: scale the radius back up.
+    sigma_px = p.unsharp_sigma_px / (metrics.get("analysis_scale", 1.0) or 1.0)
+    wanted = p.unsharp_target_sharpness / max(sharpness, 1e-3) - 1.0
+    amount = float(np.clip(wanted, p.unsharp_amount_min, p.unsharp_amount_max))
+    out = _per_channel(image, _YCRCB, lambda y: _unsharp(y, sigma_px, amount))
+    op = AppliedOp(
+        "unsharp",
+        f"blurry: sharpness {sharpness:.3f}",
+        {"sigma_px": round(sigma_px, 3), "amount": round(amount, 3)},
+    )
+    return out, op
+
+
 def enhance_image(
     image: NDArray[np.uint8], quality: QualityResult, params: EnhanceParams | None = None
 ) -> EnhanceResult:
@@ -312,40 +359,13 @@ def enhance_image(
         out, op, hist = _exposure(out, exposure_flag, p)
         applied.append(op)
 
-    # Correcting the exposure often restores the contrast too: re-check it first.
-    run_clahe = False
     if "low_contrast" in flags:
-        hist = _luma_hist(out) if hist is None else hist
-        contrast = _rms_contrast(hist)
-        if contrast < p.contrast_rms_target:
-            out, stretched = _stretch(out, hist, contrast, p)
-            applied.extend([stretched] if stretched else [])
-            run_clahe = True
-
-    if run_clahe:
-        out = _per_channel(out, _LAB, lambda lum: _clahe(lum, p))
-        applied.append(
-            AppliedOp(
-                "clahe",
-                f"low_contrast: contrast_rms {metrics.get('contrast_rms', 0.0):.3f}",
-                {"clip_limit": p.clahe_clip_limit, "tiles": float(p.clahe_tiles)},
-            )
-        )
+        out, ops = _restore_contrast(out, hist, metrics, p)
+        applied.extend(ops)
 
     if "blurry" in flags:
-        sharpness = metrics.get("sharpness", 0.0)
-        # Sharpness was measured on the analysis copy: scale the radius back up.
-        sigma_px = p.unsharp_sigma_px / (metrics.get("analysis_scale", 1.0) or 1.0)
-        wanted = p.unsharp_target_sharpness / max(sharpness, 1e-3) - 1.0
-        amount = float(np.clip(wanted, p.unsharp_amount_min, p.unsharp_amount_max))
-        out = _per_channel(out, _YCRCB, lambda y: _unsharp(y, sigma_px, amount))
-        applied.append(
-            AppliedOp(
-                "unsharp",
-                f"blurry: sharpness {sharpness:.3f}",
-                {"sigma_px": round(sigma_px, 3), "amount": round(amount, 3)},
-            )
-        )
+        out, op = _sharpen(out, metrics, p)
+        applied.append(op)
 
     elapsed_ms = round((time.perf_counter() - started) * 1000.0, 3)
     return EnhanceResult(image=out, applied=tuple(applied), duration_ms=elapsed_ms)

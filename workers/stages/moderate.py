@@ -24,7 +24,8 @@ from types import MappingProxyType
 from typing import Any, Final, Literal
 
 from imgpipe.errors import PermanentError
-from workers.runtime import StageInput, StageOutput, StageSkip
+from imgpipe.stageoutputs import ModerateOutput, ModerationThresholds
+from workers.stagecontract import StageInput, StageOutput, StageSkip
 from workers.stages.detect import (
     NUDENET_MODEL,
     check_keys,
@@ -52,7 +53,7 @@ class CategoryThresholds:
     review: float | None = None
     block: float | None = None
 
-    def to_json(self) -> dict[str, float | None]:
+    def to_json(self) -> ModerationThresholds:
         return {"review": self.review, "block": self.block}
 
 
@@ -152,7 +153,8 @@ def merge_thresholds(overrides: Any) -> Mapping[str, CategoryThresholds]:
                 f"moderate: thresholds.{category} must be an object with keys "
                 f"'review' and/or 'block', got {levels!r}"
             )
-        values = merged[category].to_json()
+        current = merged[category]
+        values = {"review": current.review, "block": current.block}
         for level, value in levels.items():
             if value is not None and (
                 isinstance(value, bool)
@@ -175,7 +177,7 @@ def merge_thresholds(overrides: Any) -> Mapping[str, CategoryThresholds]:
 
 
 def run_stage_batch(inputs: Sequence[StageInput]) -> list[StageOutput | StageSkip]:
-    from workers.models.nudenet_detector import DetectRequest
+    from workers.models.detection import DetectRequest
 
     params = [ModerateParams.from_json(item.params) for item in inputs]
     groups: dict[int, list[int]] = {}
@@ -207,12 +209,13 @@ def _stage_output(
     model: Mapping[str, str],
 ) -> StageOutput:
     verdict, reasons = verdict_from_scores(scores, thresholds)
+    output: ModerateOutput = {
+        "scores": scores,
+        "verdict": verdict,
+        "reasons": reasons,
+        "thresholds": {c: thresholds[c].to_json() for c in CATEGORIES},
+    }
     return StageOutput(
-        output={
-            "scores": scores,
-            "verdict": verdict,
-            "reasons": reasons,
-            "thresholds": {c: thresholds[c].to_json() for c in CATEGORIES},
-        },
+        output=output,
         model=model,
     )

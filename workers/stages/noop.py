@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from imgpipe.errors import PermanentError
-from workers.runtime import StageInput, StageOutput, StageSkip
+from imgpipe.stageoutputs import NoopOutput
+from workers.stagecontract import StageInput, StageOutput, StageSkip
 
 __all__ = ["run_stage_batch"]
 
@@ -45,4 +46,5 @@ def run_stage_batch(inputs: Sequence[StageInput]) -> list[StageOutput | StageSki
                 time.sleep(hang_ms / 1000)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-    return [StageOutput(output={"noop": True, "upstream": sorted(i.upstream)}) for i in inputs]
+    outputs: list[NoopOutput] = [{"noop": True, "upstream": sorted(i.upstream)} for i in inputs]
+    return [StageOutput(output=output) for output in outputs]

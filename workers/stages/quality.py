@@ -27,6 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from imgpipe.errors import PermanentError
+from imgpipe.stageoutputs import QualityOutput
 from workers.stages._params import is_number, params_from_json, require
 
 __all__ = [
@@ -151,7 +152,7 @@ class QualityResult:
     """False: the quality gate trips (blank/uniform image, too tiny to process)."""
     unusable_reason: str | None
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self) -> QualityOutput:
         return {
             "score": self.score,
             "flags": list(self.flags),

@@ -17,10 +17,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from imgpipe.contracts import GPU_QUEUE
 from imgpipe.decode import DecodeLimits, decode_image
-from imgpipe.stagekinds import STAGE_KINDS
-from workers.runtime import BatchRunner, StageInput, StageOutput, StageSkip
+from imgpipe.stagekinds import GPU_STAGE_KINDS, STAGE_KINDS
+from workers.stagecontract import BatchRunner, StageInput, StageOutput, StageSkip
 
 __all__ = ["batched_baseline", "model_stages", "release_device_memory", "sequential_baseline"]
 
@@ -36,7 +35,7 @@ def _runner(kind: str) -> BatchRunner:
 
 def model_stages(spec: Mapping[str, Any]) -> list[str]:
     """Names of the stages of a resolved spec that run on the model (GPU) queue."""
-    return [name for name, s in spec["stages"].items() if STAGE_KINDS[s["kind"]].queue == GPU_QUEUE]
+    return [name for name, s in spec["stages"].items() if s["kind"] in GPU_STAGE_KINDS]
 
 
 def _run_image(data: bytes, spec: Mapping[str, Any], device: str, inputs: StageInputs) -> None:

@@ -60,7 +60,7 @@ def _noop_body(stage: str, upstream: object) -> dict[str, Any]:
     """The body of imgpipe's noop stage kind, called the way its worker calls it."""
     import numpy as np
 
-    from workers.runtime import StageInput, StageOutput
+    from workers.stagecontract import StageInput, StageOutput
     from workers.stages.noop import run_stage_batch
 
     needs = {"upstream": upstream} if isinstance(upstream, dict) else {}

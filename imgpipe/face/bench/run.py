@@ -172,15 +172,14 @@ def _through_the_stack(
     images: Sequence[bytes],
     progress: Progress,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    from imgpipe.contracts import GPU_QUEUE
     from imgpipe.face.bench.phases import run_jobs
     from imgpipe.face.stack import Stack
-    from imgpipe.stagekinds import STAGE_KINDS
+    from imgpipe.stagekinds import GPU_STAGE_KINDS
     from orchestrator.context import OrchestratorContext
     from orchestrator.pipelines import load_pipeline
 
     spec = load_pipeline(pipeline, settings.pipelines_dir)
-    needs_gpu = any(STAGE_KINDS[s.kind].queue == GPU_QUEUE for s in spec.stages)
+    needs_gpu = any(s.kind in GPU_STAGE_KINDS for s in spec.stages)
     roles = ("orchestrator", "cpu", "gpu") if needs_gpu else ("orchestrator", "cpu")
     with Stack(settings, workers=roles, gpu_device=config.device) as stack:
         progress("starting the stack")

@@ -1,4 +1,5 @@
-"""The ``imgpipe anomaly fit|eval`` commands (imported lazily by imgpipe/face/cli_ops.py)."""
+"""The ``imgpipe anomaly fit|eval`` commands (imported lazily by imgpipe/face/cli_ops.py:
+they load torch through workers/anomaly)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from db.repo import record_model
 from imgpipe.decode import DecodeLimits, decode_image
 from imgpipe.errors import ImageRejectedError, PermanentError
 from imgpipe.settings import Settings
-from workers.anomaly.profile import evaluate_profile, fit_profile
+from workers.anomaly.fit import fit_profile
+from workers.anomaly.profile import evaluate_profile
 
 __all__ = ["eval_command", "fit_command", "load_images"]
 

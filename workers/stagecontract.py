@@ -30,6 +30,9 @@ class StageInput:
     """Output JSON of every stage listed in this stage's ``needs``, by stage name."""
     device: str = "cpu"
     """torch device string the worker is pinned to (``cpu``, ``cuda:0`` ...)."""
+    upstream_kinds: Mapping[str, str] = field(default_factory=dict)
+    """Stage kind of each entry of ``upstream``: which schema of imgpipe/stageoutputs.py
+    its output follows."""
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -50,15 +53,17 @@ class DetectionRow:
 
 @dataclass(frozen=True)
 class StageOutput:
-    output: dict[str, Any]
-    """JSON-serialisable result stored on the stage row."""
+    output: Mapping[str, Any]
+    """JSON-serialisable result stored on the stage row: the kind's schema in
+    imgpipe/stageoutputs.py."""
     blob: bytes | None = None
-    """Optional artifact (enhanced image, heat map) written to the blob store by the wrapper."""
+    """Optional artifact (a heat map) the executor writes to the blob store."""
     blob_media_type: str | None = None
     image: NDArray[np.uint8] | None = None
     """For image-producing stages (enhance): the output pixels, HxWx3 RGB uint8. The
-    wrapper stores them as a PNG blob (the viewable artifact, ``output_blob_key``) and as a
-    raw working copy that downstream stages load without decoding."""
+    executor stores them as one JPEG blob (``encode_working_copy``): the viewable artifact
+    (``output_blob_key``) and the working copy downstream stages read
+    (``output.working_blob_key``)."""
     passthrough: bool = False
     """For image-producing stages that changed nothing: downstream stages read the input
     image itself, and no new blob is written."""
@@ -76,7 +81,8 @@ class StageSkip:
 
 
 BatchRunner = Callable[[Sequence[StageInput]], list[StageOutput | StageSkip]]
-"""Signature of ``run_stage_batch`` in every workers/stages/<kind>.py module.
+"""Signature of each stage kind's batch function (``StageKind.entry``, by default
+``run_stage_batch``, in the module ``StageKind.implementation``: imgpipe/stagekinds.py).
 
-May raise ``imgpipe.errors.PermanentError`` (the whole batch fails for good; the wrapper
+May raise ``imgpipe.errors.PermanentError`` (the whole batch fails for good; the executor
 fails each row with the message) or ``TransientError`` (retried)."""

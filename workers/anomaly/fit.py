@@ -1,0 +1,226 @@
+"""Fitting an anomaly profile from good images (PatchCore-style memory bank).
+
+Threshold rule (see docs/anomaly.md): ``holdout_fraction`` of the fit images (at least
+3) never enter the memory bank. Their score maps give the per-scale references; each of
+them is then scored leave-one-out (references from the other held-out images, as a new
+image would be) and ``threshold = max(max(those scores) + THRESHOLD_MARGIN, THRESHOLD_MARGIN)``,
+so the threshold is always positive. The file format and loading: profile.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from imgpipe.errors import PermanentError
+from workers.anomaly.patchcore import (
+    FeatureConfig,
+    ScoreScales,
+    extract_pooled,
+    fuse_scales,
+    greedy_coreset,
+    layer_norms,
+    make_projection,
+    patch_features,
+)
+from workers.anomaly.profile import (
+    MIN_BANK_IMAGES,
+    MIN_HOLDOUT_IMAGES,
+    PROFILE_FORMAT,
+    PROFILE_FORMAT_VERSION,
+    SCORE_BATCH,
+    THRESHOLD_MARGIN,
+    ProfileInfo,
+    write_profile_file,
+)
+from workers.anomaly.scoring import backbone_for, distance_maps
+from workers.models.efficientnet_lite0 import EfficientNetLite0Features
+
+__all__ = ["fit_profile"]
+
+
+def _loo_scores(maps: torch.Tensor) -> list[float]:
+    """Each held-out image's score with references from the other held-out images."""
+    scores = []
+    for i in range(maps.shape[0]):
+        others = torch.cat([maps[:i], maps[i + 1 :]])
+        scales = ScoreScales.from_good_maps(others)
+        scores.append(float(fuse_scales(maps[i : i + 1], scales).max()))
+    return scores
+
+
+def _split_holdout(
+    images: Sequence[NDArray[np.uint8]],
+    holdout_images: Sequence[NDArray[np.uint8]] | None,
+    holdout_fraction: float,
+    seed: int,
+) -> tuple[list[NDArray[np.uint8]], list[NDArray[np.uint8]]]:
+    """(memory-bank images, held-out images)."""
+    if holdout_images is not None:
+        bank_images, holdout = list(images), list(holdout_images)
+        if len(holdout) < MIN_HOLDOUT_IMAGES or len(bank_images) < MIN_BANK_IMAGES:
+            raise PermanentError(
+                f"fitting needs at least {MIN_BANK_IMAGES} images and {MIN_HOLDOUT_IMAGES} "
+                f"held-out images, got {len(bank_images)} and {len(holdout)}"
+            )
+        return bank_images, holdout
+    n_holdout = max(MIN_HOLDOUT_IMAGES, round(len(images) * holdout_fraction))
+    if len(images) - n_holdout < MIN_BANK_IMAGES:
+        raise PermanentError(
+            f"fitting needs at least {MIN_HOLDOUT_IMAGES + MIN_BANK_IMAGES} good images "
+            f"({MIN_HOLDOUT_IMAGES} are held out to set the threshold), got {len(images)}"
+        )
+    order = np.random.default_rng(seed).permutation(len(images))
+    return [images[i] for i in order[n_holdout:]], [images[i] for i in order[:n_holdout]]
+
+
+def fit_profile(
+    images: Sequence[NDArray[np.uint8]],
+    out_path: Path,
+    *,
+    name: str,
+    device: str = "cpu",
+    holdout_fraction: float = 0.2,
+    coreset_fraction: float = 0.1,
+    seed: int = 0,
+    config: FeatureConfig | None = None,
+    holdout_images: Sequence[NDArray[np.uint8]] | None = None,
+) -> ProfileInfo:
+    """Fit a profile from good images (HxWx3 RGB uint8) and write it to ``out_path``.
+
+    ``holdout_images`` (at least 3 more good images, e.g. from another shoot) calibrate the
+    threshold instead of a seeded random ``holdout_fraction`` of ``images``; pass them when
+    the fit images overlap or are near-duplicates (crops of one photo, burst shots), since
+    a held-out image that the memory bank has nearly seen scores too low.
+    """
+    started = time.perf_counter()
+    config = config or FeatureConfig()
+    config.validate()
+    if not 0.0 < holdout_fraction < 1.0 or not 0.0 < coreset_fraction <= 1.0:
+        raise PermanentError(
+            f"holdout_fraction must be in (0, 1) and coreset_fraction in (0, 1], got "
+            f"{holdout_fraction} and {coreset_fraction}"
+        )
+    bank_images, holdout = _split_holdout(images, holdout_images, holdout_fraction, seed)
+    backbone = backbone_for(device)
+    fitted = _fit_bank(backbone, bank_images, holdout, config, coreset_fraction, seed)
+    meta = _meta(name, config, fitted, backbone, bank_images, holdout, coreset_fraction, seed)
+    sha = write_profile_file(Path(out_path), fitted.arrays(), meta)
+    return ProfileInfo(
+        path=str(out_path),
+        name=name,
+        version=meta["version"],
+        sha256=sha,
+        threshold=fitted.threshold,
+        fit_images=meta["fit_images"],
+        bank_images=meta["bank_images"],
+        holdout_images=meta["holdout_images"],
+        memory_bank_size=meta["memory_bank_size"],
+        holdout_scores=fitted.holdout_scores,
+        fit_s=time.perf_counter() - started,
+    )
+
+
+def _meta(
+    name: str,
+    config: FeatureConfig,
+    fitted: _Fitted,
+    backbone: EfficientNetLite0Features,
+    bank_images: Sequence[NDArray[np.uint8]],
+    holdout: Sequence[NDArray[np.uint8]],
+    coreset_fraction: float,
+    seed: int,
+) -> dict[str, Any]:
+    """The profile file's JSON metadata record."""
+    created = datetime.now(UTC)
+    return {
+        "format": PROFILE_FORMAT,
+        "format_version": PROFILE_FORMAT_VERSION,
+        "name": name,
+        "version": created.strftime("%Y%m%dT%H%M%SZ"),
+        "created_at": created.isoformat(),
+        "config": asdict(config),
+        "threshold": fitted.threshold,
+        "threshold_rule": f"max(leave-one-out holdout scores) + {THRESHOLD_MARGIN}, at least that",
+        "holdout_scores": fitted.holdout_scores,
+        "backbone": {k: v for k, v in backbone.info().to_json().items() if k != "device"},
+        "normalisation": "per-image standardisation" if config.standardize else "none",
+        "fit_images": len(bank_images) + len(holdout),
+        "bank_images": len(bank_images),
+        "holdout_images": len(holdout),
+        "coreset_fraction": coreset_fraction,
+        "memory_bank_size": int(fitted.bank.shape[0]),
+        "seed": seed,
+    }
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    """What fitting computes: the tensors a profile file stores, and its threshold."""
+
+    bank: torch.Tensor
+    scales: torch.Tensor
+    projection: torch.Tensor | None
+    score_scales: ScoreScales
+    holdout_scores: list[float]
+
+    @property
+    def threshold(self) -> float:
+        return max(max(self.holdout_scores) + THRESHOLD_MARGIN, THRESHOLD_MARGIN)
+
+    def arrays(self) -> dict[str, NDArray[Any]]:
+        projection = self.projection
+        return {
+            "memory_bank": self.bank.cpu().numpy().astype(np.float32),
+            "layer_scales": self.scales.cpu().numpy().astype(np.float32),
+            "projection": (
+                projection.cpu().numpy() if projection is not None else np.zeros((0, 0), np.float32)
+            ),
+            "score_reference": self.score_scales.reference.cpu().numpy(),
+        }
+
+
+def _fit_bank(
+    backbone: EfficientNetLite0Features,
+    bank_images: Sequence[NDArray[np.uint8]],
+    holdout: Sequence[NDArray[np.uint8]],
+    config: FeatureConfig,
+    coreset_fraction: float,
+    seed: int,
+) -> _Fitted:
+    """The memory bank (a coreset of the bank images' patch features) and the held-out
+    images' leave-one-out scores against it."""
+    with torch.inference_mode():
+        pooled_chunks = [
+            extract_pooled(backbone, bank_images[i : i + SCORE_BATCH], config)
+            for i in range(0, len(bank_images), SCORE_BATCH)
+        ]
+        pooled = [torch.cat(parts) for parts in zip(*pooled_chunks, strict=True)]
+        scales = layer_norms(pooled)
+        projection = None
+        if config.projection_dim:
+            in_dim = sum(p.shape[1] for p in pooled)
+            projection = make_projection(in_dim, config.projection_dim, seed).to(backbone.device)
+        feats = patch_features(pooled, scales, projection)
+        feats = feats.reshape(-1, feats.shape[-1])
+        count = max(1, round(feats.shape[0] * coreset_fraction))
+        bank = feats[greedy_coreset(feats, count, seed)].contiguous()
+        maps = torch.cat(
+            [
+                distance_maps(
+                    backbone, holdout[i : i + SCORE_BATCH], config, scales, projection, bank
+                )
+                for i in range(0, len(holdout), SCORE_BATCH)
+            ]
+        )
+        return _Fitted(
+            bank, scales, projection, ScoreScales.from_good_maps(maps), _loo_scores(maps)
+        )
