@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from pydantic import SecretStr
 
 from imgpipe.contracts import EVENTS_STREAM, SUBMIT_STREAM, SUBMIT_TRIMMED_KEY
 from orchestrator.context import OrchestratorContext
@@ -66,7 +67,9 @@ def _trimmed_events(client: redis.Redis) -> list[dict[str, object]]:
 def test_entries_trimmed_before_any_read_are_counted_and_reported_once(
     ctx: OrchestratorContext, redis7: str, tmp_path: Path
 ) -> None:
-    settings = ctx.settings.model_copy(update={"redis_url": redis7, "ingest_block_ms": 20})
+    settings = ctx.settings.model_copy(
+        update={"redis_url": SecretStr(redis7), "ingest_block_ms": 20}
+    )
     consumer = SubmitConsumer(OrchestratorContext(settings), "trim-1")
     other = SubmitConsumer(OrchestratorContext(settings), "trim-2")
     consumer.ensure_group()
