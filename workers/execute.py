@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from db.blobs import BlobStore, open_blob_store
+from db.blobs import BlobStore, blob_store_for
 from db.dag import advance_in_session, mark_dispatched
 from db.engine import session_scope
 from db.models import utcnow
@@ -116,7 +116,7 @@ class StageExecutor:
     @property
     def blobs(self) -> BlobStore:
         if self._blobs is None:
-            self._blobs = open_blob_store(self.settings.effective_blob_url)
+            self._blobs = blob_store_for(self.settings)
         return self._blobs
 
     @property

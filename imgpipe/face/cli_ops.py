@@ -93,13 +93,13 @@ def add_ops_commands(app: typer.Typer, console: Console) -> None:
         dry_run: Annotated[bool, typer.Option(help="Report, change nothing.")] = False,
     ) -> None:
         """Delete working copies no queued or running job needs (results are kept)."""
-        from db.blobs import open_blob_store
+        from db.blobs import blob_store_for
         from db.gc import collect_working_copies
 
         settings = Settings()
         report = collect_working_copies(
             settings.effective_database_url,
-            open_blob_store(settings.effective_blob_url),
+            blob_store_for(settings),
             dry_run=dry_run,
         )
         verb = "would delete" if dry_run else "deleted"
