@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe.errors import PipelineSpecError, StageNotInstalledError, UnknownPipelineError
+from imgpipe.extras import install_hint
 from imgpipe.policy import Policy, parse_policy
 from imgpipe.stagekinds import STAGE_KINDS, missing_requirements
 
@@ -79,11 +80,11 @@ class PipelineSpec:
         for stage in self.stages:
             missing = missing_requirements(STAGE_KINDS[stage.kind])
             if missing:
+                hint = install_hint(missing) or "install the extra that provides it (README)"
                 raise StageNotInstalledError(
                     f"pipeline {self.name!r}: stage {stage.name!r} (kind {stage.kind!r}) is not "
-                    f"installed: missing module(s) {', '.join(missing)}. Install the extra that "
-                    "provides it (see README) or choose a pipeline without this stage "
-                    "(`imgpipe pipelines`)."
+                    f"installed: missing module(s) {', '.join(missing)}. {hint}, or choose a "
+                    "pipeline without this stage (`imgpipe pipelines`; `basic` needs no model)."
                 )
 
 

@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from imgpipe.contracts import JobStatus, Priority
 from imgpipe.errors import ImgpipeError
+from imgpipe.extras import install_hint, missing_model_modules
 from imgpipe.face.cli_bench import add_bench_commands
 from imgpipe.face.cli_ingest import add_ingest_commands
 from imgpipe.face.cli_ops import add_ops_commands
@@ -43,7 +45,7 @@ EXIT_REJECTED = 3
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {escape(message)}")
     return typer.Exit(code)
 
 
@@ -182,7 +184,12 @@ def up(
     stack = Stack(settings, workers=("orchestrator", "cpu", "ingest"), flower=with_flower)
     try:
         with stack:
-            for dev in device:
+            if missing := missing_model_modules():
+                console.print(
+                    f"no model worker: {' and '.join(missing)} not installed here "
+                    f"({escape(install_hint(missing))}); model stages wait for one on another host"
+                )
+            for dev in device if not missing else []:
                 stack.add_gpu_worker(dev)
             console.print(
                 f"imgpipe up: data in {settings.resolved_data_dir}; logs in {stack.log_dir}"
@@ -294,7 +301,7 @@ def main() -> None:
         with stop_on_signals():
             app()
     except ImgpipeError as exc:
-        console.print(f"[red]error:[/red] {redact_text(str(exc))}")
+        console.print(f"[red]error:[/red] {escape(redact_text(str(exc)))}")
         sys.exit(2)
     except StopRequested as stop:
         # `imgpipe up` ends here only if the signal came before its stack existed;

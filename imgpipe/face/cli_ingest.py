@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -27,7 +28,7 @@ def add_ingest_commands(app: typer.Typer, console: Console) -> None:
     app.add_typer(review_app, name="review")
 
     def fail(message: str, code: int = 2) -> typer.Exit:
-        console.print(f"[red]error:[/red] {message}")
+        console.print(f"[red]error:[/red] {escape(message)}")
         return typer.Exit(code)
 
     @app.command()

@@ -7,9 +7,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from imgpipe.errors import ImgpipeError
+from imgpipe.extras import require_model_extra
 from imgpipe.redact import redact_url
 from imgpipe.settings import Settings
 
@@ -46,13 +48,13 @@ def add_ops_commands(app: typer.Typer, console: Console) -> None:
             try:
                 spec = load_pipeline(name, settings.pipelines_dir)
             except ImgpipeError as exc:
-                table.add_row(name, "", f"[red]invalid: {exc}[/]")
+                table.add_row(name, "", f"[red]invalid: {escape(str(exc))}[/]")
                 continue
             try:
                 spec.require_installed()
                 ok = "[green]yes[/]"
             except ImgpipeError as exc:
-                ok = f"[yellow]no: {exc}[/]"
+                ok = f"[yellow]no: {escape(str(exc))}[/]"
             stages = ", ".join(
                 f"{s.name}<-{'+'.join(s.needs)}" if s.needs else s.name for s in spec.stages
             )
@@ -117,6 +119,7 @@ def add_ops_commands(app: typer.Typer, console: Console) -> None:
         device: Annotated[str, typer.Option()] = "cpu",
     ) -> None:
         """Fit an anomaly profile on good images."""
+        require_model_extra("imgpipe anomaly fit")
         from workers.anomaly.cli import fit_command
 
         fit_command(profile, images, name or profile.stem, device, console)
@@ -129,6 +132,7 @@ def add_ops_commands(app: typer.Typer, console: Console) -> None:
         device: Annotated[str, typer.Option()] = "cpu",
     ) -> None:
         """AUROC and the confusion at the calibrated threshold."""
+        require_model_extra("imgpipe anomaly eval")
         from workers.anomaly.cli import eval_command
 
         eval_command(profile, good, bad, device, console)
