@@ -284,6 +284,24 @@ def worker(
 
 
 @app.command()
+def probe(
+    role: Annotated[str, typer.Argument(help="orchestrator, cpu, gpu or ingest")],
+    device: Annotated[str | None, typer.Option(help="gpu only: the worker of this device")] = None,
+    timeout_s: Annotated[float, typer.Option(help="How long to wait for ping replies.")] = 5.0,
+) -> None:
+    """Exit 0 if this host's ROLE process answers (a container health check), 1 if not."""
+    from imgpipe.face.probe import PROBE_ROLES
+    from imgpipe.face.probe import probe as run_probe
+
+    if role not in PROBE_ROLES:
+        raise _fail(f"probe role must be one of {', '.join(PROBE_ROLES)}, not {role!r}")
+    result = run_probe(Settings(), role, device=device, timeout_s=timeout_s)
+    typer.echo(f"{'healthy' if result.healthy else 'unhealthy'}: {result.detail}")
+    if not result.healthy:
+        raise typer.Exit(1)
+
+
+@app.command()
 def orchestrator(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
     """Run the control worker (advance, submit, reaper) in the foreground."""
     from imgpipe.face.workerproc import run_worker
