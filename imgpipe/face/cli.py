@@ -73,7 +73,7 @@ def run(
     name = pipeline or settings.default_pipeline
     try:
         spec = load_pipeline(name, settings.pipelines_dir)
-        spec.require_installed()
+        spec.require_installed(on_this_host=True)
     except ImgpipeError as exc:
         raise _fail(str(exc)) from None
     needs_gpu = any(s.kind in ("detect", "anomaly", "moderate") for s in spec.stages)

@@ -51,7 +51,7 @@ def add_ops_commands(app: typer.Typer, console: Console) -> None:
                 table.add_row(name, "", f"[red]invalid: {escape(str(exc))}[/]")
                 continue
             try:
-                spec.require_installed()
+                spec.require_installed(on_this_host=True)
                 ok = "[green]yes[/]"
             except ImgpipeError as exc:
                 ok = f"[yellow]no: {escape(str(exc))}[/]"

@@ -58,6 +58,10 @@ def probe_worker(
     )
 
 
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def probe_ingest(settings: Settings, host: str, max_idle_s: float) -> ProbeResult:
     import redis
 
@@ -70,10 +74,11 @@ def probe_ingest(settings: Settings, host: str, max_idle_s: float) -> ProbeResul
         return ProbeResult(False, f"no consumer group {SUBMIT_GROUP} on {SUBMIT_STREAM}: {exc}")
     finally:
         client.close()
-    mine = [c for c in consumers if str(c["name"]).startswith(f"{host}-")]
-    live = [c for c in mine if int(c["idle"]) <= max_idle_s * 1000]
+    names_idle_ms = [(_text(c["name"]), int(c["idle"])) for c in consumers]
+    mine = [(name, idle) for name, idle in names_idle_ms if name.startswith(f"{host}-")]
+    live = [name for name, idle_ms in mine if idle_ms <= max_idle_s * 1000]
     if live:
-        return ProbeResult(True, f"{', '.join(str(c['name']) for c in live)} polling")
+        return ProbeResult(True, f"{', '.join(live)} polling")
     return ProbeResult(
         False,
         f"no ingest consumer of host {host} polled within {max_idle_s:g} s "
