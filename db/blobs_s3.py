@@ -220,6 +220,10 @@ class S3BlobStore(BlobStore):
     def exists(self, key: str) -> bool:
         return self._head_size(key) is not None
 
+    def size(self, key: str) -> int:
+        """Bytes ``key`` holds (0 if it is not there); main's BlobStore has it too."""
+        return self._head_size(key) or 0
+
     def delete(self, key: str) -> int:
         size = self._head_size(key)
         if size is None:

@@ -32,12 +32,14 @@ def test_put_get_exists_delete_under_the_prefix_with_the_local_stores_keys(
     assert key == blob_key(sha256_bytes(data), "image/jpeg")
     assert store.get(key) == data
     assert store.exists(key)
+    assert store.size(key) == len(data)
     listed = s3_server.client().list_objects_v2(Bucket=store.bucket)["Contents"]
     assert [o["Key"] for o in listed] == [f"prod/blobs/{key}"]
     head = s3_server.client().head_object(Bucket=store.bucket, Key=f"prod/blobs/{key}")
     assert head["ContentType"] == "image/jpeg"
     assert store.delete(key) == len(data)
     assert not store.exists(key)
+    assert store.size(key) == 0
     assert store.delete(key) == 0
 
 
