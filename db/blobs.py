@@ -22,14 +22,19 @@ import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 from imgpipe.errors import ConfigError, TransientError
+
+if TYPE_CHECKING:
+    from imgpipe.settings import Settings
 
 __all__ = [
     "BlobStore",
     "LocalBlobStore",
     "PendingPuts",
+    "blob_store_for",
     "open_blob_store",
     "parked_blob_key",
     "sha256_bytes",
@@ -251,13 +256,46 @@ class LocalBlobStore(BlobStore):
                 yield f"sha256/{shard.name}/{path.name}", path, info
 
 
-def open_blob_store(url: str) -> BlobStore:
+def open_blob_store(
+    url: str, *, s3_endpoint_url: str | None = None, s3_region: str | None = None
+) -> BlobStore:
+    """The store for ``url``: ``file:///abs/dir`` (or a plain path), or ``s3://bucket/prefix``
+    (db/blobs_s3.py, the ``s3`` extra)."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return LocalBlobStore(Path(unquote(parsed.path)))
     if parsed.scheme == "" and url:
         return LocalBlobStore(Path(url).expanduser().resolve())
+    if parsed.scheme == "s3":
+        return _open_s3(parsed.netloc, parsed.path, s3_endpoint_url, s3_region)
     raise ConfigError(
-        f"blob URL {url!r} has scheme {parsed.scheme!r}; this version supports file:///abs/path "
-        "(a directory shared by every worker)"
+        f"blob URL {url!r} has scheme {parsed.scheme!r}; use file:///abs/path (a directory "
+        "shared by every worker) or s3://bucket/prefix"
+    )
+
+
+def _open_s3(netloc: str, path: str, endpoint_url: str | None, region: str | None) -> BlobStore:
+    if "@" in netloc:
+        # never echo the URL: what precedes the @ is a secret
+        raise ConfigError(
+            "IMGPIPE_BLOB_URL must not carry credentials (s3://KEY:SECRET@bucket); give them "
+            "through AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_SHARED_CREDENTIALS_FILE"
+        )
+    try:
+        from db.blobs_s3 import S3BlobStore
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("boto3", "botocore"):
+            raise
+        raise ConfigError(
+            "IMGPIPE_BLOB_URL is an s3:// URL but boto3 is not installed: pip install 'imgpipe[s3]'"
+        ) from None
+    return S3BlobStore(netloc, unquote(path), endpoint_url=endpoint_url, region=region)
+
+
+def blob_store_for(settings: Settings) -> BlobStore:
+    """The blob store ``settings`` name (``IMGPIPE_BLOB_URL`` and the S3 settings)."""
+    return open_blob_store(
+        settings.effective_blob_url,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        s3_region=settings.s3_region,
     )

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from imgpipe.datadir import default_data_dir
 from imgpipe.secretfiles import SECRET_SETTINGS, SecretFilesSource
 
 __all__ = ["SECRET_SETTINGS", "Settings"]
@@ -33,8 +34,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IMGPIPE_", extra="ignore")
 
     data_dir: Path = Field(
-        default=Path(".imgpipe"),
-        description="Where the embedded broker, SQLite database and local blobs live.",
+        default_factory=default_data_dir,
+        description="Where the embedded broker, SQLite database and local blobs live. Unset: "
+        "the nearest .imgpipe/ directory from the current one upwards, else "
+        "$XDG_DATA_HOME/imgpipe (~/.local/share/imgpipe); see imgpipe/datadir.py.",
     )
     broker_url: SecretStr | None = Field(
         default=None,
@@ -51,7 +54,19 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL. Unset: SQLite file in data_dir. Or IMGPIPE_DATABASE_URL_FILE.",
     )
     blob_url: str | None = Field(
-        default=None, description="Blob store URL (file:///abs/path). Unset: data_dir/blobs."
+        default=None,
+        description="Blob store URL: file:///abs/path, or s3://bucket/prefix (the `s3` extra; "
+        "credentials from the AWS_* variables or files). Unset: data_dir/blobs.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="Endpoint of an S3-compatible store (MinIO, Ceph, R2, ...), e.g. "
+        "https://minio.internal:9000; unset: AWS S3 (or AWS_ENDPOINT_URL).",
+    )
+    s3_region: str | None = Field(
+        default=None,
+        description="Region of the S3 bucket; unset: AWS_REGION / AWS_DEFAULT_REGION / the AWS "
+        "config file.",
     )
 
     # Untrusted input limits.

@@ -8,12 +8,12 @@ here instead of letting a job wait forever.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from imgpipe.contracts import CPU_QUEUE, GPU_QUEUE
+from imgpipe.extras import module_installed
 
 __all__ = [
     "ANOMALY_INPUT_SIDE_PX",
@@ -139,11 +139,7 @@ GPU_STAGE_KINDS: frozenset[str] = frozenset(
 
 def missing_requirements(kind: StageKind) -> list[str]:
     """Modules ``kind`` needs that are not importable here (empty: installed)."""
-    missing = [m for m in kind.requires if importlib.util.find_spec(m) is None]
-    try:
-        found = importlib.util.find_spec(kind.implementation) is not None
-    except ModuleNotFoundError:
-        found = False
-    if not found:
+    missing = [m for m in kind.requires if not module_installed(m)]
+    if not module_installed(kind.implementation):
         missing.append(kind.implementation)
     return missing

@@ -8,7 +8,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from db.blobs import BlobStore, open_blob_store
+from db.blobs import BlobStore, blob_store_for
 from db.outbox import ImmediateAcks
 from imgpipe.aftercommit import TaskSender
 from imgpipe.celery_app import create_app
@@ -43,7 +43,7 @@ class OrchestratorContext:
     @property
     def blobs(self) -> BlobStore:
         if self._blobs is None:
-            self._blobs = open_blob_store(self.settings.effective_blob_url)
+            self._blobs = blob_store_for(self.settings)
         return self._blobs
 
     @property

@@ -15,7 +15,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from imgpipe.contracts import GPU_QUEUE
 from imgpipe.errors import PipelineSpecError, StageNotInstalledError, UnknownPipelineError
+from imgpipe.extras import install_hint
 from imgpipe.modelcatalog import stage_models
 from imgpipe.policy import Policy, parse_policy
 from imgpipe.stagekinds import STAGE_KINDS, missing_requirements
@@ -79,16 +81,28 @@ class PipelineSpec:
             "policy": self.policy.to_json(),
         }
 
-    def require_installed(self) -> None:
-        """Raise StageNotInstalledError if a stage's implementation is missing here."""
+    def require_installed(self, *, on_this_host: bool = False) -> None:
+        """Raise StageNotInstalledError if a stage cannot run.
+
+        A stage's implementation module must exist (it ships with imgpipe, so a missing
+        one is a bad install or an unknown kind). Its third-party requirements are
+        checked for the stages that run on this host's kind of install: the CPU-queue
+        stages always, the model stages (GPU queue: torch) only with ``on_this_host``
+        (``imgpipe run`` and ``imgpipe pipelines``, about a stack on this host). A host
+        installed without the ``models`` extra (the orchestrator and ingest of the
+        compose stack) submits model stages for model workers on other hosts.
+        """
         for stage in self.stages:
-            missing = missing_requirements(STAGE_KINDS[stage.kind])
+            kind = STAGE_KINDS[stage.kind]
+            missing = missing_requirements(kind)
+            if not on_this_host and kind.queue == GPU_QUEUE:
+                missing = [m for m in missing if m == kind.implementation]
             if missing:
+                hint = install_hint(missing) or "install the extra that provides it (README)"
                 raise StageNotInstalledError(
                     f"pipeline {self.name!r}: stage {stage.name!r} (kind {stage.kind!r}) is not "
-                    f"installed: missing module(s) {', '.join(missing)}. Install the extra that "
-                    "provides it (see README) or choose a pipeline without this stage "
-                    "(`imgpipe pipelines`)."
+                    f"installed: missing module(s) {', '.join(missing)}. {hint}, or choose a "
+                    "pipeline without this stage (`imgpipe pipelines`; `basic` needs no model)."
                 )
 
 

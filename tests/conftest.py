@@ -15,6 +15,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from imgpipe.broker import EmbeddedRedis
+from tests.support.s3server import S3Server, aws_env, moto_server
 from tests.support.services import TEST_PG_ENV, fresh_postgres_database, short_tmp_dir
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -72,3 +73,13 @@ def own_broker() -> Iterator[EmbeddedRedis]:
     """A redis-server of this test's own: no other test stack's workers consume from it
     (the session's ``redis_broker`` is shared with the session-wide running stack)."""
     yield from embedded_broker("iprr-")
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A local S3-compatible server (moto's server mode, a real subprocess); its AWS_*
+    credentials are in os.environ for the session, so worker processes inherit them."""
+    directory = short_tmp_dir("ips3-")
+    with moto_server(directory) as server, aws_env(server):
+        yield server
+    shutil.rmtree(directory, ignore_errors=True)

@@ -31,7 +31,7 @@ import numpy as np
 from celery.exceptions import SoftTimeLimitExceeded
 from numpy.typing import NDArray
 
-from db.blobs import BlobStore, open_blob_store
+from db.blobs import BlobStore, blob_store_for
 from db.dag import advance_in_session, mark_dispatched
 from db.engine import session_scope
 from db.models import utcnow
@@ -125,7 +125,7 @@ class StageExecutor:
     @property
     def blobs(self) -> BlobStore:
         if self._blobs is None:
-            self._blobs = open_blob_store(self.settings.effective_blob_url)
+            self._blobs = blob_store_for(self.settings)
         return self._blobs
 
     @property

@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from imgpipe.contracts import JobStatus, Priority
 from imgpipe.errors import ImgpipeError
+from imgpipe.extras import install_hint, missing_model_modules
 from imgpipe.face import cli_bench, cli_ingest, cli_ops, cli_reprocess, cli_review
 from imgpipe.face.cli_console import console
 from imgpipe.face.cli_console import fail as _fail
@@ -67,7 +69,7 @@ def run(
     name = pipeline or settings.default_pipeline
     try:
         spec = load_pipeline(name, settings.pipelines_dir)
-        spec.require_installed()
+        spec.require_installed(on_this_host=True)
     except ImgpipeError as exc:
         raise _fail(str(exc)) from None
     needs_gpu = any(s.kind in GPU_STAGE_KINDS for s in spec.stages)
@@ -176,7 +178,12 @@ def up(
     stack = Stack(settings, workers=("orchestrator", "cpu", "ingest"), flower=with_flower)
     try:
         with stack:
-            for dev in device:
+            if missing := missing_model_modules():
+                console.print(
+                    f"no model worker: {' and '.join(missing)} not installed here "
+                    f"({escape(install_hint(missing))}); model stages wait for one on another host"
+                )
+            for dev in device if not missing else []:
                 stack.add_gpu_worker(dev)
             console.print(
                 f"imgpipe up: data in {settings.resolved_data_dir}; logs in {stack.log_dir}"
@@ -271,6 +278,24 @@ def worker(
 
 
 @app.command()
+def probe(
+    role: Annotated[str, typer.Argument(help="orchestrator, cpu, gpu or ingest")],
+    device: Annotated[str | None, typer.Option(help="gpu only: the worker of this device")] = None,
+    timeout_s: Annotated[float, typer.Option(help="How long to wait for ping replies.")] = 5.0,
+) -> None:
+    """Exit 0 if this host's ROLE process answers (a container health check), 1 if not."""
+    from imgpipe.face.probe import PROBE_ROLES
+    from imgpipe.face.probe import probe as run_probe
+
+    if role not in PROBE_ROLES:
+        raise _fail(f"probe role must be one of {', '.join(PROBE_ROLES)}, not {role!r}")
+    result = run_probe(Settings(), role, device=device, timeout_s=timeout_s)
+    typer.echo(f"{'healthy' if result.healthy else 'unhealthy'}: {result.detail}")
+    if not result.healthy:
+        raise typer.Exit(1)
+
+
+@app.command()
 def orchestrator(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
     """Run the control worker (advance, submit, reaper) in the foreground."""
     from imgpipe.face.workerproc import run_worker
@@ -290,7 +315,7 @@ def main() -> None:
         with stop_on_signals():
             app()
     except ImgpipeError as exc:
-        console.print(f"[red]error:[/red] {redact_text(str(exc))}")
+        console.print(f"[red]error:[/red] {escape(redact_text(str(exc)))}")
         sys.exit(2)
     except StopRequested as stop:
         # `imgpipe up` ends here only if the signal came before its stack existed;

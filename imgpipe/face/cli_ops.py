@@ -7,9 +7,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from imgpipe.errors import ImgpipeError
+from imgpipe.extras import require_model_extra
 from imgpipe.face.cli_console import console
 from imgpipe.redact import redact_url
 from imgpipe.settings import Settings
@@ -42,13 +44,13 @@ def pipelines() -> None:
         try:
             spec = load_pipeline(name, settings.pipelines_dir)
         except ImgpipeError as exc:
-            table.add_row(name, "", f"[red]invalid: {exc}[/]")
+            table.add_row(name, "", f"[red]invalid: {escape(str(exc))}[/]")
             continue
         try:
-            spec.require_installed()
+            spec.require_installed(on_this_host=True)
             ok = "[green]yes[/]"
         except ImgpipeError as exc:
-            ok = f"[yellow]no: {exc}[/]"
+            ok = f"[yellow]no: {escape(str(exc))}[/]"
         stages = ", ".join(
             f"{s.name}<-{'+'.join(s.needs)}" if s.needs else s.name for s in spec.stages
         )
@@ -99,7 +101,7 @@ def gc(
     no row names, older than the retention period. A dry run unless --apply."""
     import redis
 
-    from db.blobs import LocalBlobStore, open_blob_store
+    from db.blobs import LocalBlobStore, blob_store_for
     from db.gc import collect_working_copies
     from db.gc_orphans import collect_orphans
     from orchestrator.context import OrchestratorContext
@@ -107,7 +109,7 @@ def gc(
 
     settings = Settings()
     ctx = OrchestratorContext(settings)
-    store = open_blob_store(settings.effective_blob_url)
+    store = blob_store_for(settings)
     if not isinstance(store, LocalBlobStore):
         raise ImgpipeError(f"imgpipe gc supports file:// blob stores, not {type(store)}")
     try:
@@ -146,6 +148,7 @@ def anomaly_fit(
     device: Annotated[str, typer.Option()] = "cpu",
 ) -> None:
     """Fit an anomaly profile on good images."""
+    require_model_extra("imgpipe anomaly fit")
     from imgpipe.face.cli_anomaly import fit_command
 
     fit_command(profile, images, name or profile.stem, device, console)
@@ -159,6 +162,7 @@ def anomaly_eval(
     device: Annotated[str, typer.Option()] = "cpu",
 ) -> None:
     """AUROC and the confusion at the calibrated threshold."""
+    require_model_extra("imgpipe anomaly eval")
     from imgpipe.face.cli_anomaly import eval_command
 
     eval_command(profile, good, bad, device, console)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from celery import Celery
 
 from imgpipe.celery_app import QUEUES, create_app
+from imgpipe.extras import require_model_extra
 from imgpipe.settings import Settings
 
 __all__ = ["run_worker"]
@@ -39,6 +40,8 @@ def run_worker(
 ) -> None:
     if role not in ROLE_MODULES:
         raise ValueError(f"unknown worker role {role!r}; choose orchestrator, cpu or gpu")
+    if role == "gpu":
+        require_model_extra(f"the model worker (imgpipe worker gpu --device {device})")
     settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings, include=ROLE_MODULES[role])
     role_queues = (

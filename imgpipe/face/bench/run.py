@@ -144,7 +144,7 @@ def run_bench(config: BenchConfig, progress: Progress = lambda _: None) -> dict[
     }
     try:
         spec = load_pipeline(pipeline, settings.pipelines_dir)
-        spec.require_installed()
+        spec.require_installed(on_this_host=True)
         resolved = resolve_spec(OrchestratorContext(settings), spec, None)
         progress("in-process sequential baseline")
         runs = max(config.baseline_images, 2 * len(images))
