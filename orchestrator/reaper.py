@@ -24,7 +24,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import redis
 from sqlalchemy import exists, select
@@ -36,6 +36,7 @@ from db.repo import lock_job, lock_stage_run
 from imgpipe.aftercommit import AfterCommit, Dispatch
 from imgpipe.contracts import JobStatus, StageStatus
 from imgpipe.errors import TransientError
+from imgpipe.settings import Settings
 from orchestrator.advance import advance_job, deliver_after_commit
 from orchestrator.context import OrchestratorContext
 from orchestrator.relay import relay_outbox
@@ -84,7 +85,6 @@ def _reap_stage(
     """
     now = utcnow()
     dispatches: list[Dispatch] = []
-    action: str | None = None
     settings = ctx.settings
     with session_scope(ctx.database_url) as session:
         job = lock_job(session, job_id)
@@ -100,44 +100,52 @@ def _reap_stage(
             or row.deadline_at > now
         ):
             return None  # someone else moved it on
-        past_cap = False
-        if row.status == StageStatus.RUNNING:
-            exhausted = row.attempts >= row.max_attempts
-            why = f"it ran {row.attempts} time(s) and never finished (worker killed or hung)"
-        else:
-            if backlog.depth(row.queue) > 0:
-                cap_at = (row.dispatched_at or now) + timedelta(
-                    seconds=settings.reaper_postpone_max_s
-                )
-                if now < cap_at:
-                    row.deadline_at = min(
-                        now + timedelta(seconds=settings.dispatch_timeout_s), cap_at
-                    )
-                    return "postponed"
-                past_cap = True
-            exhausted = row.dispatch_count >= settings.max_dispatches
-            why = f"it was dispatched {row.dispatch_count} time(s) and no worker claimed it"
-        if exhausted:
-            error = f"no result: {why}; check the {row.queue} workers and their logs"
-            row.status = StageStatus.DEAD
-            row.finished_at = now
-            row.error = error
-            row.error_history = [*row.error_history, {"at": now.isoformat(), "error": error}]
-            action = "dead"
-        else:
-            log.warning(
-                "reaper: stage %s of job %s %s past %s%s; re-dispatching",
-                row.stage, job_id, row.status, row.deadline_at,
-                f" and postponed behind a backlog in {row.queue} for "
-                f"{settings.reaper_postpone_max_s} s (IMGPIPE_REAPER_POSTPONE_MAX_S)"
-                if past_cap else "",
-            )  # fmt: skip
-            dispatches.append(mark_dispatched(row, now, settings.dispatch_timeout_s))
-            action = "redispatched_past_cap" if past_cap else "redispatched"
+        action = _act_on_overdue(row, job_id, now, settings, backlog, dispatches)
     deliver_after_commit(ctx, AfterCommit(dispatches=dispatches))
     if action == "dead":
         advance_job(ctx, job_id)
     return action
+
+
+def _act_on_overdue(
+    row: StageRun,
+    job_id: str,
+    now: datetime,
+    settings: Settings,
+    backlog: QueueDepths,
+    dispatches: list[Dispatch],
+) -> str:
+    """Postpone, re-dispatch (appended to ``dispatches``) or kill one overdue, locked row;
+    returns the action's name (a ``ReapReport`` counter)."""
+    past_cap = False
+    if row.status == StageStatus.RUNNING:
+        exhausted = row.attempts >= row.max_attempts
+        why = f"it ran {row.attempts} time(s) and never finished (worker killed or hung)"
+    else:
+        if backlog.depth(row.queue) > 0:
+            cap_at = (row.dispatched_at or now) + timedelta(seconds=settings.reaper_postpone_max_s)
+            if now < cap_at:
+                row.deadline_at = min(now + timedelta(seconds=settings.dispatch_timeout_s), cap_at)
+                return "postponed"
+            past_cap = True
+        exhausted = row.dispatch_count >= settings.max_dispatches
+        why = f"it was dispatched {row.dispatch_count} time(s) and no worker claimed it"
+    if exhausted:
+        error = f"no result: {why}; check the {row.queue} workers and their logs"
+        row.status = StageStatus.DEAD
+        row.finished_at = now
+        row.error = error
+        row.error_history = [*row.error_history, {"at": now.isoformat(), "error": error}]
+        return "dead"
+    log.warning(
+        "reaper: stage %s of job %s %s past %s%s; re-dispatching",
+        row.stage, job_id, row.status, row.deadline_at,
+        f" and postponed behind a backlog in {row.queue} for "
+        f"{settings.reaper_postpone_max_s} s (IMGPIPE_REAPER_POSTPONE_MAX_S)"
+        if past_cap else "",
+    )  # fmt: skip
+    dispatches.append(mark_dispatched(row, now, settings.dispatch_timeout_s))
+    return "redispatched_past_cap" if past_cap else "redispatched"
 
 
 class QueueDepths:

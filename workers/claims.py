@@ -155,49 +155,54 @@ def claim_rows(
             results.append(Outcome("duplicate", row.job_id))
             continue
         seen.add(row.id)
-        if row.status == StageStatus.PENDING:
-            log.warning("stage run %s is still pending; not dispatched yet", row.id)
-            results.append(Outcome("not_dispatched", row.job_id))
-            continue
-        retake = _own_unacknowledged_claim(row, request, me)
-        if (
-            row.status == StageStatus.RUNNING
-            and row.deadline_at is not None
-            and row.deadline_at > now
-            and not retake
-        ):
-            # A live attempt holds it (a duplicate delivery, or a message the reaper
-            # re-sent too early): never start a second run of the same stage.
-            results.append(Outcome("running_elsewhere", row.job_id))
-            continue
-        job = jobs[row.job_id]
-        if JobStatus(job.status).terminal:
-            row.status = StageStatus.SKIPPED
-            row.skip_reason = f"job_{job.status}"
-            row.finished_at = now
-            results.append(Outcome("skipped", row.job_id))
-            continue
-        if retake:
-            log.warning(
-                "stage run %s: this worker's claim of it committed but the database's answer "
-                "was lost; running it as attempt %s", row.id, row.attempts,
-            )  # fmt: skip
-            _start(row, request, now, me)
-            results.append(_claim_of(row, job, images, siblings.get(row.job_id, {})))
-            continue
-        row.attempts += 1
-        if row.attempts > row.max_attempts:
-            row.status = StageStatus.DEAD
-            row.finished_at = now
-            row.error = (
-                f"gave up after {row.max_attempts} attempts; last error: "
-                f"{row.error or 'worker lost'}"
-            )
-            results.append(Outcome("dead", row.job_id, error=row.error))
-            continue
-        _start(row, request, now, me)
-        results.append(_claim_of(row, job, images, siblings.get(row.job_id, {})))
+        claimed = _claim_one(row, jobs[row.job_id], request, now, me)
+        results.append(
+            claimed if claimed is not None
+            else _claim_of(row, jobs[row.job_id], images, siblings.get(row.job_id, {}))
+        )  # fmt: skip
     return results
+
+
+def _claim_one(
+    row: StageRun, job: Job, request: ClaimRequest, now: datetime, me: WorkerIdentity
+) -> Outcome | None:
+    """Move one locked, not yet terminal row to ``running`` for this worker (None), or say
+    why it is not claimed (an Outcome; the row may have become ``skipped`` or ``dead``)."""
+    if row.status == StageStatus.PENDING:
+        log.warning("stage run %s is still pending; not dispatched yet", row.id)
+        return Outcome("not_dispatched", row.job_id)
+    retake = _own_unacknowledged_claim(row, request, me)
+    if (
+        row.status == StageStatus.RUNNING
+        and row.deadline_at is not None
+        and row.deadline_at > now
+        and not retake
+    ):
+        # A live attempt holds it (a duplicate delivery, or a message the reaper
+        # re-sent too early): never start a second run of the same stage.
+        return Outcome("running_elsewhere", row.job_id)
+    if JobStatus(job.status).terminal:
+        row.status = StageStatus.SKIPPED
+        row.skip_reason = f"job_{job.status}"
+        row.finished_at = now
+        return Outcome("skipped", row.job_id)
+    if retake:
+        log.warning(
+            "stage run %s: this worker's claim of it committed but the database's answer "
+            "was lost; running it as attempt %s", row.id, row.attempts,
+        )  # fmt: skip
+        _start(row, request, now, me)
+        return None
+    row.attempts += 1
+    if row.attempts > row.max_attempts:
+        row.status = StageStatus.DEAD
+        row.finished_at = now
+        row.error = (
+            f"gave up after {row.max_attempts} attempts; last error: {row.error or 'worker lost'}"
+        )
+        return Outcome("dead", row.job_id, error=row.error)
+    _start(row, request, now, me)
+    return None
 
 
 def _own_unacknowledged_claim(row: StageRun, request: ClaimRequest, me: WorkerIdentity) -> bool:

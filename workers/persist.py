@@ -145,66 +145,69 @@ def persist_finished(
     ]
     if retried:
         session.execute(delete(Detection).where(Detection.stage_run_id.in_(retried)))
-    outcomes: list[Outcome] = []
-    for item in items:
-        row = rows.get(item.stage_run_id)
-        if row is None or StageStatus(row.status).terminal:
-            outcomes.append(Outcome("duplicate", item.job_id))
-            continue
-        if row.status != StageStatus.RUNNING or row.attempts != item.attempt:
-            # The claim's token is its attempt number: a later attempt owns the row now
-            # (the reaper re-dispatched it), so this result and provenance are dropped.
-            log.warning(
-                "stage run %s: attempt %s finished but the row is %s at attempt %s; "
-                "its result is discarded, the current attempt will write one",
-                row.id, item.attempt, row.status, row.attempts,
-            )  # fmt: skip
-            outcomes.append(Outcome("superseded", item.job_id))
-            continue
-        row.load_ms = item.load_ms
-        row.compute_ms = item.compute_ms
-        if item.started_perf_s is not None:
-            row.total_ms = (time.perf_counter() - item.started_perf_s) * 1000
-        row.batch_size = item.batch_size
-        result = item.result
-        common: dict[str, Any] = {"idempotency_key": item.idempotency_key, "stage": item.stage}
-        if isinstance(result, Failure):
-            retry_in = _record_failure(row, result, now, settings)
-            if retry_in is not None:
-                log.warning(
-                    "stage run %s failed transiently (%s); retry in %.1f s",
-                    row.id, result.error, retry_in,
-                )  # fmt: skip
-                outcomes.append(Outcome("retrying", row.job_id, retry_in, result.error))
-                continue
-            after.event(
-                EventType.STAGE_FAILED, row.job_id, status=row.status, error=result.error, **common
-            )
-            outcomes.append(Outcome(str(row.status), row.job_id, error=result.error))
-            continue
-        row.finished_at = now
-        if isinstance(result, StageSkip):
-            row.status = StageStatus.SKIPPED
-            row.skip_reason = result.reason
-            row.output = {"skipped": result.reason, "detail": result.detail}
-            event = EventType.STAGE_SKIPPED
-        else:
-            _record_success(session, row, item, result)
-            event = EventType.STAGE_SUCCEEDED
-        after.event(
-            event,
-            row.job_id,
-            attempt=item.attempt,
-            compute_ms=round(item.compute_ms or 0.0, 2),
-            **common,
-        )
-        outcomes.append(Outcome(str(event), row.job_id))
+    outcomes = [_record(session, rows.get(item.stage_run_id), item, now, settings, after)
+                for item in items]  # fmt: skip
     webhook = bool(settings.webhook_url)
     for job in jobs.values():
         after.extend(advance_locked(job, now, settings.dispatch_timeout_s, webhook=webhook))
     claims = _continue_locally(session, jobs, after, now, local) if local else []
     write_outbox(session, after)
     return outcomes, after, claims
+
+
+def _record(
+    session: Session,
+    row: StageRun | None,
+    item: Finished,
+    now: datetime,
+    settings: Settings,
+    after: AfterCommit,
+) -> Outcome:
+    """Write one finished run to its (locked) row, if this attempt still owns it."""
+    if row is None or StageStatus(row.status).terminal:
+        return Outcome("duplicate", item.job_id)
+    if row.status != StageStatus.RUNNING or row.attempts != item.attempt:
+        # The claim's token is its attempt number: a later attempt owns the row now
+        # (the reaper re-dispatched it), so this result and provenance are dropped.
+        log.warning(
+            "stage run %s: attempt %s finished but the row is %s at attempt %s; "
+            "its result is discarded, the current attempt will write one",
+            row.id, item.attempt, row.status, row.attempts,
+        )  # fmt: skip
+        return Outcome("superseded", item.job_id)
+    row.load_ms = item.load_ms
+    row.compute_ms = item.compute_ms
+    if item.started_perf_s is not None:
+        row.total_ms = (time.perf_counter() - item.started_perf_s) * 1000
+    row.batch_size = item.batch_size
+    result = item.result
+    common: dict[str, Any] = {"idempotency_key": item.idempotency_key, "stage": item.stage}
+    if isinstance(result, Failure):
+        retry_in = _record_failure(row, result, now, settings)
+        if retry_in is not None:
+            log.warning(
+                "stage run %s failed transiently (%s); retry in %.1f s",
+                row.id, result.error, retry_in,
+            )  # fmt: skip
+            return Outcome("retrying", row.job_id, retry_in, result.error)
+        after.event(
+            EventType.STAGE_FAILED, row.job_id, status=row.status, error=result.error, **common
+        )
+        return Outcome(str(row.status), row.job_id, error=result.error)
+    row.finished_at = now
+    if isinstance(result, StageSkip):
+        row.status = StageStatus.SKIPPED
+        row.skip_reason = result.reason
+        row.output = {"skipped": result.reason, "detail": result.detail}
+        event = EventType.STAGE_SKIPPED
+    else:
+        _record_success(session, row, item, result)
+        event = EventType.STAGE_SUCCEEDED
+    after.event(
+        event, row.job_id, attempt=item.attempt, compute_ms=round(item.compute_ms or 0.0, 2),
+        **common,
+    )  # fmt: skip
+    return Outcome(str(event), row.job_id)
 
 
 def _continue_locally(
