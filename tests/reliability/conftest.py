@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,26 +22,42 @@ SHORT_LIMITS_S = {"quality": 4, "enhance": 4, "detect": 30, "anomaly": 30, "mode
 
 @pytest.fixture
 def short_deadline_settings(own_broker: EmbeddedRedis, database_url: str) -> Iterator[Settings]:
-    data_dir = short_tmp_dir("iprd-")
+    with drill_settings(own_broker, database_url, "iprd-") as settings:
+        yield settings
+
+
+@contextmanager
+def drill_settings(
+    own_broker: EmbeddedRedis,
+    database_url: str,
+    prefix: str,
+    *,
+    short_deadlines: bool = True,
+    **overrides: Any,
+) -> Iterator[Settings]:
+    """Settings of a drill's own stack: this test's broker, a fresh database (migrated),
+    a temp data dir and, unless told otherwise, short deadlines (the reaper acts within
+    seconds); ``overrides`` replace any of them."""
+    data_dir = short_tmp_dir(prefix)
     with own_database(database_url) as url:
-        yield _settings(own_broker, url, data_dir)
+        fields: dict[str, Any] = {
+            "data_dir": data_dir,
+            "broker_url": own_broker.celery_url,
+            "database_url": url,
+            "blob_url": (data_dir / "blobs").as_uri(),
+        }
+        if short_deadlines:
+            fields |= {
+                "stage_time_limits_s": SHORT_LIMITS_S,
+                "dispatch_grace_s": 1,
+                "dispatch_timeout_s": 3,
+                "reaper_interval_s": 0.5,
+                "retry_backoff_s": 0.2,
+            }
+        settings = Settings(**(fields | overrides))
+        upgrade(url)
+        yield settings
     shutil.rmtree(data_dir, ignore_errors=True)
-
-
-def _settings(own_broker: EmbeddedRedis, database_url: str, data_dir: Path) -> Settings:
-    settings = Settings(
-        data_dir=data_dir,
-        broker_url=own_broker.celery_url,
-        database_url=database_url,
-        blob_url=(data_dir / "blobs").as_uri(),
-        stage_time_limits_s=SHORT_LIMITS_S,
-        dispatch_grace_s=1,
-        dispatch_timeout_s=3,
-        reaper_interval_s=0.5,
-        retry_backoff_s=0.2,
-    )
-    upgrade(database_url)
-    return settings
 
 
 LOG_KEEP_DIR = Path(tempfile.gettempdir()) / "imgpipe-test-logs"

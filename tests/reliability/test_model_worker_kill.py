@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -12,7 +11,6 @@ import pytest
 from sqlalchemy import select
 
 from db.engine import session_scope
-from db.migrate import upgrade
 from db.models import Detection, StageRun
 from imgpipe.broker import EmbeddedRedis
 from imgpipe.contracts import JobStatus, StageStatus
@@ -20,9 +18,9 @@ from imgpipe.face.stack import Stack
 from imgpipe.settings import Settings
 from orchestrator.context import OrchestratorContext
 from orchestrator.submit import SubmitRequest, submit_many
+from tests.reliability.conftest import drill_settings
 from tests.reliability.test_crashes import failures, photo_jpeg
 from tests.support.jobs import wait_jobs
-from tests.support.services import own_database, short_tmp_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -32,25 +30,16 @@ JOBS = 40
 
 @pytest.fixture
 def model_settings(own_broker: EmbeddedRedis, database_url: str) -> Iterator[Settings]:
-    data_dir = short_tmp_dir("ipmk-")
-    with own_database(database_url) as url:
-        settings = Settings(
-            data_dir=data_dir,
-            broker_url=own_broker.celery_url,
-            database_url=url,
-            blob_url=(data_dir / "blobs").as_uri(),
-            # short limits so that the reaper's deadline (hard limit + grace) comes soon
-            stage_time_limits_s={"quality": 5, "detect": 8, "moderate": 8},
-            dispatch_grace_s=1,
-            dispatch_timeout_s=3,
-            reaper_interval_s=0.5,
-            retry_backoff_s=0.2,
-            model_batch_size=8,
-            model_batch_wait_ms=20,
-        )
-        upgrade(url)
+    with drill_settings(
+        own_broker,
+        database_url,
+        "ipmk-",
+        # short limits so that the reaper's deadline (hard limit + grace) comes soon
+        stage_time_limits_s={"quality": 5, "detect": 8, "moderate": 8},
+        model_batch_size=8,
+        model_batch_wait_ms=20,
+    ) as settings:
         yield settings
-    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _running_model_rows(database_url: str) -> list[int]:

@@ -9,7 +9,6 @@ more than 10%. Redis is not held to it: its events stream grows by design up to
 from __future__ import annotations
 
 import io
-import shutil
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,15 +17,14 @@ import pytest
 import redis
 from PIL import Image
 
-from db.migrate import upgrade
 from imgpipe.broker import EmbeddedRedis
 from imgpipe.contracts import JobStatus
 from imgpipe.face.stack import Stack
 from imgpipe.settings import Settings
 from orchestrator.context import OrchestratorContext
 from orchestrator.submit import SubmitRequest, submit_many
+from tests.reliability.conftest import drill_settings
 from tests.support.jobs import wait_jobs
-from tests.support.services import own_database, short_tmp_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -48,20 +46,12 @@ def small_png(seed: int) -> bytes:
 def soak_settings(own_broker: EmbeddedRedis, database_url: str) -> Iterator[Settings]:
     if not database_url.startswith("sqlite"):
         pytest.skip("the soak runs once, on SQLite: memory of the processes, not of the database")
-    data_dir = short_tmp_dir("ipsk-")
-    with own_database(database_url) as url:
-        settings = Settings(
-            data_dir=data_dir,
-            broker_url=own_broker.celery_url,
-            database_url=url,
-            blob_url=(data_dir / "blobs").as_uri(),
-            # the per-process working-copy cache grows to its bound by design: keep the
-            # bound small so that the warm-up fills it and what is measured is the rest
-            working_copy_cache_mb=16,
-        )
-        upgrade(url)
+    # the per-process working-copy cache grows to its bound by design: keep the bound
+    # small so that the warm-up fills it and what is measured is the rest
+    with drill_settings(
+        own_broker, database_url, "ipsk-", short_deadlines=False, working_copy_cache_mb=16
+    ) as settings:
         yield settings
-    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _rss_by_process(stack: Stack) -> dict[int, tuple[str, int]]:

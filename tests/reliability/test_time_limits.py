@@ -4,7 +4,6 @@ with a reason after its attempts, the worker keeps serving, and other jobs are u
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import pytest
 from sqlalchemy import select
 
 from db.engine import session_scope
-from db.migrate import upgrade
 from db.models import Job, StageRun
 from imgpipe.broker import EmbeddedRedis
 from imgpipe.contracts import JobStatus, StageStatus
@@ -20,9 +18,9 @@ from imgpipe.face.stack import Stack
 from imgpipe.settings import Settings
 from orchestrator.context import OrchestratorContext
 from orchestrator.submit import SubmitRequest, submit
+from tests.reliability.conftest import drill_settings
 from tests.reliability.test_crashes import photo_jpeg
 from tests.support.jobs import wait_jobs
-from tests.support.services import own_database, short_tmp_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -42,29 +40,22 @@ def _pipeline_toml(name: str, params: dict[str, int]) -> str:
 
 
 @pytest.fixture
-def limits_settings(own_broker: EmbeddedRedis, database_url: str) -> Iterator[Settings]:
-    data_dir = short_tmp_dir("iptl-")
-    pipelines_dir = data_dir / "pipelines"
+def limits_settings(
+    own_broker: EmbeddedRedis, database_url: str, tmp_path: Path
+) -> Iterator[Settings]:
+    pipelines_dir = tmp_path / "pipelines"
     pipelines_dir.mkdir()
     for name, params in PIPELINES.items():
         (pipelines_dir / f"{name}.toml").write_text(_pipeline_toml(name, params))
-    with own_database(database_url) as url:
-        settings = Settings(
-            data_dir=data_dir,
-            broker_url=own_broker.celery_url,
-            database_url=url,
-            blob_url=(data_dir / "blobs").as_uri(),
-            pipelines_dir=pipelines_dir,
-            stage_time_limits_s={"noop": NOOP_LIMIT_S},
-            dispatch_grace_s=1,
-            dispatch_timeout_s=3,
-            reaper_interval_s=0.5,
-            retry_backoff_s=0.2,
-            max_attempts=2,
-        )
-        upgrade(url)
+    with drill_settings(
+        own_broker,
+        database_url,
+        "iptl-",
+        pipelines_dir=pipelines_dir,
+        stage_time_limits_s={"noop": NOOP_LIMIT_S},
+        max_attempts=2,
+    ) as settings:
         yield settings
-    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _stage(settings: Settings, job_id: str) -> StageRun:
