@@ -49,6 +49,7 @@ from kombu.serialization import prepare_accept_content
 from imgpipe.contracts import STAGE_TASK_PREFIX, stage_task_name
 from imgpipe.errors import TransientError
 from workers.execute import ClaimRequest, Outcome, StageExecutor
+from workers.timelimits import on_pause_end, time_limits_are_paused
 
 __all__ = ["BatchingConsumer", "Pending"]
 
@@ -121,6 +122,7 @@ class BatchingConsumer:
         # watchdog does not count the time spent waiting for the database or broker.
         self.executor.outage.stop = self._stop
         self.executor.outage.on_wait = self._postpone_watchdog
+        on_pause_end(self._postpone_watchdog)  # a model load does not count either
         self.executor.continue_locally(self.queue_names, CONTINUATION_BATCHES * batch_size)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -468,7 +470,9 @@ class BatchingConsumer:
             now = time.monotonic()
             overdue_s = self.executor.compute_clock.overdue_s(now)
             deadline = self._batch_deadline
-            if overdue_s is None and (deadline is None or now <= deadline):
+            if time_limits_are_paused() or (
+                overdue_s is None and (deadline is None or now <= deadline)
+            ):
                 continue
             what = "a stage's compute" if overdue_s is not None else "a batch"
             log.critical(

@@ -367,8 +367,9 @@ class StageExecutor:
         limit_s = max(limits) if limits else None
         t0 = time.perf_counter()
         try:
+            run = self.runner(kind)  # importing the stage is not stage work
             with self.compute_clock.running(limit_s), soft_time_limit(limit_s):
-                results = self.runner(kind)(inputs)
+                results = run(inputs)
         except TransientError as exc:
             if _is_cuda_oom(exc.__cause__ or exc) and len(group) > 1:
                 self._split(kind, group)

@@ -17,6 +17,11 @@ group of rows computes (one forward pass for the group), the consumer arms
 
 Only the main thread can take a signal; elsewhere the soft limit is not armed (logged),
 and the hard limit still applies.
+
+Loading a model (``time_limits_paused``, workers/models/base.py) is not stage work: both
+limits pause while it runs and resume with what was left. An interrupt inside an import or
+a weights load would leave the process half-initialised for every later batch (a torch
+module missing attributes), and the first batch after a start must not pay the load.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
@@ -36,7 +41,10 @@ __all__ = [
     "ComputeClock",
     "StageTimeLimitExceeded",
     "hard_limit_s",
+    "on_pause_end",
     "soft_time_limit",
+    "time_limits_are_paused",
+    "time_limits_paused",
 ]
 
 log = logging.getLogger(__name__)
@@ -86,11 +94,50 @@ def soft_time_limit(limit_s: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+_paused_since: float | None = None
+_pause_listeners: list[Callable[[float], None]] = []
+
+
+def on_pause_end(listener: Callable[[float], None]) -> None:
+    """Call ``listener(seconds)`` after each pause: deadlines move by that much."""
+    _pause_listeners.append(listener)
+
+
+def time_limits_are_paused() -> bool:
+    return _paused_since is not None
+
+
+@contextmanager
+def time_limits_paused() -> Iterator[None]:
+    """Run the block (a model load) outside the stage's soft and hard limits."""
+    global _paused_since
+    if threading.current_thread() is not threading.main_thread() or _paused_since is not None:
+        yield
+        return
+    remaining_s, _ = signal.setitimer(signal.ITIMER_REAL, 0)
+    _paused_since = time.monotonic()
+    try:
+        yield
+    finally:
+        paused_s = time.monotonic() - _paused_since
+        _paused_since = None
+        for listener in _pause_listeners:
+            listener(paused_s)
+        if remaining_s > 0:
+            signal.setitimer(signal.ITIMER_REAL, remaining_s)
+
+
 class ComputeClock:
     """The hard deadline of the compute in progress, read by the watchdog thread."""
 
     def __init__(self) -> None:
         self._deadline: float | None = None
+        on_pause_end(self._postpone)
+
+    def _postpone(self, seconds: float) -> None:
+        deadline = self._deadline
+        if deadline is not None:
+            self._deadline = deadline + seconds
 
     @contextmanager
     def running(self, limit_s: float | None) -> Iterator[None]:
@@ -106,6 +153,6 @@ class ComputeClock:
     def overdue_s(self, now: float) -> float | None:
         """Seconds past the hard deadline, or None while within it (or idle)."""
         deadline = self._deadline
-        if deadline is None or now <= deadline:
+        if deadline is None or now <= deadline or time_limits_are_paused():
             return None
         return now - deadline

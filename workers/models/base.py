@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar, get_args
 import torch
 
 from imgpipe.errors import PermanentError, TransientError, WeightsMismatchError
+from workers.timelimits import time_limits_paused
 
 __all__ = [
     "PRECISION_DTYPES",
@@ -201,7 +202,8 @@ class InferenceModel(ABC, Generic[InputT, OutputT]):
         )
 
     def ensure_loaded(self) -> torch.nn.Module:
-        with self._lock:
+        # a load is not stage work: the stage's time limits pause (workers/timelimits.py)
+        with self._lock, time_limits_paused():
             if self._module is not None:
                 return self._module
             if self._failed_loads >= self.max_load_attempts:
