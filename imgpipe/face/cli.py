@@ -17,12 +17,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from imgpipe.contracts import JobStatus, Priority
 from imgpipe.errors import ImgpipeError
 from imgpipe.face.cli_bench import add_bench_commands
+from imgpipe.face.cli_flower import add_flower_command
 from imgpipe.face.cli_ingest import add_ingest_commands
 from imgpipe.face.cli_ops import add_ops_commands
 from imgpipe.face.cli_render import render_results_table
+from imgpipe.face.cli_status import add_status_commands
 from imgpipe.face.stopsignals import StopRequested, stop_on_signals
 from imgpipe.redact import redact_text, redact_url
-from imgpipe.settings import Settings
+from imgpipe.settings import DEFAULT_METRICS_PORT, Settings
 
 if TYPE_CHECKING:
     from imgpipe.face.stack import Stack
@@ -170,16 +172,23 @@ def up(
     process kept exiting and was given up on.
     """
     from imgpipe.face.stack import Stack
+    from imgpipe.logs import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/up] %(message)s")
     settings = Settings()
+    configure_logging(settings.log_format, logging.INFO, worker="up")
     with_flower = flower and settings.flower_password is not None
     if flower and not with_flower:
         console.print(
             "Flower not started: set IMGPIPE_FLOWER_PASSWORD or IMGPIPE_FLOWER_PASSWORD_FILE "
             "to enable it (basic auth)."
         )
-    stack = Stack(settings, workers=("orchestrator", "cpu", "ingest"), flower=with_flower)
+    stack = Stack(
+        settings,
+        workers=("orchestrator", "cpu", "ingest"),
+        flower=with_flower,
+        metrics_port=_up_metrics_port(settings),
+        metrics_required=settings.metrics_port is not None,
+    )
     try:
         with stack:
             for dev in device:
@@ -189,6 +198,13 @@ def up(
             )
             console.print(f"broker {redact_url(settings.effective_broker_url)}")
             console.print(f"database {redact_url(settings.effective_database_url)}")
+            if stack.metrics_url:
+                console.print(f"metrics on {stack.metrics_url}")
+            elif stack.metrics_port:
+                console.print(
+                    f"[yellow]metrics not served:[/yellow] port {stack.metrics_port} is in use "
+                    "(another imgpipe up?); set IMGPIPE_METRICS_PORT to a free port, or 0"
+                )
             if with_flower:
                 console.print(
                     f"Flower on http://{settings.flower_address}:{settings.flower_port} "
@@ -202,6 +218,13 @@ def up(
             raise typer.Exit(EXIT_FAILED)
     except StopRequested as stop:
         console.print(f"imgpipe up: {stop}; every process it started has stopped")
+
+
+def _up_metrics_port(settings: Settings) -> int:
+    """IMGPIPE_METRICS_PORT, or 9808 when unset (0: off)."""
+    if settings.metrics_port is None:
+        return DEFAULT_METRICS_PORT
+    return settings.metrics_port
 
 
 @app.command("submit")
@@ -225,18 +248,6 @@ def submit_cmd(
         except ImgpipeError as exc:
             raise _fail(str(exc)) from None
         typer.echo(f"{result.job_id}\t{result.status}\t{path}")
-
-
-@app.command()
-def status(job_id: str) -> None:
-    """One line: the job's status, verdict and stages."""
-    from imgpipe.face.api import results
-
-    report = results(job_id)
-    if report is None:
-        raise _fail(f"no job {job_id}", 1)
-    stages = " ".join(f"{s['stage']}={s['status']}" for s in report["stages"])
-    typer.echo(f"{report['job_id']} {report['status']} verdict={report['verdict']} {stages}")
 
 
 @app.command()
@@ -285,6 +296,8 @@ def orchestrator(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
 
 
 add_ops_commands(app, console)
+add_status_commands(app, console)
+add_flower_command(app, console)
 add_ingest_commands(app, console)
 add_bench_commands(app, console)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -50,9 +51,9 @@ def add_ingest_commands(app: typer.Typer, console: Console) -> None:
         own consumer in the group); --consumers N starts N here and restarts one that
         dies. See docs/submitting.md.
         """
-        logging.basicConfig(
-            level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/ingest] %(message)s"
-        )
+        from imgpipe.logs import configure_logging
+
+        configure_logging(Settings().log_format, loglevel, worker=f"ingest-{os.getpid()}")
         stop = threading.Event()
 
         def request_stop(signum: int, _frame: Any) -> None:

@@ -1,0 +1,183 @@
+"""Serving ``/metrics``: the recorded metrics of every process, plus state read at scrape.
+
+- ``imgpipe up`` serves the whole stack on ``IMGPIPE_METRICS_PORT`` (default 9808): what
+  its children recorded (multi-process files under ``data_dir/metrics/stack``, emptied at
+  start) and the stack's SQL/Redis state (``StateCollector``).
+- ``imgpipe worker ...`` and ``imgpipe orchestrator`` serve their own when
+  ``IMGPIPE_METRICS_PORT`` is set: the processes they fork record into
+  ``data_dir/metrics/<role>-<pid>``; the orchestrator adds the state collector (it is the
+  control plane; a deployment scrapes the state once, from it).
+
+Recording is in imgpipe/metrics.py; the state comes from imgpipe/face/livestate.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
+
+from imgpipe.errors import ConfigError
+from imgpipe.face.livestate import read_live_state
+from imgpipe.metrics import MULTIPROC_ENV
+from imgpipe.settings import Settings
+
+__all__ = [
+    "MetricsServer",
+    "StateCollector",
+    "fresh_multiproc_dir",
+    "mark_dead",
+    "serve_metrics",
+    "standalone_multiproc_dir",
+]
+
+
+class StateCollector(Collector):
+    """Gauges computed at scrape time from SQL and Redis (never in the stage path)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def collect(self) -> Iterator[Metric]:
+        state = read_live_state(self.settings)
+        up = GaugeMetricFamily(
+            "imgpipe_state_source_up",
+            "1 when this scrape could read the source (database, broker), else 0.",
+            labels=["source"],
+        )
+        up.add_metric(["broker"], 0 if any("broker" in e for e in state.errors) else 1)
+        up.add_metric(["database"], 0 if any("database" in e for e in state.errors) else 1)
+        yield up
+        depth = GaugeMetricFamily(
+            "imgpipe_queue_depth", "Messages waiting in each broker queue.", labels=["queue"]
+        )
+        for queue, count in state.queue_depths.items():
+            depth.add_metric([queue], count)
+        yield depth
+        jobs = GaugeMetricFamily(
+            "imgpipe_jobs",
+            "Jobs by status and pipeline: every queued or running job, and the jobs created "
+            "in the last hour that reached another status.",
+            labels=["status", "pipeline"],
+        )
+        for status, by_pipeline in state.jobs.items():
+            for pipeline, count in by_pipeline.items():
+                jobs.add_metric([status, pipeline], count)
+        yield jobs
+        yield GaugeMetricFamily(
+            "imgpipe_stuck_stage_runs",
+            "Stage runs dispatched or running well past their deadline (the reaper should "
+            "have acted).",
+            value=state.stuck_count,
+        )
+        yield GaugeMetricFamily(
+            "imgpipe_dead_stage_runs_last_hour",
+            "Stage runs that ended dead (attempts or dispatches used up) in the last hour.",
+            value=state.dead_stage_runs_last_hour,
+        )
+        if state.submit_dead_letters is not None:
+            yield GaugeMetricFamily(
+                "imgpipe_submit_dead_letters",
+                "Entries in the submit stream's dead-letter stream (imgpipe:submit:dead).",
+                value=state.submit_dead_letters,
+            )
+        if state.ingest is not None:
+            yield GaugeMetricFamily(
+                "imgpipe_ingest_lag_entries",
+                "Submit stream entries not yet delivered to the ingest consumers.",
+                value=state.ingest.lag_entries or 0,
+            )
+            yield GaugeMetricFamily(
+                "imgpipe_ingest_pending_entries",
+                "Submit stream entries delivered but not yet acked.",
+                value=state.ingest.pending_entries,
+            )
+            yield GaugeMetricFamily(
+                "imgpipe_ingest_lag_seconds",
+                "Age of the oldest submit stream entry not yet delivered (0: none waits).",
+                value=state.ingest.oldest_undelivered_age_s or 0.0,
+            )
+
+
+@dataclass
+class MetricsServer:
+    server: Any
+    thread: Any
+    port: int
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def serve_metrics(
+    settings: Settings, port: int, multiproc_dir: Path | None, *, with_state: bool
+) -> MetricsServer:
+    """Serve ``/metrics`` on ``settings.metrics_address:port`` from a daemon thread."""
+    registry = CollectorRegistry()
+    if multiproc_dir is not None:
+        MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
+    if with_state:
+        registry.register(StateCollector(settings))
+    try:
+        server, thread = start_http_server(port, settings.metrics_address, registry)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot serve metrics on {settings.metrics_address}:{port}: {exc.strerror}; set "
+            "IMGPIPE_METRICS_PORT to a free port, or to 0 to turn metrics off"
+        ) from exc
+    return MetricsServer(server, thread, int(server.server_port))
+
+
+def fresh_multiproc_dir(path: Path) -> Path:
+    """An empty directory for the metric files of a new set of processes."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def standalone_multiproc_dir(settings: Settings, role: str) -> Path:
+    """The multi-process directory of a standalone worker: ``PROMETHEUS_MULTIPROC_DIR`` if
+    set, else ``data_dir/metrics/<role>-<pid>`` (those of workers no longer running are
+    removed). Sets the variable: do this before anything imports prometheus_client's
+    metrics in this process or forks a recording child."""
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        Path(given).mkdir(parents=True, exist_ok=True)
+        return Path(given)
+    base = settings.resolved_data_dir / "metrics"
+    if base.is_dir():
+        for old in base.glob(f"{role}-*"):
+            pid = old.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _running(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+    path = fresh_multiproc_dir(base / f"{role}-{os.getpid()}")
+    os.environ[MULTIPROC_ENV] = str(path)
+    return path
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mark_dead(pid: int, multiproc_dir: Path | None = None) -> None:
+    """A recording process exited: drop its live gauges (counters and histograms stay)."""
+    path = multiproc_dir or os.environ.get(MULTIPROC_ENV)
+    if path:
+        with contextlib.suppress(OSError):
+            mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
