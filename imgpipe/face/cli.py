@@ -220,11 +220,11 @@ def up(
         console.print(f"imgpipe up: {stop}; every process it started has stopped")
 
 
-def _up_metrics_port(settings: Settings) -> int:
-    """IMGPIPE_METRICS_PORT, or 9808 when unset (0: off)."""
+def _up_metrics_port(settings: Settings) -> int | None:
+    """IMGPIPE_METRICS_PORT, or 9808 when unset; None (no metrics) when it is 0."""
     if settings.metrics_port is None:
         return DEFAULT_METRICS_PORT
-    return settings.metrics_port
+    return settings.metrics_port or None
 
 
 @app.command("submit")

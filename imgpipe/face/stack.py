@@ -132,8 +132,9 @@ class Stack:
     stop_timeout_s: float | None = None
     """How long each step of ``stop`` waits for warm shutdowns before SIGKILL; unset:
     ``warm_stop_timeout_s`` (running stages may finish within their time limit)."""
-    metrics_port: int = 0
-    """Serve ``/metrics`` on this port (0: no metrics; imgpipe/face/metrics_server.py)."""
+    metrics_port: int | None = None
+    """Serve ``/metrics`` on this port (0: any free one; None: no metrics; see
+    imgpipe/face/metrics_server.py and ``metrics_url``)."""
     metrics_required: bool = True
     """False: a port in use only leaves metrics off (logged) instead of failing the start."""
     supervise: bool = True
@@ -155,7 +156,7 @@ class Stack:
     @property
     def metrics_dir(self) -> Path | None:
         """Where the children record metrics (None: metrics off)."""
-        if self.metrics_port <= 0:
+        if self.metrics_port is None:
             return None
         return self.settings.resolved_data_dir / "metrics" / "stack"
 
@@ -184,7 +185,7 @@ class Stack:
                 self.broker = broker
                 broker.start()
         upgrade(self.settings.effective_database_url)
-        if self.metrics_dir is not None:
+        if self.metrics_dir is not None and self.metrics_port is not None:
             from imgpipe.face.metrics_server import fresh_multiproc_dir, serve_metrics
 
             metrics_dir = fresh_multiproc_dir(self.metrics_dir)
