@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 from celery import Celery
 
 from imgpipe.celery_app import QUEUES, create_app
-from imgpipe.logs import configure_logging, set_worker
+from imgpipe.logs import configure_logging, resolve_format, set_worker
 from imgpipe.settings import Settings
 
 __all__ = ["run_worker"]
@@ -74,7 +75,8 @@ def run_worker(
         "--without-mingle",
     ]  # fmt: skip
     set_worker(node)
-    _connect_celery_logging(settings, loglevel, metrics_dir)
+    if _connect_celery_logging(settings, loglevel, metrics_dir) == "json":
+        argv.insert(0, "--quiet")  # no ASCII-art banner among the JSON lines
     if role == "orchestrator":
         argv.append("--beat")
         argv += ["--schedule", str(settings.resolved_data_dir / "celerybeat-schedule")]
@@ -101,9 +103,10 @@ def _serve_metrics(settings: Settings, role: str) -> Path | None:
     return metrics_dir
 
 
-def _connect_celery_logging(settings: Settings, loglevel: str, metrics_dir: Path | None) -> None:
-    """Celery worker (the orchestrator): keep imgpipe's log configuration, name the task
-    on every line logged inside it, and drop the live gauges of pool processes that exit."""
+def _connect_celery_logging(settings: Settings, loglevel: str, metrics_dir: Path | None) -> str:
+    """Celery worker (the orchestrator): keep imgpipe's log configuration (returns the
+    format), name the task on every line logged inside it, and drop the live gauges of
+    pool processes that exit."""
     from celery import signals
 
     from imgpipe.logs import bound
@@ -136,6 +139,7 @@ def _connect_celery_logging(settings: Settings, loglevel: str, metrics_dir: Path
     signals.task_prerun.connect(task_started, weak=False)
     signals.task_postrun.connect(task_finished, weak=False)
     signals.worker_process_shutdown.connect(process_exited, weak=False)
+    return resolve_format(settings.log_format, sys.stderr)
 
 
 def run_cpu_worker(
