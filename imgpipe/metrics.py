@@ -10,8 +10,8 @@ Multi-process mode: a process that records for a server in another process (the
 children of ``imgpipe up``, the forked consumers of ``imgpipe worker cpu``, the Celery
 pool of ``imgpipe orchestrator``) has ``PROMETHEUS_MULTIPROC_DIR`` in its environment
 *before* it imports this module (prometheus_client chooses its value store at import);
-the server aggregates the files of every process there. Without the variable the
-metrics live in the process's memory and cost nothing but that.
+the server aggregates the files of every process there (imgpipe/face/metrics_dirs.py).
+Without the variable the metrics live in the process's memory and cost nothing but that.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from prometheus_client import Counter, Gauge, Histogram
 __all__ = [
     "BATCH_SIZE",
     "GPU_MEMORY_BYTES",
-    "MULTIPROC_ENV",
     "REAPER_ACTIONS",
     "STAGE_RUNS",
     "STAGE_SECONDS",
@@ -31,8 +30,6 @@ __all__ = [
     "record_reaper",
     "record_stage",
 ]
-
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _SECONDS_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +27,14 @@ from prometheus_client.registry import Collector
 
 from imgpipe.errors import ConfigError
 from imgpipe.face.livestate import read_live_state
-from imgpipe.metrics import MULTIPROC_ENV
+from imgpipe.face.metrics_dirs import MULTIPROC_ENV
 from imgpipe.settings import Settings
 
 __all__ = [
     "MetricsServer",
     "StateCollector",
-    "fresh_multiproc_dir",
     "mark_dead",
     "serve_metrics",
-    "standalone_multiproc_dir",
 ]
 
 
@@ -136,43 +133,6 @@ def serve_metrics(
             "IMGPIPE_METRICS_PORT to a free port, or to 0 to turn metrics off"
         ) from exc
     return MetricsServer(server, thread, int(server.server_port))
-
-
-def fresh_multiproc_dir(path: Path) -> Path:
-    """An empty directory for the metric files of a new set of processes."""
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path
-
-
-def standalone_multiproc_dir(settings: Settings, role: str) -> Path:
-    """The multi-process directory of a standalone worker: ``PROMETHEUS_MULTIPROC_DIR`` if
-    set, else ``data_dir/metrics/<role>-<pid>`` (those of workers no longer running are
-    removed). Sets the variable: do this before anything imports prometheus_client's
-    metrics in this process or forks a recording child."""
-    given = os.environ.get(MULTIPROC_ENV)
-    if given:
-        Path(given).mkdir(parents=True, exist_ok=True)
-        return Path(given)
-    base = settings.resolved_data_dir / "metrics"
-    if base.is_dir():
-        for old in base.glob(f"{role}-*"):
-            pid = old.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _running(int(pid)):
-                shutil.rmtree(old, ignore_errors=True)
-    path = fresh_multiproc_dir(base / f"{role}-{os.getpid()}")
-    os.environ[MULTIPROC_ENV] = str(path)
-    return path
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def mark_dead(pid: int, multiproc_dir: Path | None = None) -> None:

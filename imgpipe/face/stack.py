@@ -40,6 +40,7 @@ from imgpipe.broker import EmbeddedRedis
 from imgpipe.errors import ConfigError, TransientError
 from imgpipe.face.flower import flower_command, flower_env
 from imgpipe.face.logrotate import rotate_if_large
+from imgpipe.face.metrics_dirs import MULTIPROC_ENV, fresh_multiproc_dir
 from imgpipe.face.stopsignals import signals_deferred
 from imgpipe.redact import redact_url
 from imgpipe.settings import DEFAULT_STAGE_TIME_LIMIT_S, Settings
@@ -65,10 +66,6 @@ batch 30 s past the batch's longest limit (workers/batching.py WATCHDOG_GRACE_S)
 
 STOP_ORDER = ("ingest", "stage workers", "orchestrator", "flower")
 """The order ``Stack.stop`` stops its children in (the embedded broker goes last)."""
-
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-"""prometheus_client's multi-process directory (not imported from imgpipe.metrics: that
-would import prometheus_client before a worker sets this variable for its children)."""
 
 # The `celery` command line lets these bare variables override the app's config; a
 # stray BROKER_URL in the environment must not redirect imgpipe's workers.
@@ -186,7 +183,7 @@ class Stack:
                 broker.start()
         upgrade(self.settings.effective_database_url)
         if self.metrics_dir is not None and self.metrics_port is not None:
-            from imgpipe.face.metrics_server import fresh_multiproc_dir, serve_metrics
+            from imgpipe.face.metrics_server import serve_metrics
 
             metrics_dir = fresh_multiproc_dir(self.metrics_dir)
             try:

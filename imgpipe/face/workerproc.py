@@ -89,9 +89,11 @@ def _serve_metrics(settings: Settings, role: str) -> Path | None:
     stack's SQL/Redis state. Returns the directory (None: not serving)."""
     if not settings.metrics_port:
         return None
-    from imgpipe.face.metrics_server import serve_metrics, standalone_multiproc_dir
+    from imgpipe.face.metrics_dirs import standalone_multiproc_dir
 
-    metrics_dir = standalone_multiproc_dir(settings, role)
+    metrics_dir = standalone_multiproc_dir(settings, role)  # before prometheus_client loads
+    from imgpipe.face.metrics_server import serve_metrics
+
     server = serve_metrics(
         settings, settings.metrics_port, metrics_dir, with_state=role == "orchestrator"
     )
