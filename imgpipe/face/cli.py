@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from imgpipe.contracts import JobStatus, Priority
 from imgpipe.errors import ImgpipeError
@@ -125,7 +132,7 @@ def _wait_with_progress(
 
     with Progress(
         TextColumn("[bold]processing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
+        TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
     ) as progress:  # fmt: skip
         bar = progress.add_task("jobs", total=len(job_ids))
         dead: list[str] = []

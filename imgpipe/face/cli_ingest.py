@@ -14,7 +14,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from imgpipe.errors import ImgpipeError
@@ -113,7 +120,7 @@ def add_ingest_commands(app: typer.Typer, console: Console) -> None:
         )
         with Progress(
             TextColumn("[bold]reprocess"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console,
+            TextColumn("ETA"), TimeRemainingColumn(), console=console,
         ) as progress:  # fmt: skip
             bar = progress.add_task("images", total=None)
 

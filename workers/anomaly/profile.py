@@ -20,7 +20,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -261,6 +261,14 @@ def _split_holdout(
     return [images[i] for i in order[n_holdout:]], [images[i] for i in order[:n_holdout]]
 
 
+ProgressFn = Callable[[int, int], None]
+"""Called as ``progress(images_done, images_total)`` after each batch of images."""
+
+
+def _no_progress(_done: int, _total: int) -> None:
+    return None
+
+
 def fit_profile(
     images: Sequence[NDArray[np.uint8]],
     out_path: Path,
@@ -272,6 +280,7 @@ def fit_profile(
     seed: int = 0,
     config: FeatureConfig | None = None,
     holdout_images: Sequence[NDArray[np.uint8]] | None = None,
+    progress: ProgressFn = _no_progress,
 ) -> ProfileInfo:
     """Fit a profile from good images (HxWx3 RGB uint8) and write it to ``out_path``.
 
@@ -291,11 +300,14 @@ def fit_profile(
     bank_images, holdout = _split_holdout(images, holdout_images, holdout_fraction, seed)
     n_holdout = len(holdout)
     backbone = backbone_for(device)
+    total, done = len(bank_images) + n_holdout, 0
     with torch.inference_mode():
-        pooled_chunks = [
-            extract_pooled(backbone, bank_images[i : i + SCORE_BATCH], config)
-            for i in range(0, len(bank_images), SCORE_BATCH)
-        ]
+        pooled_chunks = []
+        for i in range(0, len(bank_images), SCORE_BATCH):
+            chunk = bank_images[i : i + SCORE_BATCH]
+            pooled_chunks.append(extract_pooled(backbone, chunk, config))
+            done += len(chunk)
+            progress(done, total)
         pooled = [torch.cat(parts) for parts in zip(*pooled_chunks, strict=True)]
         scales = layer_norms(pooled)
         projection = None
@@ -306,14 +318,13 @@ def fit_profile(
         feats = feats.reshape(-1, feats.shape[-1])
         count = max(1, round(feats.shape[0] * coreset_fraction))
         bank = feats[greedy_coreset(feats, count, seed)].contiguous()
-        maps = torch.cat(
-            [
-                distance_maps(
-                    backbone, holdout[i : i + SCORE_BATCH], config, scales, projection, bank
-                )
-                for i in range(0, len(holdout), SCORE_BATCH)
-            ]
-        )
+        map_chunks = []
+        for i in range(0, len(holdout), SCORE_BATCH):
+            chunk = holdout[i : i + SCORE_BATCH]
+            map_chunks.append(distance_maps(backbone, chunk, config, scales, projection, bank))
+            done += len(chunk)
+            progress(done, total)
+        maps = torch.cat(map_chunks)
         score_scales = ScoreScales.from_good_maps(maps)
         holdout_scores = _loo_scores(maps)
     threshold = max(max(holdout_scores) + THRESHOLD_MARGIN, THRESHOLD_MARGIN)
@@ -368,6 +379,7 @@ def evaluate_profile(
     good: Sequence[NDArray[np.uint8]],
     bad: Sequence[NDArray[np.uint8]],
     device: str = "cpu",
+    progress: ProgressFn = _no_progress,
 ) -> EvalReport:
     """Score labelled good and bad images with the profile at ``path``."""
     if not good or not bad:
@@ -376,14 +388,15 @@ def evaluate_profile(
     backbone = backbone_for(device)
     started = time.perf_counter()
     scores: list[list[float]] = []
+    total, done = len(good) + len(bad), 0
     for group in (good, bad):
-        scores.append(
-            [
-                s.score
-                for i in range(0, len(group), SCORE_BATCH)
-                for s in score_images(profile, group[i : i + SCORE_BATCH], backbone)
-            ]
-        )
+        group_scores: list[float] = []
+        for i in range(0, len(group), SCORE_BATCH):
+            chunk = group[i : i + SCORE_BATCH]
+            group_scores.extend(s.score for s in score_images(profile, chunk, backbone))
+            done += len(chunk)
+            progress(done, total)
+        scores.append(group_scores)
     elapsed_ms = (time.perf_counter() - started) * 1000
     counts = confusion_at(scores[0], scores[1], profile.threshold)
     return EvalReport(
