@@ -5,6 +5,7 @@ logged for, ``imgpipe status``/``health`` healthy and unhealthy, the reaper's ac
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +32,7 @@ from tests.support.services import own_database
 
 pytestmark = pytest.mark.slow
 
+DASHBOARD = Path(__file__).resolve().parents[2] / "compose/grafana/imgpipe-dashboard.json"
 NOOP_STAGES = ("quality", "enhance", "detect", "anomaly", "moderate")
 
 
@@ -180,6 +182,12 @@ def test_health_fails_while_no_worker_takes_a_queue_and_the_reaper_is_counted(
     assert wait_jobs(settings.effective_database_url, [job_id], 120)[job_id] == "succeeded"
     after = scrape(stack.metrics_url)
     assert sample_sum(after, "imgpipe_reaper_actions_total", action="redispatched") >= 1
+    # every metric the sample Grafana dashboard queries is one this stack exposes (GPU
+    # memory needs a CUDA worker, the ingest gauges a submit stream consumer group)
+    queried = set(re.findall(r"imgpipe_[a-z_]+", DASHBOARD.read_text()))
+    absent = {"imgpipe_gpu_memory_bytes", "imgpipe_ingest_lag_seconds"}
+    absent |= {"imgpipe_ingest_lag_entries", "imgpipe_ingest_pending_entries"}
+    assert queried - absent <= set(after), sorted(queried - absent - set(after))
 
 
 def test_health_names_stuck_stage_runs_when_nothing_reaps_them(
