@@ -50,7 +50,7 @@ def run_worker(
         raise ValueError(f"unknown worker role {role!r}; choose orchestrator, cpu or gpu")
     settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
     configure_logging(settings.log_format, loglevel, worker=f"{role}-{os.getpid()}")
-    metrics_dir = _serve_metrics(settings, role)
+    metrics_dir = _serve_metrics(settings, role) or _recording_dir()
     app = create_app(settings, include=ROLE_MODULES[role])
     role_queues = (
         list(queues) if queues else list(QUEUES["control" if role == "orchestrator" else role])
@@ -103,6 +103,15 @@ def _serve_metrics(settings: Settings, role: str) -> Path | None:
         "metrics on http://%s:%d/metrics", settings.metrics_address, server.port
     )
     return metrics_dir
+
+
+def _recording_dir() -> Path | None:
+    """Under ``imgpipe up`` the stack serves; this worker only records (and drops the live
+    gauges of the processes it forked when they exit)."""
+    from imgpipe.face.metrics_dirs import MULTIPROC_ENV
+
+    given = os.environ.get(MULTIPROC_ENV)
+    return Path(given) if given else None
 
 
 def _connect_celery_logging(settings: Settings, loglevel: str, metrics_dir: Path | None) -> str:
