@@ -19,14 +19,21 @@ import hashlib
 import os
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from imgpipe.errors import ConfigError, TransientError
 
-__all__ = ["BlobStore", "LocalBlobStore", "PendingPuts", "open_blob_store", "sha256_bytes"]
+__all__ = [
+    "BlobStore",
+    "LocalBlobStore",
+    "PendingPuts",
+    "open_blob_store",
+    "parked_blob_key",
+    "sha256_bytes",
+]
 
 _SUFFIXES = {
     "application/octet-stream": "",
@@ -66,6 +73,26 @@ class BlobStore:
     def delete(self, key: str) -> int:
         """Remove ``key``; returns the bytes freed (0 if it was not there)."""
         raise NotImplementedError
+
+    def size(self, key: str) -> int:
+        """Bytes ``key`` holds (0 if it is not there)."""
+        raise NotImplementedError
+
+
+def _refresh(path: Path) -> bool:
+    """True if ``path`` exists, and then its mtime is now: a blob a new row is about to
+    name looks young to ``imgpipe gc`` (db/gc_orphans.py), which never deletes young blobs."""
+    try:
+        os.utime(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
+
+
+def parked_blob_key(digest: str) -> str:
+    """Where bytes that have no images row yet are parked (a dead-lettered submission's
+    upload, orchestrator/ingest.py): the untyped key of their sha256."""
+    return blob_key(digest, "application/octet-stream")
 
 
 def blob_key(digest: str, media_type: str) -> str:
@@ -124,7 +151,7 @@ class LocalBlobStore(BlobStore):
     def put(self, data: bytes, media_type: str = "application/octet-stream") -> str:
         key = blob_key(sha256_bytes(data), media_type)
         path = self.path_for(key)
-        if not path.exists():
+        if not _refresh(path):
             try:
                 self._write_file((path, data))
             except OSError as exc:
@@ -143,7 +170,7 @@ class LocalBlobStore(BlobStore):
         todo: dict[Path, bytes] = {}
         for key, (data, _media_type) in zip(keys, items, strict=True):
             path = self.path_for(key)
-            if not path.exists():
+            if not _refresh(path):
                 todo[path] = data
         pool = self._pool() if todo else None
         futures = [pool.submit(self._write_file, item) for item in todo.items()] if pool else []
@@ -200,6 +227,28 @@ class LocalBlobStore(BlobStore):
         except OSError as exc:
             raise TransientError(f"could not delete blob {key}: {exc}") from exc
         return size
+
+    def size(self, key: str) -> int:
+        try:
+            return self.path_for(key).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def iter_blobs(self) -> Iterator[tuple[str, Path, os.stat_result]]:
+        """Every file under the store as ``(key, path, stat)``, including the ``.tmp-``
+        leftovers of writes that crashed (no row ever names their keys)."""
+        shards = self.root / "sha256"
+        if not shards.is_dir():
+            return
+        for shard in sorted(shards.iterdir()):
+            if not shard.is_dir():
+                continue
+            for path in sorted(shard.iterdir()):
+                try:
+                    info = path.stat()
+                except FileNotFoundError:
+                    continue
+                yield f"sha256/{shard.name}/{path.name}", path, info
 
 
 def open_blob_store(url: str) -> BlobStore:

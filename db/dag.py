@@ -28,6 +28,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from db.models import Job, StageRun
+from db.outbox import write_outbox
 from db.repo import lock_job
 from imgpipe.aftercommit import AfterCommit, Dispatch
 from imgpipe.contracts import JobStatus, StageStatus
@@ -193,8 +194,11 @@ def advance_locked(
 def advance_in_session(
     session: Session, job_id: str, now: datetime, dispatch_timeout_s: int, *, webhook: bool
 ) -> AfterCommit:
-    """Lock the job and step it inside the caller's transaction."""
+    """Lock the job and step it inside the caller's transaction (its answers written to
+    the outbox in that transaction)."""
     job = lock_job(session, job_id)
     if job is None:
         return AfterCommit()
-    return advance_locked(job, now, dispatch_timeout_s, webhook=webhook)
+    after = advance_locked(job, now, dispatch_timeout_s, webhook=webhook)
+    write_outbox(session, after)
+    return after

@@ -44,6 +44,7 @@ class GcReport:
     """Finished stage runs whose legacy .npy working copy was released."""
     blobs_deleted: int = 0
     bytes_freed: int = 0
+    """With ``dry_run``: the bytes that would be freed."""
     kept_shared: int = 0
     """Released keys still named elsewhere (shared content), so not deleted."""
     keys: list[str] = field(default_factory=list)
@@ -124,6 +125,7 @@ def collect_working_copies(
             session.rollback()
     report.keys = doomed
     if dry_run:
+        report.bytes_freed = sum(blobs.size(key) for key in doomed)
         return report
     for key in doomed:
         freed = blobs.delete(key)

@@ -27,7 +27,9 @@ __all__ = [
     "Detection",
     "Image",
     "Job",
+    "JobReply",
     "ModelRecord",
+    "OutboxRow",
     "Review",
     "StageRun",
     "utcnow",
@@ -194,3 +196,37 @@ class Review(Base):
     reviewer: Mapped[str] = mapped_column(String(128))
     note: Mapped[str | None] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class JobReply(Base):
+    """A ``reply_to`` stream subscribed to a job by a duplicate submission (same idempotency
+    key): it gets the job's ``completed`` (and ``reviewed``) events too. The first
+    submitter's stream is ``jobs.reply_to``."""
+
+    __tablename__ = "job_replies"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    reply_to: Mapped[str] = mapped_column(String(200), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class OutboxRow(Base):
+    """An answer decided by a committed transaction and not yet known to be delivered
+    (db/outbox.py): an event for one or more Redis streams, or a webhook body.
+
+    Written in the transaction that made the state change; removed once published. Rows
+    still here after ``IMGPIPE_OUTBOX_RELAY_AFTER_S`` are re-sent by the relay."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_created_at", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    """The ``event_id`` consumers deduplicate by (a uuid4, hex)."""
+    kind: Mapped[str] = mapped_column(String(16))
+    """``event`` or ``webhook``."""
+    streams: Mapped[list[Any]] = mapped_column(default=list)
+    """Stream keys an event goes to (``imgpipe:events`` and every reply_to); empty for a
+    webhook."""
+    payload: Mapped[str] = mapped_column(Text)
+    """An event's fields as a JSON object of JSON-encoded strings, or the webhook body."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

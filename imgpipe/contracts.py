@@ -17,11 +17,13 @@ __all__ = [
     "MAX_REPLY_TO_CHARS",
     "REAP_TASK",
     "REPLY_PREFIX",
+    "SUBMIT_CRASHES_PREFIX",
     "SUBMIT_DEAD_STREAM",
     "SUBMIT_FAILURES_KEY",
     "SUBMIT_GROUP",
     "SUBMIT_STREAM",
     "SUBMIT_TASK",
+    "SUBMIT_TRIMMED_KEY",
     "WEBHOOK_TASK",
     "JobStatus",
     "Priority",
@@ -50,6 +52,11 @@ SUBMIT_GROUP: Final = "imgpipe"
 SUBMIT_DEAD_STREAM: Final = "imgpipe:submit:dead"
 SUBMIT_FAILURES_KEY: Final = "imgpipe:submit:failures"
 """Hash: submit entry id -> the last transient error, the reason given if it dead-letters."""
+SUBMIT_CRASHES_PREFIX: Final = "imgpipe:submit:crashes:"
+"""Counter per ``imgpipe.submit`` task id: deliveries that began and never finished (the
+process died); past ``IMGPIPE_INGEST_MAX_DELIVERIES`` the submission is rejected."""
+SUBMIT_TRIMMED_KEY: Final = "imgpipe:submit:trimmed_unread"
+"""Counter: submit-stream entries trimmed (MAXLEN) before any consumer read them."""
 EVENTS_STREAM: Final = "imgpipe:events"
 REPLY_PREFIX: Final = "imgpipe:reply:"
 """Default namespace of ``reply_to`` streams (setting ``IMGPIPE_REPLY_TO_PREFIX``): a

@@ -21,6 +21,7 @@ This module holds the API and the limit checks; the header bytes are read in
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -153,6 +154,20 @@ def probe_image(data: bytes, limits: DecodeLimits) -> ImageHeader:
     return header
 
 
+CRASH_DRILL_ENV: Final = "TEST_IMGPIPE_CRASH_DECODE_MAGIC"
+"""Test-only: when this variable is set (only tests/reliability/test_poison_submit.py
+sets it; the stack passes it on, as it does every variable not named IMGPIPE_*),
+decoding bytes that start with its value ends the process at once, as a
+decoder crash (a segfault in a native codec) would. No image is known that crashes this
+Pillow, so the poison-image drill needs this stand-in; unset, it does nothing."""
+
+
+def _crash_drill(data: bytes) -> None:
+    magic = os.environ.get(CRASH_DRILL_ENV)
+    if magic and data.startswith(magic.encode()):
+        os._exit(70)
+
+
 def decode_image(data: bytes, limits: DecodeLimits, max_side_px: int | None = None) -> DecodedImage:
     """Decode to upright HxWx3 RGB uint8 under the same checks as :func:`probe_image`.
 
@@ -168,6 +183,7 @@ def decode_image(data: bytes, limits: DecodeLimits, max_side_px: int | None = No
     """
     if max_side_px is not None and max_side_px < 1:
         raise ValueError(f"max_side_px must be >= 1 or None, got {max_side_px}")
+    _crash_drill(data)
     im, header, conversions = _open_checked(data, limits)
     with im, _mapped_errors(header.format):
         factor = reduction_factor(im.size, max_side_px)

@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "ImageRejectedError",
     "ImgpipeError",
+    "OverrideNotAllowedError",
     "PermanentError",
     "PipelineSpecError",
     "StageNotInstalledError",
@@ -57,6 +58,11 @@ class PipelineSpecError(PermanentError):
 
 class UnknownPipelineError(PermanentError):
     """A submission names a pipeline that is neither built in nor registered."""
+
+
+class OverrideNotAllowedError(PermanentError):
+    """A per-submission override sets a parameter the pipeline file does not let
+    submitters set (a file path, or a threshold not in the stage's ``overridable``)."""
 
 
 class StageNotInstalledError(PipelineSpecError):

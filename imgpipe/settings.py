@@ -136,6 +136,14 @@ class Settings(BaseSettings):
         "1080p frame is 6 MB at full size, 0.7 MB at 640 px; 0 switches the cache off.",
     )
     events_maxlen: int = Field(default=100_000, ge=1000)
+    outbox_relay_after_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Answers (accepted, rejected, completed, reviewed) and webhooks still in the "
+        "outbox this long after their transaction committed are re-sent by the orchestrator's "
+        "relay (reaper pass and start): their writer died before publishing, or Redis refused "
+        "them. Normally a row is removed within a second of its commit.",
+    )
     reply_to_prefix: str = Field(
         default="imgpipe:reply:",
         pattern=r"^imgpipe:[^\s]+:$",
@@ -185,6 +193,13 @@ class Settings(BaseSettings):
     )
     metadata_max_bytes: int = Field(
         default=16 * 1024, ge=64, description="Largest `metadata` / `overrides` JSON accepted."
+    )
+
+    blob_retention_s: int = Field(
+        default=7 * 24 * 3600,
+        ge=0,
+        description="`imgpipe gc` deletes blobs no row names once they are older than this "
+        "(a dead letter's parked upload included, once it left the dead-letter stream).",
     )
 
     # Webhooks (orchestrator/webhooks.py): the completed event, POSTed and HMAC-signed.

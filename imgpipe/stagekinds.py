@@ -44,6 +44,9 @@ class StageKind:
     reduced_input_models: tuple[str, ...] = ()
     """If set, ``max_input_side_px`` holds only while the stage's ``model`` parameter
     (default: the first entry) is one of these; any other model gets full resolution."""
+    file_params: tuple[str, ...] = ()
+    """Parameters that name a file the worker opens (weights, profiles): set only in the
+    pipeline file by the operator, never by a submitter's overrides."""
 
     def input_side_px(self, params: Mapping[str, Any]) -> int | None:
         """What ``workers.pixels.PixelCache.get`` should be asked for, given the params."""
@@ -92,6 +95,7 @@ STAGE_KINDS: dict[str, StageKind] = {
             # nudenet letterboxes to 320; torchvision detectors resize to 800 themselves
             max_input_side_px=DETECTOR_INPUT_SIDE_PX,
             reduced_input_models=("nudenet-yolov8n",),
+            file_params=("weights_path",),
         ),
         StageKind(
             "anomaly",
@@ -101,6 +105,7 @@ STAGE_KINDS: dict[str, StageKind] = {
             ("torch",),
             "PatchCore-style anomaly score and heat map against a fitted profile",
             max_input_side_px=ANOMALY_INPUT_SIDE_PX,
+            file_params=("profile",),
         ),
         StageKind(
             "moderate",
@@ -110,6 +115,7 @@ STAGE_KINDS: dict[str, StageKind] = {
             ("torch", "torchvision", "nudenet"),
             "per-category nudity scores and an allow/review/block verdict",
             max_input_side_px=DETECTOR_INPUT_SIDE_PX,
+            file_params=("weights_path",),
         ),
         StageKind(
             "noop",

@@ -23,11 +23,12 @@ log = logging.getLogger(__name__)
 
 
 def deliver_after_commit(ctx: OrchestratorContext, after: AfterCommit) -> None:
-    deliver(ctx, ctx.events, after)
+    deliver(ctx, ctx.events, after, ctx.acks)
 
 
 def advance_job(ctx: OrchestratorContext, job_id: str) -> AfterCommit:
-    """Advance one job; safe to call any number of times, concurrently."""
+    """Advance one job; safe to call any number of times, concurrently. Its answers are
+    written to the outbox in the same transaction (db/dag.py ``advance_in_session``)."""
     with session_scope(ctx.database_url) as session:
         after = advance_in_session(
             session,

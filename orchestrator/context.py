@@ -9,6 +9,7 @@ import redis
 from celery import Celery
 
 from db.blobs import BlobStore, open_blob_store
+from db.outbox import ImmediateAcks
 from imgpipe.aftercommit import TaskSender
 from imgpipe.celery_app import create_app
 from imgpipe.events import EventPublisher
@@ -24,6 +25,7 @@ class OrchestratorContext:
     _blobs: BlobStore | None = field(default=None, repr=False)
     _events: EventPublisher | None = field(default=None, repr=False)
     _broker_redis: redis.Redis | None = field(default=None, repr=False)
+    _acks: ImmediateAcks | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.app is None:
@@ -60,6 +62,13 @@ class OrchestratorContext:
                 self.settings.effective_redis_url, self.settings.events_maxlen
             )
         return self._events
+
+    @property
+    def acks(self) -> ImmediateAcks:
+        """Removes the outbox rows of answers once they are published (db/outbox.py)."""
+        if self._acks is None:
+            self._acks = ImmediateAcks(self.database_url)
+        return self._acks
 
     def send(self, task_name: str, args: list[Any], queue: str, **options: Any) -> None:
         self.celery.send_task(task_name, args=args, queue=queue, **options)

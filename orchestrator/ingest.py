@@ -51,8 +51,9 @@ from imgpipe.contracts import (
 from imgpipe.errors import PermanentError, TransientError
 from imgpipe.events import EventType, encode_fields
 from orchestrator.context import OrchestratorContext
+from orchestrator.ingest_dead import dead_letter_fields
 from orchestrator.ingest_entry import parse_entry, rejection_code, routing_of
-from orchestrator.ingest_replay import replay_final
+from orchestrator.ingest_trimmed import TrimWatch
 from orchestrator.submit import SubmitRequest, submit_many
 
 __all__ = ["PollReport", "SubmitConsumer", "default_consumer_name"]
@@ -116,6 +117,7 @@ class SubmitConsumer:
             socket_timeout=self.settings.ingest_block_ms / 1000 + 10,
             socket_connect_timeout=5,
         )
+        self._trim_watch = TrimWatch(self.client, self.settings.events_maxlen)
         self._group_ready = False
         self._claim_cursor = "0-0"
         self._last_housekeeping = 0.0
@@ -143,12 +145,21 @@ class SubmitConsumer:
             backoff.reset()
 
     def ensure_group(self) -> None:
-        """Create the group (at id 0: entries added before any consumer ran are read)."""
-        try:
-            self.client.xgroup_create(SUBMIT_STREAM, SUBMIT_GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
+        """Create the group (at id 0: entries added before any consumer ran are read),
+        with ENTRIESREAD 0 on Redis 7 so that its lag counts entries trimmed before the
+        first read too (orchestrator/ingest_trimmed.py); Redis 6.2 has no such option."""
+        for entries_read in (0, None):
+            try:
+                self.client.xgroup_create(
+                    SUBMIT_STREAM, SUBMIT_GROUP, id="0", mkstream=True, entries_read=entries_read
+                )
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" in str(exc):
+                    break
+                if entries_read is not None:  # Redis 6.2: no ENTRIESREAD
+                    continue
                 raise
+            break
         self._group_ready = True
 
     def poll_once(self, block_ms: int | None = None) -> PollReport:
@@ -181,14 +192,18 @@ class SubmitConsumer:
 
     # -- reading --------------------------------------------------------------------------
     def _read_new(self, block_ms: int) -> list[_Entry]:
-        response = self.client.xreadgroup(
-            SUBMIT_GROUP,
-            self.name,
-            {SUBMIT_STREAM: ">"},
-            count=self.settings.ingest_batch,
-            block=block_ms if block_ms > 0 else None,
-        )
-        streams: list[Any] = list(response or [])
+        # First without blocking, with the check for entries trimmed unread
+        # (orchestrator/ingest_trimmed.py); then, if there was nothing, blocking.
+        streams: list[Any] = self._trim_watch.read(self.name, self.settings.ingest_batch)
+        if not streams and block_ms > 0:
+            response = self.client.xreadgroup(
+                SUBMIT_GROUP,
+                self.name,
+                {SUBMIT_STREAM: ">"},
+                count=self.settings.ingest_batch,
+                block=block_ms,
+            )
+            streams = list(response or [])
         return [
             _Entry(_text(entry_id), dict(fields), 1)
             for _stream, items in streams
@@ -316,7 +331,7 @@ class SubmitConsumer:
                 results = submit_many(self.ctx, [request for _, request in parsed])
             except Exception as exc:  # nothing of the batch committed
                 results = [exc] * len(parsed)
-            for (entry, request), result in zip(parsed, results, strict=True):
+            for (entry, _request), result in zip(parsed, results, strict=True):
                 if isinstance(result, TransientError):
                     transient.append((entry, result))
                     continue
@@ -326,9 +341,8 @@ class SubmitConsumer:
                     continue
                 done.append(entry.entry_id)
                 report.jobs += 1
-                if not result.created:
+                if not result.created:  # answered by submit_many (orchestrator/duplicates.py)
                     report.duplicates += 1
-                    replay_final(self.ctx, finish, result, request.reply_to)
         if not self._hold(transient, report):
             for failed_entry, error in transient:
                 self._failed(finish, failed_entry, error, report)
@@ -397,7 +411,9 @@ class SubmitConsumer:
             f"is kept in {SUBMIT_DEAD_STREAM}; fix the cause and submit it again"
         )
         log.error("ingest: entry %s dead-lettered: %s", entry.entry_id, message)
-        dead: dict[str | bytes, bytes | str] = {k: v for k, v in entry.fields.items()}
+        dead: dict[str | bytes, bytes | str] = dict(
+            dead_letter_fields(self.ctx.blobs, entry.entry_id, entry.fields).items()
+        )
         dead.update(
             {
                 f"{DEAD_FIELD_PREFIX}entry_id": entry.entry_id,

@@ -9,27 +9,27 @@ reason code and a message that says what to send instead.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
+from db.blobs import parked_blob_key
 from db.engine import session_scope
 from db.models import Image
-from imgpipe.contracts import REPLY_PREFIX, Priority, reply_to_problem
-from imgpipe.errors import (
-    ImgpipeError,
-    PermanentError,
-    PipelineSpecError,
-    StageNotInstalledError,
-    UnknownPipelineError,
-)
+from imgpipe.contracts import REPLY_PREFIX
 from orchestrator.context import OrchestratorContext
-from orchestrator.pipelines import pipeline_names
 from orchestrator.submit import SubmitRequest
+from orchestrator.submit_fields import (
+    RequestRejectedError,
+    SubmitFields,
+    build_request,
+    check_key,
+    check_reply_to,
+    rejection_code,
+)
 
 __all__ = [
     "ENTRY_KEY_PREFIX",
@@ -54,19 +54,12 @@ FIELDS = (
 )
 ENTRY_KEY_PREFIX = "stream:"
 """Entries without an idempotency_key get ``stream:<entry id>``: redelivery finds the job."""
-MAX_KEY_CHARS = 200
-MAX_PIPELINE_CHARS = 64
 _SHA256_REF = re.compile(r"^sha256:([0-9a-f]{64})$")
 _TRUE = {"1", "true", "yes"}
 _FALSE = {"", "0", "false", "no"}
 
-
-class EntryRejectedError(PermanentError):
-    """A malformed entry; ``code`` is the ``reason`` of its ``rejected`` event."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+EntryRejectedError = RequestRejectedError
+"""A malformed entry (the name the stream consumer has always used)."""
 
 
 def _decode(name: str, raw: bytes) -> str:
@@ -78,17 +71,9 @@ def _decode(name: str, raw: bytes) -> str:
         ) from None
 
 
-def rejection_code(exc: ImgpipeError) -> str:
-    """The ``reason`` of the rejected event for an entry that raised ``exc``."""
-    if isinstance(exc, EntryRejectedError):
-        return exc.code
-    if isinstance(exc, UnknownPipelineError):
-        return "unknown_pipeline"
-    if isinstance(exc, StageNotInstalledError):
-        return "stage_not_installed"
-    if isinstance(exc, PipelineSpecError):
-        return "invalid_pipeline"
-    return "bad_request"
+def _text(fields: Mapping[bytes, bytes], name: str) -> str | None:
+    raw = fields.get(name.encode())
+    return None if raw is None else _decode(name, raw)
 
 
 def routing_of(
@@ -97,78 +82,14 @@ def routing_of(
     """The entry's idempotency_key and reply_to where readable: a rejection still reaches
     the submitter when another field is what was wrong."""
     try:
-        key = _key(fields.get(b"idempotency_key"))
+        key = check_key(_text(fields, "idempotency_key"))
     except EntryRejectedError:
         key = None
     try:
-        reply_to = _reply_to(fields.get(b"reply_to"), prefix)
+        reply_to = check_reply_to(_text(fields, "reply_to"), prefix)
     except EntryRejectedError:
         reply_to = None
     return key, reply_to
-
-
-def _key(raw: bytes | None) -> str | None:
-    if raw is None:
-        return None
-    key = _decode("idempotency_key", raw)
-    if not key or len(key) > MAX_KEY_CHARS:
-        raise EntryRejectedError(
-            "bad_field", f"idempotency_key must be 1 to {MAX_KEY_CHARS} characters"
-        )
-    if key.startswith(ENTRY_KEY_PREFIX):
-        raise EntryRejectedError(
-            "bad_field",
-            f"idempotency_key may not start with {ENTRY_KEY_PREFIX!r}: imgpipe uses that prefix "
-            "for entries sent without a key; choose another key",
-        )
-    return key
-
-
-def _reply_to(raw: bytes | None, prefix: str) -> str | None:
-    if raw is None:
-        return None
-    name = _decode("reply_to", raw)
-    problem = reply_to_problem(name, prefix)
-    if problem is not None:
-        raise EntryRejectedError("bad_field", problem)
-    return name
-
-
-def _json_object(ctx: OrchestratorContext, name: str, raw: bytes | None) -> dict[str, Any] | None:
-    if raw is None:
-        return None
-    limit = ctx.settings.metadata_max_bytes
-    if len(raw) > limit:
-        raise EntryRejectedError(
-            f"{name}_too_large",
-            f"{name} is {len(raw)} bytes; the limit is {limit} (IMGPIPE_METADATA_MAX_BYTES). "
-            "Keep large data in your own store and send its id",
-        )
-    try:
-        value = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise EntryRejectedError("bad_json", f"{name} is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise EntryRejectedError(
-            "bad_json", f"{name} must be a JSON object, not {type(value).__name__}"
-        )
-    return value
-
-
-def _overrides(
-    ctx: OrchestratorContext, raw: bytes | None
-) -> Mapping[str, Mapping[str, Any]] | None:
-    value = _json_object(ctx, "overrides", raw)
-    if value is None:
-        return None
-    for stage, params in value.items():
-        if not isinstance(params, dict):
-            raise EntryRejectedError(
-                "bad_field",
-                f"overrides.{stage} must be an object of parameters, e.g. "
-                '{"quality": {"min_score": 30}}',
-            )
-    return value
 
 
 def read_image_ref(ctx: OrchestratorContext, ref: str) -> bytes:
@@ -178,6 +99,10 @@ def read_image_ref(ctx: OrchestratorContext, ref: str) -> bytes:
         with session_scope(ctx.database_url) as session:
             image = session.get(Image, sha.group(1))
             blob_key = image.blob_key if image is not None else None
+        if blob_key is None:
+            blob_key = parked_blob_key(sha.group(1))  # a dead letter's bytes (ingest.py)
+            if not ctx.blobs.exists(blob_key):
+                blob_key = None
         if blob_key is None:
             raise EntryRejectedError(
                 "image_ref_not_found",
@@ -253,7 +178,8 @@ def _read_inside(ctx: OrchestratorContext, ref: str, path: Path, root: Path) -> 
 def parse_entry(
     ctx: OrchestratorContext, entry_id: str, fields: Mapping[bytes, bytes]
 ) -> SubmitRequest:
-    """Validate every field of one entry; image_ref is read here (bytes never leave)."""
+    """Validate every field of one entry (orchestrator/submit_fields.py, as every entry
+    point does); image_ref is read here (bytes never leave)."""
     names = {k.decode("utf-8", "replace"): k for k in fields}
     unknown = sorted(set(names) - set(FIELDS))
     if unknown:
@@ -261,58 +187,36 @@ def parse_entry(
             "unknown_field",
             f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(FIELDS)}",
         )
-
-    def get(name: str) -> bytes | None:
-        return fields.get(name.encode())
-
-    key = _key(get("idempotency_key"))
-    reply_to = _reply_to(get("reply_to"), ctx.settings.reply_to_prefix)
-    image, image_ref = get("image"), get("image_ref")
+    image, image_ref = fields.get(b"image"), fields.get(b"image_ref")
     if (image is None) == (image_ref is None):
         raise EntryRejectedError(
             "missing_image" if image is None else "ambiguous_image",
             "send exactly one of `image` (the raw bytes) and `image_ref` (a path under the "
             "ingest root, or sha256:<hex>)",
         )
-    raw_pipeline = get("pipeline")
-    pipeline = (
-        _decode("pipeline", raw_pipeline)
-        if raw_pipeline is not None
-        else ctx.settings.default_pipeline
-    )
-    known = pipeline_names(ctx.settings.pipelines_dir)
-    if pipeline not in known:
-        raise EntryRejectedError(
-            "unknown_pipeline",
-            f"unknown pipeline {pipeline[:MAX_PIPELINE_CHARS]!r}; known: {', '.join(known)} "
-            "(the operator registers more in IMGPIPE_PIPELINES_DIR; file paths are not "
-            "accepted over the stream)",
-        )
-    raw_priority = _decode("priority", get("priority") or b"interactive")
-    try:
-        priority = Priority(raw_priority)
-    except ValueError:
-        raise EntryRejectedError(
-            "bad_field", f"priority {raw_priority!r} must be 'interactive' or 'bulk'"
-        ) from None
-    raw_force = _decode("force", get("force") or b"").strip().lower()
+    raw_force = (_text(fields, "force") or "").strip().lower()
     if raw_force not in _TRUE | _FALSE:
         raise EntryRejectedError(
             "bad_field", f"force {raw_force!r} must be one of 1, 0, true, false"
         )
-    metadata = _json_object(ctx, "metadata", get("metadata"))
-    overrides = _overrides(ctx, get("overrides"))
+    submitted = SubmitFields(
+        data=b"",
+        pipeline=_text(fields, "pipeline"),
+        idempotency_key=_text(fields, "idempotency_key"),
+        priority=_text(fields, "priority"),
+        reply_to=_text(fields, "reply_to"),
+        metadata=fields.get(b"metadata"),
+        overrides=fields.get(b"overrides"),
+        force=raw_force in _TRUE,
+    )
+    request = build_request(
+        ctx,
+        submitted,
+        source="stream",
+        default_key=f"{ENTRY_KEY_PREFIX}{entry_id}",
+        extra_metadata={"stream_entry_id": entry_id},
+    )
     data = (
         image if image is not None else read_image_ref(ctx, _decode("image_ref", image_ref or b""))
     )
-    return SubmitRequest(
-        data=data,
-        pipeline=pipeline,
-        priority=priority,
-        idempotency_key=key or f"{ENTRY_KEY_PREFIX}{entry_id}",
-        source="stream",
-        metadata={**(metadata or {}), "stream_entry_id": entry_id},
-        overrides=overrides,
-        reply_to=reply_to,
-        force=raw_force in _TRUE,
-    )
+    return dataclasses.replace(request, data=data)

@@ -30,7 +30,7 @@ __all__ = [
 
 IMAGE_PRODUCING_KINDS = frozenset({"enhance"})
 _TOP_KEYS = {"name", "description", "stages", "policy"}
-_STAGE_KEYS = {"kind", "needs", "reads", "gate", "params"}
+_STAGE_KEYS = {"kind", "needs", "reads", "gate", "params", "overridable"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,10 @@ class StageSpec:
     reads: str = "original"
     gate: bool = False
     params: Mapping[str, Any] = field(default_factory=dict)
+    overridable: tuple[str, ...] = ()
+    """Parameters (dotted paths, e.g. ``thresholds.FACE_FEMALE``) a submission's
+    ``overrides`` may set; nothing else. Not part of ``to_json`` (nor the pipeline hash):
+    it says what a submitter may change, not what the stage computes."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -121,7 +125,27 @@ def _parse_stage(pipeline: str, name: str, raw: object) -> StageSpec:
     params = raw.get("params", {})
     if not isinstance(params, Mapping):
         raise _err(pipeline, f"{where}.params", "must be a table")
-    return StageSpec(name, kind, tuple(needs), reads, gate, dict(params))
+    overridable = _parse_overridable(pipeline, where, kind, raw.get("overridable", []))
+    return StageSpec(name, kind, tuple(needs), reads, gate, dict(params), overridable)
+
+
+def _parse_overridable(pipeline: str, where: str, kind: str, raw: object) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(p, str) and p for p in raw):
+        raise _err(
+            pipeline,
+            f"{where}.overridable",
+            'must be a list of parameter names, e.g. ["threshold"]',
+        )
+    for path in raw:
+        top = path.split(".", 1)[0]
+        if top in STAGE_KINDS[kind].file_params:
+            raise _err(
+                pipeline,
+                f"{where}.overridable",
+                f"{top!r} names a file the worker opens; submitters may never set file paths "
+                "(set it under params instead)",
+            )
+    return tuple(raw)
 
 
 def _toposort(pipeline: str, stages: dict[str, StageSpec]) -> tuple[StageSpec, ...]:

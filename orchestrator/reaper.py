@@ -9,7 +9,8 @@ Runs periodically on the control queue (``imgpipe.reap``). It
 - marks them ``dead`` once they used up ``max_attempts`` runs or ``max_dispatches``
   dispatches, and advances the job so it fails with the reason;
 - advances jobs that are not terminal but have nothing in flight (an ``advance``
-  message that was lost).
+  message that was lost);
+- first of all, relays outbox rows left undelivered (orchestrator/relay.py).
 
 Each job is handled in its own transaction, and one job's error is logged (with its id)
 and counted without ending the pass; only ``TRANSIENT_ABORT`` transient errors in a row
@@ -37,6 +38,7 @@ from imgpipe.contracts import JobStatus, StageStatus
 from imgpipe.errors import TransientError
 from orchestrator.advance import advance_job, deliver_after_commit
 from orchestrator.context import OrchestratorContext
+from orchestrator.relay import relay_outbox
 
 __all__ = ["ReapReport", "reap"]
 
@@ -156,6 +158,7 @@ class QueueDepths:
 
 
 def reap(ctx: OrchestratorContext) -> ReapReport:
+    relay_outbox(ctx)
     report = ReapReport()
     now = utcnow()
     with session_scope(ctx.database_url) as session:

@@ -3,7 +3,8 @@
 ``pending_reviews`` lists succeeded jobs with verdict ``review`` and no ``reviews`` row.
 ``decide`` records who decided what and when (a ``reviews`` row), makes the decision the
 job's verdict (appending ``reviewed by NAME: DECISION`` to its reasons) and publishes a
-``reviewed`` event on ``imgpipe:events`` and the job's ``reply_to``. A reviewed job can be
+``reviewed`` event on ``imgpipe:events``, the job's ``reply_to`` and every duplicate
+submitter's (written to the outbox in the decision's transaction). A reviewed job can be
 decided again (a correction): every decision stays in ``reviews``, the latest wins.
 """
 
@@ -18,11 +19,14 @@ from sqlalchemy.orm import Session
 
 from db.engine import session_scope
 from db.models import Job, Review, utcnow
+from db.outbox import write_outbox
 from db.repo import lock_job
+from imgpipe.aftercommit import AfterCommit
 from imgpipe.contracts import JobStatus
 from imgpipe.errors import PermanentError
 from imgpipe.events import EventType
 from imgpipe.policy import VOCABULARIES
+from orchestrator.advance import deliver_after_commit
 from orchestrator.context import OrchestratorContext
 
 __all__ = ["ReviewError", "ReviewItem", "ReviewOutcome", "decide", "pending_reviews"]
@@ -131,16 +135,18 @@ def decide(
         session.add(Review(job_id=job_id, decision=decision, reviewer=reviewer, note=note, at=now))
         job.verdict = decision
         job.reasons = [*job.reasons, f"reviewed by {reviewer}: {decision}"]
-        idempotency_key, reply_to = job.idempotency_key, job.reply_to
-    ctx.events.publish(
-        EventType.REVIEWED,
-        job_id,
-        idempotency_key=idempotency_key,
-        reply_to=reply_to,
-        verdict=decision,
-        previous_verdict=previous,
-        reviewer=reviewer,
-        note=note,
-        reviewed_at=now.isoformat(),
-    )
+        after = AfterCommit()
+        after.event(
+            EventType.REVIEWED,
+            job_id,
+            idempotency_key=job.idempotency_key,
+            reply_to=job.reply_to,
+            verdict=decision,
+            previous_verdict=previous,
+            reviewer=reviewer,
+            note=note,
+            reviewed_at=now.isoformat(),
+        )
+        write_outbox(session, after)
+    deliver_after_commit(ctx, after)
     return ReviewOutcome(job_id, decision, previous, reviewer, now)

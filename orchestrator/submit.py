@@ -13,8 +13,12 @@ one request. A batch costs, whatever its size:
    (db/dag.py) for each job; it commits only once every blob it names is durable
    (on SQLite, whose one write lock the transaction holds, the blobs are waited for
    before it begins);
+   and the outbox rows of its answers (``accepted``/``rejected``, ``completed`` of a
+   cache hit; db/outbox.py);
 4. after the commit, the stage messages through one producer and every event in one
-   Redis round trip (imgpipe/aftercommit.py).
+   Redis round trip (imgpipe/aftercommit.py), then one DELETE of the delivered rows;
+5. duplicates (a key already taken) that name a ``reply_to`` are subscribed to their
+   job and answered in one more transaction (orchestrator/duplicates.py).
 
 If the batch transaction fails — a racing consumer took an idempotency key or inserted
 the same image first (IntegrityError), or one request holds something the database
@@ -38,12 +42,14 @@ from db.dag import completed_payload, step
 from db.engine import is_sqlite, session_scope
 from db.ids import reserve_stage_run_ids
 from db.models import Job, StageRun, new_uuid, utcnow
+from db.outbox import write_outbox
 from imgpipe.aftercommit import AfterCommit, Dispatch, deliver
 from imgpipe.contracts import JobStatus, Priority, reply_to_problem
 from imgpipe.decode import DecodedImage, DecodeLimits, decode_image
 from imgpipe.errors import ImageRejectedError, PermanentError, TransientError
 from imgpipe.events import EventType
 from orchestrator.context import OrchestratorContext
+from orchestrator.duplicates import Duplicate, answer_duplicates
 from orchestrator.pipelines import PipelineSpec, load_pipeline, pipeline_hash
 from orchestrator.submit_rows import (
     StoredImage,
@@ -159,8 +165,34 @@ def submit_many(
             if isinstance(original, SubmitResult)
             else original
         )
+    _answer_duplicates(ctx, requests, results)
     assert all(r is not None for r in results)
     return [r for r in results if r is not None]
+
+
+def _answer_duplicates(
+    ctx: OrchestratorContext,
+    requests: Sequence[SubmitRequest],
+    results: list[SubmitResult | Exception | None],
+) -> None:
+    """Duplicates with a reply_to get ``accepted`` (duplicate) and the job's ``completed``
+    there (orchestrator/duplicates.py). If that transaction fails, those requests fail
+    (and are retried by their entry point); the others keep their results."""
+    found = [
+        (index, Duplicate(result.job_id, reply_to))
+        for index, (request, result) in enumerate(zip(requests, results, strict=True))
+        if isinstance(result, SubmitResult)
+        and not result.created
+        and (reply_to := request.reply_to) is not None
+    ]
+    if not found:
+        return
+    try:
+        answer_duplicates(ctx, [duplicate for _, duplicate in found])
+    except Exception as exc:
+        log.warning("answers to %d duplicate submission(s) not recorded: %s", len(found), exc)
+        for index, _ in found:
+            results[index] = exc
 
 
 def _jobs_by_key(ctx: OrchestratorContext, keys: set[str]) -> dict[str, tuple[str, str]]:
@@ -245,9 +277,9 @@ def _commit_one(ctx: OrchestratorContext, p: _Pending, blobs: PendingPuts) -> No
 
 
 def _commit(ctx: OrchestratorContext, batch: list[_Pending], blobs: PendingPuts) -> None:
-    """Images rows, jobs, stage rows and the DAG step of ``batch`` in one transaction,
-    committed once ``blobs`` are durable (they are written meanwhile); then each
-    request's result and what to send for it after the commit."""
+    """Images rows, jobs, stage rows, the DAG step and the outbox rows of the answers of
+    ``batch`` in one transaction, committed once ``blobs`` are durable (they are written
+    meanwhile); each request's result and what to send for it after the commit."""
     now = utcnow()
     jobs = [_new_job(p, now) for p in batch]
     dispatches: list[list[Dispatch]] = [[] for _ in batch]
@@ -279,7 +311,26 @@ def _commit(ctx: OrchestratorContext, batch: list[_Pending], blobs: PendingPuts)
             dispatches[i], finals[i] = outcome.dispatches, outcome.completed
         session.add_all(new_rows)
         session.flush()
+        _answers(ctx, batch, jobs, dispatches, finals)
+        answers = AfterCommit()
+        for p in batch:
+            answers.extend(p.after)
+        write_outbox(session, answers, fan_out=False)  # new jobs: no subscribers yet
+        for p in batch:
+            p.after.outboxed = answers.outboxed
         blobs.wait()  # no row may commit before the blobs it names are on disk
+
+
+def _answers(
+    ctx: OrchestratorContext,
+    batch: list[_Pending],
+    jobs: list[Job],
+    dispatches: list[list[Dispatch]],
+    finals: list[dict[str, Any] | None],
+) -> None:
+    """Each request's result and what to send for it after the commit: its stage
+    messages and its answers (accepted or rejected, completed for a cache hit), which
+    also go to the request's reply_to."""
     webhook = bool(ctx.settings.webhook_url)
     for p, job, sends, final in zip(batch, jobs, dispatches, finals, strict=True):
         p.after = AfterCommit(dispatches=sends)
@@ -298,6 +349,7 @@ def _commit(ctx: OrchestratorContext, batch: list[_Pending], blobs: PendingPuts)
             EventType.ACCEPTED,
             job.id,
             idempotency_key=job.idempotency_key,
+            reply_to=job.reply_to,
             pipeline=p.pipeline,
             image_sha256=p.sha,
         )
@@ -340,7 +392,7 @@ def _new_job(p: _Pending, now: datetime) -> Job:
 def _deliver(ctx: OrchestratorContext, after: AfterCommit) -> None:
     """Send a committed batch's stage messages through one producer, then its events."""
     if not after.dispatches:
-        deliver(ctx, ctx.events, after)
+        deliver(ctx, ctx.events, after, ctx.acks)
         return
     with ctx.celery.producer_or_acquire() as producer:
-        deliver(ctx.with_producer(producer), ctx.events, after)
+        deliver(ctx.with_producer(producer), ctx.events, after, ctx.acks)

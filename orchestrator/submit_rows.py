@@ -15,15 +15,17 @@ from typing import Any
 
 from PIL import Image as PILImage
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from db.blobs import BlobStore, PendingPuts
 from db.models import Image, Job, StageRun, utcnow
 from imgpipe.contracts import JobStatus, Priority, StageStatus, queue_for, stage_task_name
 from imgpipe.decode import DecodedImage
-from imgpipe.errors import PermanentError
 from imgpipe.stagekinds import STAGE_KINDS
 from orchestrator.context import OrchestratorContext
+from orchestrator.overrides import check_overrides
 from orchestrator.pipelines import PipelineSpec
 
 __all__ = [
@@ -58,17 +60,12 @@ def resolve_spec(
     spec: PipelineSpec,
     overrides: Mapping[str, Mapping[str, Any]] | None,
 ) -> dict[str, Any]:
-    """The spec as JSON with per-submission overrides and setting defaults applied."""
+    """The spec as JSON with per-submission overrides (only those the pipeline allows:
+    orchestrator/overrides.py) and setting defaults applied."""
+    check_overrides(spec, overrides)
     resolved = spec.to_json()
     stages = resolved["stages"]
     for stage_name, params in (overrides or {}).items():
-        if stage_name not in stages:
-            raise PermanentError(
-                f"overrides name stage {stage_name!r}, which pipeline {spec.name!r} does not "
-                f"have (stages: {', '.join(stages)})"
-            )
-        if not isinstance(params, Mapping):
-            raise PermanentError(f"overrides.{stage_name} must be an object of parameters")
         stages[stage_name]["params"] = _deep_merge(stages[stage_name]["params"], params)
     profile = ctx.settings.anomaly_profile
     for stage in stages.values():
@@ -118,30 +115,39 @@ def write_image_blobs(
 
 def store_image_rows(session: Session, images: Sequence[StoredImage]) -> None:
     """Insert the missing images rows; a row whose working copy was collected
-    (``working_blob_key`` NULL) gets the new one. One SELECT for the batch."""
+    (``working_blob_key`` NULL) gets the new one. One SELECT for the batch.
+
+    The INSERT is ``ON CONFLICT DO NOTHING``: a concurrent submission of the same bytes
+    (under another key) that inserts the row first is not an error; its row serves both
+    (on PostgreSQL the INSERT waits for that transaction, then inserts nothing)."""
     wanted = {image.sha256: image for image in images}
     if not wanted:
         return
     rows = session.scalars(select(Image).where(Image.sha256.in_(wanted))).all()
     existing = {row.sha256: row for row in rows}
+    missing = []
     for sha, image in wanted.items():
         row = existing.get(sha)
         if row is None:
             header = image.decoded.header
-            session.add(
-                Image(
-                    sha256=sha,
-                    blob_key=image.blob_key,
-                    working_blob_key=image.working_blob_key,
-                    size_bytes=image.size_bytes,
-                    format=header.format,
-                    width=header.width,
-                    height=header.height,
-                    conversions=list(image.decoded.conversions),
-                )
+            missing.append(
+                {
+                    "sha256": sha,
+                    "blob_key": image.blob_key,
+                    "working_blob_key": image.working_blob_key,
+                    "size_bytes": image.size_bytes,
+                    "format": header.format,
+                    "width": header.width,
+                    "height": header.height,
+                    "conversions": list(image.decoded.conversions),
+                    "first_seen": utcnow(),
+                }
             )
         elif row.working_blob_key is None:
             row.working_blob_key = image.working_blob_key
+    if missing:
+        insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else pg_insert
+        session.execute(insert(Image).on_conflict_do_nothing(index_elements=["sha256"]), missing)
 
 
 def store_image(

@@ -1,4 +1,5 @@
-"""Celery tasks of the control queue: advance, submit, reap, webhook. Bodies stay thin.
+"""Celery tasks of the control queue: advance, submit, reap, webhook (and the outbox relay
+when the worker starts). Bodies stay thin.
 
 A TransientError (the database unreachable) retries ``advance`` and ``submit`` with
 bounded backoff and jitter (``outage_backoff_s`` .. ``outage_backoff_max_s``) and no cap
@@ -8,21 +9,20 @@ database's return. (``reap`` needs no retry: beat runs it again.)"""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 from typing import Any, NoReturn
 
 from celery import Task, shared_task
+from celery.signals import worker_ready
 
 from imgpipe.backoff import backoff_delay_s
 from imgpipe.celery_app import settings_of
-from imgpipe.contracts import ADVANCE_TASK, REAP_TASK, SUBMIT_TASK, WEBHOOK_TASK, Priority
-from imgpipe.errors import ConfigError, PermanentError, TransientError
+from imgpipe.contracts import ADVANCE_TASK, REAP_TASK, SUBMIT_TASK, WEBHOOK_TASK
+from imgpipe.errors import ConfigError, TransientError
 from orchestrator.context import OrchestratorContext
 from orchestrator.reaper import reap
-from orchestrator.submit import SubmitRequest, submit
+from orchestrator.relay import relay_outbox
 
 __all__ = ["advance_task", "reap_task", "submit_task", "webhook_task"]
 
@@ -55,6 +55,15 @@ def retry_transient(task: Task, exc: TransientError) -> NoReturn:
     raise task.retry(exc=exc, countdown=delay_s)
 
 
+@worker_ready.connect
+def relay_at_start(sender: Any = None, **_: Any) -> None:
+    """When the orchestrator starts, answers that a crashed process committed but never
+    published go out at once rather than at the first reaper pass."""
+    app = getattr(sender, "app", None)
+    if app is not None:
+        relay_outbox(OrchestratorContext(settings_of(app), app))
+
+
 @shared_task(name=ADVANCE_TASK, bind=True, max_retries=None)
 def advance_task(self: Task, job_id: str) -> None:
     from orchestrator.advance import advance_job
@@ -79,34 +88,19 @@ def submit_task(self: Task, **fields: Any) -> dict[str, Any]:
     """Celery clients: ``send_task("imgpipe.submit", kwargs={"image_b64": ..., ...},
     queue="imgpipe.control")``. The name ``imgpipe.submit`` is a public contract.
 
-    Fields are those of the submit stream (docs/submitting.md); ``image_b64`` carries the
-    bytes because Celery messages are JSON.
+    Fields are those of the submit stream (docs/submitting.md), validated by the same
+    parser; ``image_b64`` carries the bytes because Celery messages are JSON. A malformed
+    submission is answered with a ``rejected`` event (orchestrator/submit_task.py).
     """
+    from orchestrator.submit_task import handle_submit_task
+
     try:
-        data = base64.b64decode(fields.pop("image_b64", ""), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise PermanentError(f"image_b64 is not valid base64: {exc}") from exc
-    request = SubmitRequest(
-        data=data,
-        pipeline=str(fields.pop("pipeline", settings_of(self.app).default_pipeline)),
-        priority=Priority(fields.pop("priority", Priority.INTERACTIVE)),
-        idempotency_key=fields.pop("idempotency_key", None),
-        source="celery",
-        metadata=fields.pop("metadata", None),
-        overrides=fields.pop("overrides", None),
-        reply_to=fields.pop("reply_to", None),
-        force=bool(fields.pop("force", False)),
-    )
-    if fields:
-        raise PermanentError(f"unknown submit field(s): {', '.join(sorted(fields))}")
-    try:
-        result = submit(context_for(self), request)
+        return handle_submit_task(context_for(self), str(self.request.id), fields)
     except TransientError as exc:
         retry_transient(self, exc)
-    return {"job_id": result.job_id, "status": result.status, "created": result.created}
 
 
-@shared_task(name=WEBHOOK_TASK, bind=True, acks_late=True, ignore_result=True)
+@shared_task(name=WEBHOOK_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
 def webhook_task(self: Task, body: str) -> str:
     """POST one completed event (orchestrator/webhooks.py); retried with backoff."""
     from orchestrator.webhooks import deliver, retry_delay_s
@@ -127,7 +121,9 @@ def webhook_task(self: Task, body: str) -> str:
             "webhook for job %s failed (%s), attempt %d of %d; retrying in %.1f s",
             job_id, result.detail, attempt, settings.webhook_max_attempts, delay_s,
         )  # fmt: skip
-        raise self.retry(countdown=delay_s, max_retries=None)
+        # the task has max_retries=None (``retry(max_retries=None)`` would mean Celery's
+        # default of 3); WEBHOOK_MAX_ATTEMPTS is the cap, checked above
+        raise self.retry(countdown=delay_s)
     log.error(
         "webhook for job %s given up after %d attempt(s): %s; the event is still on the events "
         "stream", job_id, attempt, result.detail,

@@ -33,6 +33,7 @@ from db.blobs import BlobStore, open_blob_store
 from db.dag import advance_in_session, mark_dispatched
 from db.engine import session_scope
 from db.models import utcnow
+from db.outbox import DeferredAcks, delete_rows
 from db.repo import lock_stage_runs, record_model
 from imgpipe.aftercommit import AfterCommit, deliver
 from imgpipe.celery_app import create_app
@@ -102,6 +103,8 @@ class StageExecutor:
         self._pixels: PixelCache | None = None
         self._loader: ThreadPoolExecutor | None = None
         self.events = EventPublisher(settings.effective_redis_url, settings.events_maxlen)
+        self.acks = DeferredAcks(settings.effective_database_url)
+        """Outbox rows this worker delivered; its next persist transaction removes them."""
         self._app: Any = None
         self._runners: dict[str, BatchRunner] = {}
         self.local: LocalContinuation | None = None
@@ -242,7 +245,7 @@ class StageExecutor:
                     continue
                 row.attempts -= 1
                 after.dispatches.append(mark_dispatched(row, now, self.settings.dispatch_timeout_s))
-        deliver(self.app, self.events, after)
+        deliver(self.app, self.events, after, self.acks)
 
     def _run_claims(
         self, claims: list[Claim], finished: list[Finished], started: float, dead_jobs: set[str]
@@ -269,7 +272,8 @@ class StageExecutor:
             after.extend(self.outage.call("advancing jobs", lambda: self._advance(dead_jobs)))
         sender = OnceSender(self.app)
         self.outage.call(
-            "sending the next stages' messages", lambda: deliver(sender, self.events, after)
+            "sending the next stages' messages",
+            lambda: deliver(sender, self.events, after, self.acks),
         )
         return by_id
 
@@ -298,12 +302,14 @@ class StageExecutor:
         (``resend_uncertain``): the results are written once (the claim's attempt is the
         token), the messages at least once."""
         tries = 0
+        delivered = self.acks.take()  # removed in this transaction: no extra one
 
         def persist() -> tuple[list[Outcome], AfterCommit, list[Claim]]:
             nonlocal tries
             tries += 1
             now = utcnow()
             with session_scope(self.db_url) as session:
+                delete_rows(session, delivered)
                 results, after, local = persist_finished(
                     session, finished, now, self.settings, self.local
                 )
@@ -318,7 +324,11 @@ class StageExecutor:
                     )  # fmt: skip
             return results, after, local
 
-        return self.outage.call(f"recording {len(finished)} stage result(s)", persist)
+        try:
+            return self.outage.call(f"recording {len(finished)} stage result(s)", persist)
+        except BaseException:
+            self.acks.delivered(delivered)  # not removed: the next transaction will
+            raise
 
     def _advance(self, job_ids: set[str]) -> AfterCommit:
         """Step jobs whose stage went dead at claim time (rare: attempts exhausted)."""

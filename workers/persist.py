@@ -4,7 +4,9 @@ For a batch of finished stage runs this locks their jobs (in id order), writes e
 result with its provenance, replaces its detections, and runs the DAG step (db/dag.py)
 for each job — so the next stages are marked dispatched in the same commit that records
 the result, and no ``advance`` message is needed. What must be sent (next stage
-messages, events, webhooks) comes back as an ``AfterCommit`` for the caller to deliver.
+messages, events, webhooks) comes back as an ``AfterCommit`` for the caller to deliver;
+the answers among them (a job's ``completed`` event, its webhook) are also written to the
+outbox in this transaction (db/outbox.py: one executemany, only when a job completed).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from db.dag import advance_locked
 from db.models import Detection, Image, Job, StageRun
+from db.outbox import write_outbox
 from db.repo import lock_jobs
 from imgpipe.aftercommit import AfterCommit
 from imgpipe.contracts import Priority, StageStatus
@@ -200,6 +203,7 @@ def persist_finished(
     for job in jobs.values():
         after.extend(advance_locked(job, now, settings.dispatch_timeout_s, webhook=webhook))
     claims = _continue_locally(session, jobs, after, now, local) if local else []
+    write_outbox(session, after)
     return outcomes, after, claims
 
 

@@ -35,35 +35,38 @@ def submit(
     *,
     priority: Priority | str = Priority.INTERACTIVE,
     idempotency_key: str | None = None,
+    reply_to: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     force: bool = False,
     settings: Settings | None = None,
 ) -> Any:
-    """Submit one image (a path or its bytes); returns a ``SubmitResult``."""
-    from orchestrator.submit import SubmitRequest
+    """Submit one image (a path or its bytes); returns a ``SubmitResult``.
+
+    The fields are checked by the same parser as the submit stream and the Celery task
+    (orchestrator/submit_fields.py): a bad one raises ``PermanentError`` saying which."""
     from orchestrator.submit import submit as submit_request
+    from orchestrator.submit_fields import SubmitFields, build_request
 
     ctx = _context(settings)
     if isinstance(image, bytes):
-        data, source = image, "api"
+        data = image
     else:
         try:
             data = Path(image).read_bytes()
         except OSError as exc:
             raise PermanentError(f"cannot read image file {image}: {exc.strerror}") from exc
-        source = "api"
-    request = SubmitRequest(
+    fields = SubmitFields(
         data=data,
-        pipeline=pipeline or ctx.settings.default_pipeline,
-        priority=Priority(priority),
+        pipeline=pipeline,
         idempotency_key=idempotency_key,
-        source=source,
+        priority=str(priority),
+        reply_to=reply_to,
         metadata=metadata,
         overrides=overrides,
         force=force,
     )
-    return submit_request(ctx, request)
+    return submit_request(ctx, build_request(ctx, fields, source="api"))
 
 
 def results(job_id: str, settings: Settings | None = None) -> dict[str, Any] | None:

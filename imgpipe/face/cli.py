@@ -74,7 +74,8 @@ def run(
     from imgpipe.face.stack import Stack
     from orchestrator.context import OrchestratorContext
     from orchestrator.pipelines import load_pipeline
-    from orchestrator.submit import SubmitRequest, submit
+    from orchestrator.submit import submit
+    from orchestrator.submit_fields import SubmitFields, build_request
 
     settings = Settings()
     name = pipeline or settings.default_pipeline
@@ -99,16 +100,14 @@ def run(
             except OSError as exc:
                 unreadable.append((path, f"cannot read file: {exc.strerror}"))
                 continue
-            result = submit(
-                ctx,
-                SubmitRequest(
-                    data=data,
-                    pipeline=name,
-                    priority=priority,
-                    source="cli",
-                    metadata={"filename": path.name},
-                ),
+            fields = SubmitFields(
+                data=data, pipeline=name, priority=priority, metadata={"filename": path.name}
             )
+            try:  # the operator's own files: a pipeline .toml path is allowed here
+                request = build_request(ctx, fields, source="cli", allow_pipeline_paths=True)
+            except ImgpipeError as exc:
+                raise _fail(str(exc)) from None
+            result = submit(ctx, request)
             submitted.append((path, result.job_id))
         statuses = _wait_with_progress(ctx, stack, [j for _, j in submitted], timeout_s)
         wall_s = time.monotonic() - started

@@ -91,6 +91,10 @@ def render_bench(out: Console, report: dict[str, Any]) -> None:
     baselines = report["baselines"]
     summary = Table("figure", "value", title="Through the stack")
     summary.add_row("images/s (throughput phase)", _fmt(ours["throughput"]["images_per_s"]))
+    summary.add_row(
+        "CPU ms per job, workers + broker (throughput phase)",
+        _fmt(ours["throughput"].get("cpu_ms_per_job")),
+    )
     for phase in ("latency", "throughput"):
         e2e = ours[phase]["e2e_ms"]
         summary.add_row(
@@ -142,6 +146,11 @@ def render_bench(out: Console, report: dict[str, Any]) -> None:
             f"p50 {_fmt(canvas['latency']['e2e_ms']['p50'])} ms",
             f"{_fmt(ratios['throughput_vs_celery_canvas'], 2)}x DAGs/s, "
             f"{_fmt(ratios['latency_p50_vs_celery_canvas'], 2)}x p50",
+        )
+        base.add_row(
+            "  CPU per DAG, worker + broker",
+            f"{_fmt(canvas['throughput'].get('cpu_ms_per_dag'))} ms",
+            f"{_fmt(ratios['cpu_per_job_vs_celery_canvas'], 2)}x",
         )
     out.print(base)
     targets = Table("target", "value", "goal", "met", title="Targets (issue 8)")

@@ -20,11 +20,9 @@ def add_ops_commands(app: typer.Typer, console: Console) -> None:
     db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
     models_app = typer.Typer(help="Models this installation has loaded.", no_args_is_help=True)
     anomaly_app = typer.Typer(help="Anomaly profiles.", no_args_is_help=True)
-    blobs_app = typer.Typer(help="The blob store.", no_args_is_help=True)
     app.add_typer(db_app, name="db")
     app.add_typer(models_app, name="models")
     app.add_typer(anomaly_app, name="anomaly")
-    app.add_typer(blobs_app, name="blobs")
 
     @db_app.command("upgrade")
     def db_upgrade(revision: str = "head") -> None:
@@ -85,28 +83,61 @@ def add_ops_commands(app: typer.Typer, console: Console) -> None:
 
         report = reap(OrchestratorContext(Settings()))
         console.print(
-            f"redispatched {report.redispatched}, dead {report.dead}, advanced {report.advanced}"
+            ", ".join(f"{name.replace('_', ' ')} {n}" for name, n in report.as_dict().items())
         )
 
-    @blobs_app.command("gc")
-    def blobs_gc(
-        dry_run: Annotated[bool, typer.Option(help="Report, change nothing.")] = False,
+    @app.command("gc")
+    def gc(
+        apply: Annotated[
+            bool, typer.Option("--apply", help="Delete; without it, only report (dry run).")
+        ] = False,
+        retention_s: Annotated[
+            int | None,
+            typer.Option(
+                help="Keep unreferenced blobs younger than this (IMGPIPE_BLOB_RETENTION_S)."
+            ),
+        ] = None,
     ) -> None:
-        """Delete working copies no queued or running job needs (results are kept)."""
-        from db.blobs import open_blob_store
+        """Collect the blob store: working copies no queued or running job needs, then blobs
+        no row names, older than the retention period. A dry run unless --apply."""
+        import redis
+
+        from db.blobs import LocalBlobStore, open_blob_store
         from db.gc import collect_working_copies
+        from db.gc_orphans import collect_orphans
+        from orchestrator.context import OrchestratorContext
+        from orchestrator.ingest_dead import dead_letter_refs
 
         settings = Settings()
-        report = collect_working_copies(
-            settings.effective_database_url,
-            open_blob_store(settings.effective_blob_url),
-            dry_run=dry_run,
+        ctx = OrchestratorContext(settings)
+        store = open_blob_store(settings.effective_blob_url)
+        if not isinstance(store, LocalBlobStore):
+            raise ImgpipeError(f"imgpipe gc supports file:// blob stores, not {type(store)}")
+        try:
+            dead_refs = dead_letter_refs(ctx.events.client)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise ImgpipeError(
+                f"imgpipe gc keeps the blobs dead letters name, but cannot read them from "
+                f"Redis ({exc}); start the stack (imgpipe up) or set IMGPIPE_REDIS_URL"
+            ) from None
+        copies = collect_working_copies(ctx.database_url, store, dry_run=not apply)
+        orphans = collect_orphans(
+            ctx.database_url,
+            store,
+            settings.blob_retention_s if retention_s is None else retention_s,
+            dry_run=not apply,
+            also_referenced=dead_refs,
         )
-        verb = "would delete" if dry_run else "deleted"
+        verb = "deleted" if apply else "would delete (dry run; --apply to delete)"
         console.print(
-            f"released {report.images} image and {report.stage_outputs} stage working "
-            f"copies; {verb} {len(report.keys)} blobs ({report.bytes_freed:,} bytes freed), "
-            f"{report.kept_shared} kept because other rows name them"
+            f"working copies: released {copies.images} image and {copies.stage_outputs} stage "
+            f"copies; {verb} {len(copies.keys)} blobs, {copies.bytes_freed:,} bytes"
+        )
+        console.print(
+            f"unreferenced blobs: scanned {orphans.scanned}, {orphans.referenced} named by a row "
+            f"or dead letter, {orphans.young} younger than the retention period; {verb} "
+            f"{orphans.deleted} blobs, {orphans.bytes:,} bytes"
+            + (f" ({orphans.restored} named again meanwhile, kept)" if orphans.restored else "")
         )
 
     @anomaly_app.command("fit")

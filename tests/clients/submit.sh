@@ -26,15 +26,24 @@ entry=$("$REDIS_CLI" "${conn[@]}" -x XADD imgpipe:submit MAXLEN '~' 100000 '*' \
     pipeline "$pipeline" idempotency_key "$key" reply_to "$reply" image <"$image")
 echo "entry $entry key $key"
 
-# Only final events reach reply_to; one blocking read returns the first of them.
+# reply_to gets `accepted` first, then the final event (`completed` or `rejected`):
+# read one entry at a time until a final one arrives (at most TIMEOUT_S per read).
 timeout_ms=$(( ${TIMEOUT_S:-60} * 1000 ))
-out=$("$REDIS_CLI" "${conn[@]}" --raw XREAD COUNT 1 BLOCK "$timeout_ms" STREAMS "$reply" 0-0)
+last=0-0
+while true; do
+    out=$("$REDIS_CLI" "${conn[@]}" --raw XREAD COUNT 1 BLOCK "$timeout_ms" STREAMS "$reply" "$last")
+    if [[ -z "$out" ]]; then
+        "$REDIS_CLI" "${conn[@]}" DEL "$reply" >/dev/null
+        echo "no final event within ${TIMEOUT_S:-60} s" >&2
+        exit 1
+    fi
+    # --raw prints: stream, id, then field / value lines.
+    last=$(sed -n 2p <<<"$out")
+    if grep -qx -e '"completed"' -e '"rejected"' <<<"$out"; then
+        break
+    fi
+done
 "$REDIS_CLI" "${conn[@]}" DEL "$reply" >/dev/null
-if [[ -z "$out" ]]; then
-    echo "no final event within ${TIMEOUT_S:-60} s" >&2
-    exit 1
-fi
-# --raw prints: stream, id, then field / value lines.
 tail -n +3 <<<"$out" | paste - -
 if grep -qx '"rejected"' <<<"$out"; then
     exit 3

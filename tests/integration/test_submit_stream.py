@@ -6,6 +6,7 @@ by ``tests/clients`` — clients that import nothing from imgpipe.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 import redis
 from PIL import Image
 
+from db.blobs import parked_blob_key
 from db.engine import session_scope
 from db.models import Job, StageRun
 from imgpipe.contracts import (
@@ -33,6 +35,7 @@ from imgpipe.contracts import (
 from imgpipe.errors import PermanentError
 from orchestrator.context import OrchestratorContext
 from orchestrator.ingest import SubmitConsumer
+from orchestrator.ingest_dead import dead_letter_refs
 from orchestrator.submit import SubmitRequest, submit
 from tests.clients.submit_client import SubmitClient, decode_event
 from tests.support.jobs import wait_jobs
@@ -378,6 +381,37 @@ def test_entry_failing_transiently_goes_to_the_dead_stream_after_max_deliveries(
     assert event["reason"] == "dead_lettered" and "gave up after 3 deliveries" in event["error"]
     assert consumer.client.xpending(SUBMIT_STREAM, SUBMIT_GROUP)["pending"] == 0
     assert not consumer.client.hexists(SUBMIT_FAILURES_KEY, entry_id)
+
+
+def test_dead_letter_parks_the_image_in_the_blob_store_and_replays_by_reference(
+    stream_ctx: OrchestratorContext, consumer: SubmitConsumer, client: SubmitClient
+) -> None:
+    """Redis runs noeviction: a dead letter holds ``image_ref=sha256:`` of the parked
+    bytes, not the bytes; re-adding its fields (without ``_dead_*``) submits the image."""
+    data = noise_png(810, side_px=256)
+    outage = stream_ctx.settings.model_copy(
+        update={"database_url": f"sqlite:///{stream_ctx.settings.resolved_data_dir}/no/such.db"}
+    )
+    down = SubmitConsumer(OrchestratorContext(outage), "db-down")
+    client.submit(image=data, pipeline="basic", idempotency_key="dead-bytes")
+    deadline = time.monotonic() + 20
+    while not down.client.xlen(SUBMIT_DEAD_STREAM):
+        assert time.monotonic() < deadline, "entry was never dead-lettered"
+        down.poll_once(block_ms=20)
+        time.sleep(0.1)
+    ((_dead_id, dead),) = down.client.xrange(SUBMIT_DEAD_STREAM)
+    assert b"image" not in dead, "no image bytes in Redis"
+    assert dead[b"_dead_image_bytes"] == str(len(data)).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    assert dead[b"image_ref"] == f"sha256:{digest}".encode()
+    assert dead_letter_refs(down.client) == {parked_blob_key(digest)}
+
+    replay = {k: v for k, v in dead.items() if not k.startswith(b"_dead_")}
+    down.client.xadd(SUBMIT_STREAM, replay)  # type: ignore[arg-type]
+    drain(consumer)
+    job = jobs_by_key(stream_ctx, ["dead-bytes"])["dead-bytes"]
+    assert job.input_sha256 == digest
+    assert wait_jobs(stream_ctx.database_url, [job.id], 60)[job.id] == JobStatus.SUCCEEDED
 
 
 def run_in_background(consumer: SubmitConsumer) -> Callable[[], None]:

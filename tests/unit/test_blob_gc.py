@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from db import gc_orphans
 from db.blobs import LocalBlobStore
 from db.engine import session_scope
 from db.gc import collect_working_copies
+from db.gc_orphans import TRASH_DIR, collect_orphans
 from db.migrate import upgrade
 from db.models import Image, Job, StageRun
 from imgpipe.contracts import JobStatus, StageStatus
@@ -133,3 +137,73 @@ def test_next_submit_of_a_collected_image_gets_a_working_copy_again(
     with session_scope(url) as session:
         row = session.get(Image, image.sha256)
         assert row is not None and row.working_blob_key == row.blob_key
+
+
+# -- imgpipe gc: blobs no row names, past the retention period ------------------------------
+
+DAY_S = 24 * 3600
+
+
+def _age(store: LocalBlobStore, key: str, age_s: float) -> None:
+    when = time.time() - age_s
+    os.utime(store.path_for(key), (when, when))
+
+
+def test_gc_deletes_only_old_blobs_no_row_or_dead_letter_names(url: str, tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    named = _image(store, 11, legacy=False)
+    result = store.put(b"a heat map no one collects", "image/png")
+    orphan = store.put(b"x" * 5000, "image/jpeg")  # its transaction rolled back
+    parked = store.put(b"dead letter upload", "application/octet-stream")
+    young = store.put(b"written a minute ago", "image/jpeg")
+    with session_scope(url) as session:
+        session.add(named)
+        session.flush()
+        job = _job(named, JobStatus.SUCCEEDED)
+        job.stage_runs.append(
+            StageRun(stage="anomaly", kind="anomaly", task_name="t", queue="q",
+                     status=StageStatus.SUCCEEDED, output={"heatmap": {"blob_key": result}})
+        )  # fmt: skip
+        session.add(job)
+    for key in (named.blob_key, result, orphan, parked):
+        _age(store, key, 8 * DAY_S)
+    _age(store, young, 60)
+
+    dry = collect_orphans(url, store, 7 * DAY_S, also_referenced={parked})
+    assert (dry.deleted, dry.bytes, dry.keys) == (1, 5000, [orphan])
+    assert (dry.referenced, dry.young) == (3, 1)
+    assert store.exists(orphan), "dry run is the default and deletes nothing"
+
+    applied = collect_orphans(url, store, 7 * DAY_S, dry_run=False, also_referenced={parked})
+    assert (applied.deleted, applied.bytes) == (1, 5000)
+    assert not store.exists(orphan)
+    assert all(store.exists(k) for k in (named.blob_key, result, parked, young))
+    assert not any((store.root / TRASH_DIR).iterdir())
+
+
+def test_gc_keeps_a_blob_a_concurrent_submission_names_while_it_deletes(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the two-phase delete closes: between gc's scan and its delete, a
+    submission of the same bytes re-puts the blob and commits a row naming it."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = b"same bytes submitted again" * 10
+    key = store.put(data, "image/jpeg")
+    _age(store, key, 8 * DAY_S)
+    real = gc_orphans.referenced_keys
+    calls = []
+
+    def submit_meanwhile(database_url: str) -> set[str]:
+        calls.append(1)
+        if len(calls) == 2:  # after the candidates moved to the trash, before the re-check
+            assert store.put(data, "image/jpeg") == key
+            with session_scope(database_url) as session:
+                row = Image(sha256="f" * 64, blob_key=key, working_blob_key=key,
+                            size_bytes=len(data), format="JPEG", width=1, height=1)  # fmt: skip
+                session.add(row)
+        return real(database_url)
+
+    monkeypatch.setattr(gc_orphans, "referenced_keys", submit_meanwhile)
+    report = collect_orphans(url, store, 7 * DAY_S, dry_run=False)
+    assert (report.deleted, report.restored) == (0, 1)
+    assert store.get(key) == data

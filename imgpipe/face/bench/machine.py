@@ -9,11 +9,19 @@ import platform
 import shutil
 import subprocess
 import threading
+from collections.abc import Collection
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GpuSampler", "cpu_model", "machine_info", "rss_mib", "rss_mib_of_group"]
+__all__ = [
+    "GpuSampler",
+    "cpu_model",
+    "cpu_s_of_groups",
+    "machine_info",
+    "rss_mib",
+    "rss_mib_of_group",
+]
 
 NVIDIA_SMI_TIMEOUT_S = 5.0
 
@@ -106,6 +114,23 @@ def rss_mib_of_group(pgid: int) -> float:
         except (OSError, IndexError, ValueError):
             continue
     return _pages_to_mib(pages)
+
+
+def cpu_s_of_groups(pgids: Collection[int]) -> float:
+    """CPU time (user + system, seconds) used so far by every live process in the process
+    groups ``pgids``. Differences of two readings give the CPU a phase cost, a figure that
+    does not move with the machine's load the way wall-clock rates do."""
+    ticks = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) in pgids:
+                ticks += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class GpuSampler:

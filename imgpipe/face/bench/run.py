@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
-from imgpipe.face.bench.machine import GpuSampler, machine_info, rss_mib, rss_mib_of_group
+from imgpipe.face.bench.machine import (
+    GpuSampler,
+    cpu_s_of_groups,
+    machine_info,
+    rss_mib,
+    rss_mib_of_group,
+)
 from imgpipe.face.bench.stats import ratio
 from imgpipe.redact import redact_url
 from imgpipe.settings import Settings
@@ -195,11 +201,15 @@ def _through_the_stack(
         latency, _ = jobs(config.latency_jobs, at_once=False)
         progress(f"throughput: {config.images} jobs at once")
         sampler = GpuSampler(config.device).start()
+        groups = _stack_groups(stack)
+        cpu_before_s = cpu_s_of_groups(groups)
         throughput, wall_s = jobs(config.images, at_once=True)
+        cpu_ms_per_job = (cpu_s_of_groups(groups) - cpu_before_s) * 1000 / config.images
         gpu = sampler.stop()
         throughput = {
             "wall_s": round(wall_s, 3),
             "images_per_s": round(config.images / wall_s, 3),
+            "cpu_ms_per_job": round(cpu_ms_per_job, 2),
         } | throughput
         rss: dict[str, float | None] = {
             c.name: rss_mib_of_group(c.process.pid) for c in stack.children
@@ -212,6 +222,15 @@ def _through_the_stack(
             rss["canvas worker"] = canvas.pop("rss_mib")
     result = {"latency": latency, "throughput": throughput, "rss_mib": rss, "gpu": gpu}
     return result, canvas
+
+
+def _stack_groups(stack: Stack) -> set[int]:
+    """The process groups of the stack's workers and its embedded broker (not this process:
+    its submitting and polling are the client's cost, the same for both sides)."""
+    groups = {c.process.pid for c in stack.children}
+    if stack.broker is not None and stack.broker.process is not None:
+        groups.add(stack.broker.process.pid)
+    return groups
 
 
 def _canvas(
@@ -238,10 +257,17 @@ def _canvas(
     progress(f"Celery canvas baseline: prefork -c {settings.cpu_concurrency}")
     try:
         worker.start(app)
-        figures = measure_canvas(
-            app, backend, config.images, config.latency_jobs, config.warmup_jobs
-        )
         assert worker.process is not None
+        broker_groups = _stack_groups(stack) - {c.process.pid for c in stack.children}
+        groups = {worker.process.pid, *broker_groups}
+        figures = measure_canvas(
+            app,
+            backend,
+            config.images,
+            config.latency_jobs,
+            config.warmup_jobs,
+            cpu_probe=lambda: cpu_s_of_groups(groups),
+        )
         figures["rss_mib"] = rss_mib_of_group(worker.process.pid)
         figures["worker_concurrency"] = settings.cpu_concurrency
         return figures
@@ -280,6 +306,10 @@ def _ratios(report: dict[str, Any]) -> dict[str, float | None]:
         "latency_p50_vs_celery_canvas": ratio(
             _get(report, "imgpipe", "latency", "e2e_from_submit_call_ms", "p50"),
             _get(report, "baselines", "celery_canvas", "latency", "e2e_ms", "p50"),
+        ),
+        "cpu_per_job_vs_celery_canvas": ratio(
+            _get(report, "imgpipe", "throughput", "cpu_ms_per_job"),
+            _get(report, "baselines", "celery_canvas", "throughput", "cpu_ms_per_dag"),
         ),
     }
 
