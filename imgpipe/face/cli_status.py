@@ -80,6 +80,13 @@ def _render(console: Console, state: LiveState, problems: list[str]) -> None:
         f"stuck stage runs: {state.stuck_count}",
         f"dead stage runs (last hour): {state.dead_stage_runs_last_hour}",
         f"submit dead letters (imgpipe:submit:dead): {_or_unknown(state.submit_dead_letters)}",
+        f"submit entries trimmed unread: {_or_unknown(state.submit_trimmed_unread)}",
+        f"outbox: {state.outbox_pending} answer(s) not yet delivered"
+        + (
+            f" (oldest {state.outbox_oldest_age_s:.0f} s)"
+            if state.outbox_oldest_age_s is not None
+            else ""
+        ),
     ]
     if state.ingest is None:
         lines.append("ingest: no consumer group yet (no `imgpipe ingest` has run)")

@@ -21,9 +21,15 @@ from sqlalchemy import Engine, create_engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from db.engine import engine_for, is_sqlite, normalize_url
-from db.models import Job, StageRun, utcnow
+from db.models import Job, OutboxRow, StageRun, utcnow
 from imgpipe.celery_app import QUEUES
-from imgpipe.contracts import SUBMIT_DEAD_STREAM, SUBMIT_GROUP, SUBMIT_STREAM, StageStatus
+from imgpipe.contracts import (
+    SUBMIT_DEAD_STREAM,
+    SUBMIT_GROUP,
+    SUBMIT_STREAM,
+    SUBMIT_TRIMMED_KEY,
+    StageStatus,
+)
 from imgpipe.redact import redact_text
 from imgpipe.settings import Settings
 
@@ -95,6 +101,11 @@ class LiveState:
     stuck_count: int = 0
     dead_stage_runs_last_hour: int = 0
     submit_dead_letters: int | None = None
+    submit_trimmed_unread: int | None = None
+    """Submit entries trimmed (MAXLEN) before any consumer read them: lost submissions."""
+    outbox_pending: int = 0
+    """Answers (events, webhooks) committed and not yet known to be delivered."""
+    outbox_oldest_age_s: float | None = None
     ingest: IngestLag | None = None
     workers: list[WorkerInfo] | None = None
     """None: not asked (the metrics collector does not broadcast to the workers)."""
@@ -162,6 +173,7 @@ def _read_redis(settings: Settings, state: LiveState) -> None:
             socket_connect_timeout=IO_TIMEOUT_S,
         )
         state.submit_dead_letters = int(streams.xlen(SUBMIT_DEAD_STREAM))
+        state.submit_trimmed_unread = int(streams.get(SUBMIT_TRIMMED_KEY) or 0)
         state.ingest = _ingest_lag(streams, state.at)
         streams.close()
     except (redis.RedisError, OSError) as exc:
@@ -223,6 +235,12 @@ def _read_sql(settings: Settings, state: LiveState) -> None:
                 .order_by(StageRun.deadline_at)
                 .limit(STUCK_LIMIT)
             ).all()  # fmt: skip
+            outbox_count, outbox_oldest = conn.execute(
+                select(func.count(), func.min(OutboxRow.created_at))
+            ).one()
+            state.outbox_pending = int(outbox_count)
+            if outbox_oldest is not None:
+                state.outbox_oldest_age_s = _overdue_s(state.at, outbox_oldest)
             state.dead_stage_runs_last_hour = int(
                 conn.execute(
                     select(func.count())

@@ -87,6 +87,23 @@ class StateCollector(Collector):
                 "Entries in the submit stream's dead-letter stream (imgpipe:submit:dead).",
                 value=state.submit_dead_letters,
             )
+        if state.submit_trimmed_unread is not None:
+            yield GaugeMetricFamily(
+                "imgpipe_submit_trimmed_unread",
+                "Submit stream entries trimmed (MAXLEN) before any consumer read them: lost "
+                "submissions (counter kept in Redis, imgpipe:submit:trimmed_unread).",
+                value=state.submit_trimmed_unread,
+            )
+        yield GaugeMetricFamily(
+            "imgpipe_outbox_pending",
+            "Answers (events, webhooks) committed and not yet known to be delivered.",
+            value=state.outbox_pending,
+        )
+        yield GaugeMetricFamily(
+            "imgpipe_outbox_oldest_age_seconds",
+            "Age of the oldest undelivered outbox row (0: none).",
+            value=state.outbox_oldest_age_s or 0.0,
+        )
         if state.ingest is not None:
             yield GaugeMetricFamily(
                 "imgpipe_ingest_lag_entries",

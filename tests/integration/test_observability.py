@@ -53,8 +53,25 @@ def broker() -> Iterator[EmbeddedRedis]:
     yield from embedded_broker("ipo-")
 
 
+SLOW_PIPELINE = """
+name = "slow"
+description = "One noop stage that sleeps past the noop time limit of these tests."
+
+[stages.quality]
+kind = "noop"
+params = { sleep_ms = 3000 }
+
+[policy]
+vocabulary = "qc"
+"""
+
+
 @pytest.fixture(scope="module")
-def settings(broker: EmbeddedRedis, database_url: str) -> Iterator[Settings]:
+def settings(
+    broker: EmbeddedRedis, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
+    pipelines = tmp_path_factory.mktemp("pipelines")
+    (pipelines / "slow.toml").write_text(SLOW_PIPELINE)
     with own_database(database_url) as url:
         upgrade(url)
         yield make_settings(
@@ -63,6 +80,7 @@ def settings(broker: EmbeddedRedis, database_url: str) -> Iterator[Settings]:
             max_attempts=2,
             stage_time_limits_s={"noop": 1},
             log_format="json",
+            pipelines_dir=pipelines,
         )
 
 
@@ -75,10 +93,8 @@ def stack(settings: Settings) -> Iterator[Stack]:
         yield running
 
 
-def submit_noop(ctx: OrchestratorContext, seed: int, **overrides: dict[str, object]) -> str:
-    request = SubmitRequest(
-        data=png_bytes(seed), pipeline="noop", overrides=overrides or None, force=True
-    )
+def submit_noop(ctx: OrchestratorContext, seed: int, pipeline: str = "noop") -> str:
+    request = SubmitRequest(data=png_bytes(seed), pipeline=pipeline, force=True)
     return submit(ctx, request).job_id
 
 
@@ -110,7 +126,8 @@ def test_metrics_scraped_during_a_run_count_every_stage_and_the_jobs(
     assert sample_sum(after, "imgpipe_state_source_up", source="database") == 1
     assert sample_sum(after, "imgpipe_state_source_up", source="broker") == 1
     assert sample_sum(after, "imgpipe_stuck_stage_runs") == 0
-    assert "imgpipe_submit_dead_letters" in after
+    assert "imgpipe_submit_dead_letters" in after and "imgpipe_submit_trimmed_unread" in after
+    assert "imgpipe_outbox_pending" in after  # answers relayed: how many wait is a gauge
 
 
 def test_log_lines_are_json_and_name_the_stage_they_were_logged_for(
@@ -119,7 +136,7 @@ def test_log_lines_are_json_and_name_the_stage_they_were_logged_for(
     """A stage over its soft time limit is retried: the warning says so, and carries the
     job id, stage, attempt and worker (fields bound around the work, not in the text)."""
     ctx = OrchestratorContext(settings)
-    job_id = submit_noop(ctx, 99, quality={"sleep_ms": 3000})
+    job_id = submit_noop(ctx, 99, pipeline="slow")
     statuses = wait_jobs(settings.effective_database_url, [job_id], 120)
     assert statuses[job_id] == JobStatus.FAILED
     records = json_lines(stack.child("cpu").log_path)
