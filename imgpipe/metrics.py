@@ -17,6 +17,7 @@ Without the variable the metrics live in the process's memory and cost nothing b
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -70,8 +71,16 @@ GPU_MEMORY_BYTES = Gauge(
 )
 
 
-def _seconds(ms: float | None) -> float | None:
-    return None if ms is None else ms / 1000.0
+_children: dict[tuple[object, ...], Any] = {}
+"""Labelled children by their labels: ``labels()`` validates and locks on every call."""
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    key = (id(metric), *labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
 
 
 def record_stage(
@@ -85,15 +94,14 @@ def record_stage(
     compute_ms: float | None,
 ) -> None:
     """One finished stage run: its outcome and the duration of each phase it went through."""
-    STAGE_RUNS.labels(stage, outcome, device).inc()
+    _child(STAGE_RUNS, stage, outcome, device).inc()
     for phase, ms in (("queue_wait", queue_wait_ms), ("load", load_ms), ("compute", compute_ms)):
-        seconds = _seconds(ms)
-        if seconds is not None:
-            STAGE_SECONDS.labels(stage, phase, device, model).observe(seconds)
+        if ms is not None:
+            _child(STAGE_SECONDS, stage, phase, device, model).observe(ms / 1000.0)
 
 
 def observe_batch(kind: str, device: str, size: int) -> None:
-    BATCH_SIZE.labels(kind, device).observe(size)
+    _child(BATCH_SIZE, kind, device).observe(size)
 
 
 def record_reaper(counts: Mapping[str, int]) -> None:

@@ -12,11 +12,25 @@ supervisor thread calls it every tick.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["rotate_if_large"]
+__all__ = ["rotate_all", "rotate_if_large"]
+
+log = logging.getLogger(__name__)
+
+
+def rotate_all(paths: Iterable[Path], max_bytes: int, backups: int) -> None:
+    """``rotate_if_large`` for each path; an error is logged (a full disk must not stop
+    the supervisor that calls this)."""
+    for path in paths:
+        try:
+            rotate_if_large(path, max_bytes, backups)
+        except OSError as exc:
+            log.warning("could not rotate %s: %s; free disk space or check permissions", path, exc)
 
 
 def rotate_if_large(path: Path, max_bytes: int, backups: int) -> bool:

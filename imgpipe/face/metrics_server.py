@@ -14,6 +14,7 @@ Recording is in imgpipe/metrics.py; the state comes from imgpipe/face/livestate.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,11 +31,14 @@ from imgpipe.face.livestate import read_live_state
 from imgpipe.face.metrics_dirs import MULTIPROC_ENV
 from imgpipe.settings import Settings
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "MetricsServer",
     "StateCollector",
     "mark_dead",
     "serve_metrics",
+    "serve_stack_metrics",
 ]
 
 
@@ -150,6 +154,21 @@ def serve_metrics(
             "IMGPIPE_METRICS_PORT to a free port, or to 0 to turn metrics off"
         ) from exc
     return MetricsServer(server, thread, int(server.server_port))
+
+
+def serve_stack_metrics(
+    settings: Settings, port: int, multiproc_dir: Path, *, required: bool
+) -> MetricsServer | None:
+    """``imgpipe up``'s endpoint: every child's recordings and the state. A port in use
+    fails the start when ``required`` (set explicitly), else it is logged and the stack
+    runs without metrics (None)."""
+    try:
+        return serve_metrics(settings, port, multiproc_dir, with_state=True)
+    except ConfigError as exc:
+        if required:
+            raise
+        log.warning("%s", exc)
+        return None
 
 
 def mark_dead(pid: int, multiproc_dir: Path | None = None) -> None:

@@ -37,9 +37,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from imgpipe.broker import EmbeddedRedis
-from imgpipe.errors import ConfigError, TransientError
+from imgpipe.errors import TransientError
 from imgpipe.face.flower import flower_command, flower_env
-from imgpipe.face.logrotate import rotate_if_large
+from imgpipe.face.logrotate import rotate_all
 from imgpipe.face.metrics_dirs import MULTIPROC_ENV, fresh_multiproc_dir
 from imgpipe.face.stopsignals import signals_deferred
 from imgpipe.redact import redact_url
@@ -183,17 +183,12 @@ class Stack:
                 broker.start()
         upgrade(self.settings.effective_database_url)
         if self.metrics_dir is not None and self.metrics_port is not None:
-            from imgpipe.face.metrics_server import serve_metrics
+            from imgpipe.face.metrics_server import serve_stack_metrics
 
-            metrics_dir = fresh_multiproc_dir(self.metrics_dir)
-            try:
-                self._metrics = serve_metrics(
-                    self.settings, self.metrics_port, metrics_dir, with_state=True
-                )
-            except ConfigError as exc:
-                if self.metrics_required:
-                    raise
-                log.warning("%s", exc)
+            self._metrics = serve_stack_metrics(
+                self.settings, self.metrics_port, fresh_multiproc_dir(self.metrics_dir),
+                required=self.metrics_required,
+            )  # fmt: skip
         for role in self.workers:
             self._spawn(role, self._command(role))
         if self.flower:
@@ -221,11 +216,7 @@ class Stack:
         paths = [c.log_path for c in self.children]
         if self.broker is not None:
             paths.append(self.broker.log_path)
-        for path in paths:
-            try:
-                rotate_if_large(path, self.settings.log_max_bytes, self.settings.log_backups)
-            except OSError as exc:  # a full disk must not stop the supervisor
-                log.warning("could not rotate %s: %s", path, exc)
+        rotate_all(paths, self.settings.log_max_bytes, self.settings.log_backups)
 
     def _supervise_broker(self) -> None:
         broker = self.broker
