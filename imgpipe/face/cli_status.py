@@ -94,6 +94,7 @@ def _render(console: Console, state: LiveState, problems: list[str]) -> None:
         age = state.ingest.oldest_undelivered_age_s
         lines.append(
             f"ingest: {_or_unknown(state.ingest.lag_entries)} entries waiting"
+            f"{' (Redis < 7 reports no group lag)' if state.ingest.lag_entries is None else ''}"
             f"{f' (oldest {age:.1f} s)' if age is not None else ''}, "
             f"{state.ingest.pending_entries} pending, {state.ingest.consumers} consumer(s)"
         )

@@ -108,12 +108,13 @@ class StateCollector(Collector):
             "Age of the oldest undelivered outbox row (0: none).",
             value=state.outbox_oldest_age_s or 0.0,
         )
-        if state.ingest is not None:
+        if state.ingest is not None and state.ingest.lag_entries is not None:
             yield GaugeMetricFamily(
                 "imgpipe_ingest_lag_entries",
-                "Submit stream entries not yet delivered to the ingest consumers.",
-                value=state.ingest.lag_entries or 0,
+                "Submit stream entries not yet delivered to the ingest consumers (Redis 7+).",
+                value=state.ingest.lag_entries,
             )
+        if state.ingest is not None:
             yield GaugeMetricFamily(
                 "imgpipe_ingest_pending_entries",
                 "Submit stream entries delivered but not yet acked.",

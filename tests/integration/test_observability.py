@@ -241,3 +241,33 @@ def test_health_fails_when_the_broker_and_database_are_unreachable(tmp_path: Pat
     assert health.returncode == 1
     assert "broker unreachable" in health.stdout
     assert "database unreachable or not migrated" in health.stdout
+
+
+def test_ingest_lag_and_dead_letters_are_read_from_the_submit_stream(
+    own_broker: EmbeddedRedis, database_url: str
+) -> None:
+    """Three submit entries, one delivered to a consumer and not acked, one dead letter:
+    the state (and the collector's gauges) say so, without any imgpipe process running."""
+    from imgpipe.contracts import SUBMIT_DEAD_STREAM, SUBMIT_GROUP, SUBMIT_STREAM
+    from imgpipe.face.livestate import read_live_state
+    from imgpipe.face.metrics_server import StateCollector
+
+    with own_database(database_url) as url:
+        upgrade(url)
+        settings = make_settings(own_broker, url)
+        client = own_broker.client()
+        client.xgroup_create(SUBMIT_STREAM, SUBMIT_GROUP, id="0", mkstream=True)
+        for n in range(3):
+            client.xadd(SUBMIT_STREAM, {"pipeline": "noop", "n": str(n)})
+        client.xreadgroup(SUBMIT_GROUP, "c1", {SUBMIT_STREAM: ">"}, count=1)
+        client.xadd(SUBMIT_DEAD_STREAM, {"reason": "test"})
+        state = read_live_state(settings)
+        assert state.errors == []
+        assert state.ingest is not None and state.ingest.pending_entries == 1
+        assert state.ingest.consumers == 1
+        assert state.ingest.oldest_undelivered_age_s is not None
+        assert state.submit_dead_letters == 1
+        names = {family.name: family for family in StateCollector(settings).collect()}
+        assert names["imgpipe_ingest_pending_entries"].samples[0].value == 1
+        assert names["imgpipe_submit_dead_letters"].samples[0].value == 1
+        assert names["imgpipe_ingest_lag_seconds"].samples[0].value >= 0
