@@ -17,10 +17,13 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from imgpipe.datadir import default_data_dir
 from imgpipe.secretfiles import SECRET_SETTINGS, SecretFilesSource
 
-__all__ = ["SECRET_SETTINGS", "Settings"]
+__all__ = ["DEFAULT_METRICS_PORT", "SECRET_SETTINGS", "Settings"]
 
 DEFAULT_STAGE_TIME_LIMIT_S = 300
 
+
+DEFAULT_METRICS_PORT = 9808
+"""Where `imgpipe up` serves /metrics when IMGPIPE_METRICS_PORT is unset."""
 
 DEFAULT_BATCH_SIZE_CUDA = 64
 DEFAULT_BATCH_SIZE_CPU = 8
@@ -247,6 +250,35 @@ class Settings(BaseSettings):
         description="How long the reaper may postpone a dispatched, unclaimed stage behind a "
         "backlog in its queue; past it the stage is re-dispatched anyway (its message may have "
         "been lost behind a long backfill).",
+    )
+
+    # Observability (docs/operations.md "Metrics", "Logs", "Status and health").
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus /metrics endpoint: `imgpipe up` serves the whole "
+        f"stack's there (unset: {DEFAULT_METRICS_PORT}; 0: off); `imgpipe worker` and "
+        "`imgpipe orchestrator` serve their own only when it is set (and not 0).",
+    )
+    metrics_address: str = Field(
+        default="127.0.0.1",
+        description="Interface /metrics listens on (0.0.0.0 in a container that Prometheus "
+        "scrapes from outside).",
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        description="json: one JSON object per line (job_id, stage, attempt, worker on every "
+        "line emitted while handling a stage); console: human-readable; auto: console on a "
+        "terminal, json otherwise.",
+    )
+    log_max_bytes: int = Field(
+        default=50 * 1024 * 1024,
+        ge=1024,
+        description="A log file of `imgpipe up`/`run` (data_dir/logs) is rotated past this size.",
+    )
+    log_backups: int = Field(
+        default=3, ge=0, description="Rotated log files kept per process (name.log.1 ...)."
     )
 
     # Flower.

@@ -58,7 +58,11 @@ def advance_task(self: Task, job_id: str) -> None:
 
 @shared_task(name=REAP_TASK, bind=True)
 def reap_task(self: Task) -> dict[str, int]:
-    return reap(context_for(self)).as_dict()
+    from imgpipe.metrics import record_reaper
+
+    counts = reap(context_for(self)).as_dict()
+    record_reaper(counts)
+    return counts
 
 
 @shared_task(name=SUBMIT_TASK, bind=True, base=RetryingTask)

@@ -68,6 +68,8 @@ class Claim:
     """The stage's soft time limit (workers/timelimits.py)."""
     upstream_kinds: dict[str, str] = field(default_factory=dict)
     """Stage name -> kind of each entry of ``upstream`` (which schema its output follows)."""
+    queue_wait_ms: float | None = None
+    """From the row's dispatch to this claim (the queue wait metric)."""
 
 
 @dataclass(frozen=True)
@@ -235,7 +237,12 @@ def claim_in_place(
         return probe  # nothing claimed: the normal path will fail it
     row.attempts += 1
     _start(row, request, now, me)
-    return replace(probe, attempt=row.attempts, task_id=request.celery_task_id)
+    return replace(
+        probe,
+        attempt=row.attempts,
+        task_id=request.celery_task_id,
+        queue_wait_ms=row.queue_wait_ms,
+    )
 
 
 def _claim_of(
@@ -276,4 +283,5 @@ def _claim_of(
         queue=row.queue,
         task_id=row.celery_task_id,
         time_limit_s=row.time_limit_s,
+        queue_wait_ms=row.queue_wait_ms,
     )

@@ -12,7 +12,7 @@ import torch
 
 from imgpipe.errors import ConfigError
 
-__all__ = ["configure_torch", "start_idle_unloader"]
+__all__ = ["configure_torch", "record_gpu_memory", "start_idle_unloader"]
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +61,12 @@ def start_idle_unloader(interval_s: float = 60.0) -> None:
                 log.info("unloaded %d idle model(s)", unloaded)
 
     threading.Thread(target=loop, name="imgpipe-idle-unloader", daemon=True).start()
+
+
+def record_gpu_memory(device: str) -> None:
+    """Prometheus gauge of the torch allocator's memory on ``device`` (a few µs: the
+    allocator's own counters, no device synchronisation)."""
+    from imgpipe.metrics import GPU_MEMORY_BYTES
+
+    GPU_MEMORY_BYTES.labels(device, "allocated").set(torch.cuda.memory_allocated(device))
+    GPU_MEMORY_BYTES.labels(device, "reserved").set(torch.cuda.memory_reserved(device))

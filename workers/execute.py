@@ -43,6 +43,8 @@ from imgpipe.contracts import StageStatus
 from imgpipe.decode import DecodeLimits
 from imgpipe.errors import PermanentError, TransientError
 from imgpipe.events import EventPublisher
+from imgpipe.logs import StageRef, bound_stages
+from imgpipe.metrics import observe_batch, record_stage
 from imgpipe.retry import outage_retry_policy
 from imgpipe.settings import Settings
 from imgpipe.stagekinds import STAGE_KINDS
@@ -76,6 +78,10 @@ def _is_cuda_oom(exc: BaseException) -> bool:
     that never loaded torch (a CPU stage worker) cannot have raised one."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def _ref(claim: Claim) -> StageRef:
+    return (claim.job_id, claim.stage, claim.attempt, claim.stage_run_id)
 
 
 @dataclass
@@ -250,6 +256,13 @@ class StageExecutor:
     def _run_claims(
         self, claims: list[Claim], finished: list[Finished], started: float, dead_jobs: set[str]
     ) -> dict[int, Outcome]:
+        # every log line while these stages are handled names them (imgpipe/logs.py)
+        with bound_stages([_ref(c) for c in claims]):
+            return self._run_bound(claims, finished, started, dead_jobs)
+
+    def _run_bound(
+        self, claims: list[Claim], finished: list[Finished], started: float, dead_jobs: set[str]
+    ) -> dict[int, Outcome]:
         work = [_Work(c) for c in claims]
         self._load(work)
         self._compute(work)
@@ -260,6 +273,7 @@ class StageExecutor:
             results, after, local = self._persist(finished)
             self.continuations.extend(local)
             by_id = {f.stage_run_id: r for f, r in zip(finished, results, strict=True)}
+            self._record_metrics(work, by_id)
         if dead_jobs:
             after.extend(self.outage.call("advancing jobs", lambda: self._advance(dead_jobs)))
         sender = OnceSender(self.app)
@@ -268,6 +282,25 @@ class StageExecutor:
             lambda: deliver(sender, self.events, after, self.acks),
         )
         return by_id
+
+    def _record_metrics(self, work: Sequence[_Work], by_id: Mapping[int, Outcome]) -> None:
+        """Prometheus: each run's outcome and phase durations (imgpipe/metrics.py)."""
+        for w in work:
+            outcome = by_id.get(w.claim.stage_run_id)
+            model = w.result.model if isinstance(w.result, StageOutput) else None
+            computed = w.pixels is not None and not isinstance(w.result, Failure)
+            record_stage(
+                w.claim.stage, self.device,
+                (model or {}).get("name", "none"),
+                outcome.status if outcome is not None else "unknown",
+                queue_wait_ms=w.claim.queue_wait_ms,
+                load_ms=w.load_ms if w.pixels is not None else None,
+                compute_ms=w.compute_ms if computed else None,
+            )  # fmt: skip
+        if self.device.startswith("cuda"):
+            from workers.devices import record_gpu_memory
+
+            record_gpu_memory(self.device)
 
     def _persist(self, finished: list[Finished]) -> tuple[list[Outcome], AfterCommit, list[Claim]]:
         """``persist_finished`` in one transaction, tried again through an outage. A try
@@ -348,6 +381,13 @@ class StageExecutor:
             self._compute_group(kind, group)
 
     def _compute_group(self, kind: str, group: list[_Work]) -> None:
+        if len(group) == 1:  # alone (or split down to it): its lines name it
+            with bound_stages([_ref(group[0].claim)]):
+                self._compute_bound(kind, group)
+        else:
+            self._compute_bound(kind, group)
+
+    def _compute_bound(self, kind: str, group: list[_Work]) -> None:
         """One forward pass for the whole group; on a failure that is not transient the
         group is split so that one bad input fails only its own stage run. A CUDA
         out-of-memory error halves the batch and tries again."""
@@ -385,6 +425,7 @@ class StageExecutor:
                 w.result = self._failure_of(w.claim, exc)
             return
         compute_ms = (time.perf_counter() - t0) * 1000
+        observe_batch(kind, self.device, len(group))
         for w, result in zip(group, results, strict=True):
             w.result = result
             w.compute_ms = compute_ms / len(group)

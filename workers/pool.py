@@ -48,9 +48,13 @@ def _spawn(target: Callable[[int], None], index: int) -> int:
 
 
 def run_pool(
-    processes: int, target: Callable[[int], None], stop_timeout_s: float = STOP_TIMEOUT_S
+    processes: int,
+    target: Callable[[int], None],
+    stop_timeout_s: float = STOP_TIMEOUT_S,
+    on_exit: Callable[[int], None] | None = None,
 ) -> None:
-    """Run ``target(index)`` in ``processes`` forked children until told to stop."""
+    """Run ``target(index)`` in ``processes`` forked children until told to stop;
+    ``on_exit(pid)`` is called for each child that exits (its metrics are dropped)."""
     children: dict[int, int] = {_spawn(target, i): i for i in range(processes)}
     stop_signal: int | None = None
     signalled: set[int] = set()
@@ -90,6 +94,8 @@ def run_pool(
             time.sleep(0.1)
             continue
         index = children.pop(pid, None)
+        if on_exit is not None:
+            on_exit(pid)
         if index is None or stop_signal is not None:
             continue
         log.warning(

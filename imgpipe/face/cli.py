@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from imgpipe.contracts import JobStatus, Priority
 from imgpipe.errors import ImgpipeError
@@ -21,10 +28,12 @@ from imgpipe.extras import install_hint, missing_model_modules
 from imgpipe.face import cli_bench, cli_ingest, cli_ops, cli_reprocess, cli_review
 from imgpipe.face.cli_console import console
 from imgpipe.face.cli_console import fail as _fail
+from imgpipe.face.cli_flower import add_flower_command
 from imgpipe.face.cli_render import render_results_table
+from imgpipe.face.cli_status import add_status_commands
 from imgpipe.face.stopsignals import StopRequested, stop_on_signals
 from imgpipe.redact import redact_text, redact_url
-from imgpipe.settings import Settings
+from imgpipe.settings import DEFAULT_METRICS_PORT, Settings
 from imgpipe.stagekinds import GPU_STAGE_KINDS
 
 if TYPE_CHECKING:
@@ -119,7 +128,7 @@ def _wait_with_progress(
 
     with Progress(
         TextColumn("[bold]processing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
+        TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
     ) as progress:  # fmt: skip
         bar = progress.add_task("jobs", total=len(job_ids))
         dead: list[str] = []
@@ -166,16 +175,23 @@ def up(
     process kept exiting and was given up on.
     """
     from imgpipe.face.stack import Stack
+    from imgpipe.logs import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/up] %(message)s")
     settings = Settings()
+    configure_logging(settings.log_format, logging.INFO, worker="up")
     with_flower = flower and settings.flower_password is not None
     if flower and not with_flower:
         console.print(
             "Flower not started: set IMGPIPE_FLOWER_PASSWORD or IMGPIPE_FLOWER_PASSWORD_FILE "
             "to enable it (basic auth)."
         )
-    stack = Stack(settings, workers=("orchestrator", "cpu", "ingest"), flower=with_flower)
+    stack = Stack(
+        settings,
+        workers=("orchestrator", "cpu", "ingest"),
+        flower=with_flower,
+        metrics_port=_up_metrics_port(settings),
+        metrics_required=settings.metrics_port is not None,
+    )
     try:
         with stack:
             if missing := missing_model_modules():
@@ -190,6 +206,13 @@ def up(
             )
             console.print(f"broker {redact_url(settings.effective_broker_url)}")
             console.print(f"database {redact_url(settings.effective_database_url)}")
+            if stack.metrics_url:
+                console.print(f"metrics on {stack.metrics_url}")
+            elif stack.metrics_port:
+                console.print(
+                    f"[yellow]metrics not served:[/yellow] port {stack.metrics_port} is in use "
+                    "(another imgpipe up?); set IMGPIPE_METRICS_PORT to a free port, or 0"
+                )
             if with_flower:
                 console.print(
                     f"Flower on http://{settings.flower_address}:{settings.flower_port} "
@@ -203,6 +226,13 @@ def up(
             raise typer.Exit(EXIT_FAILED)
     except StopRequested as stop:
         console.print(f"imgpipe up: {stop}; every process it started has stopped")
+
+
+def _up_metrics_port(settings: Settings) -> int | None:
+    """IMGPIPE_METRICS_PORT, or 9808 when unset; None (no metrics) when it is 0."""
+    if settings.metrics_port is None:
+        return DEFAULT_METRICS_PORT
+    return settings.metrics_port or None
 
 
 @app.command("submit")
@@ -226,18 +256,6 @@ def submit_cmd(
         except ImgpipeError as exc:
             raise _fail(str(exc)) from None
         typer.echo(f"{result.job_id}\t{result.status}\t{path}")
-
-
-@app.command()
-def status(job_id: str) -> None:
-    """One line: the job's status, verdict and stages."""
-    from imgpipe.face.api import results
-
-    report = results(job_id)
-    if report is None:
-        raise _fail(f"no job {job_id}", 1)
-    stages = " ".join(f"{s['stage']}={s['status']}" for s in report["stages"])
-    typer.echo(f"{report['job_id']} {report['status']} verdict={report['verdict']} {stages}")
 
 
 @app.command()
@@ -308,6 +326,8 @@ cli_ingest.register(app)
 cli_reprocess.register(app)
 cli_review.register(app)
 cli_bench.register(app)
+add_status_commands(app, console)
+add_flower_command(app, console)
 
 
 def main() -> None:

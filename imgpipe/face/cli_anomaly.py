@@ -8,6 +8,14 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from db.engine import session_scope
@@ -38,30 +46,48 @@ def image_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def load_images(paths: list[Path], console: Console) -> list[NDArray[np.uint8]]:
+def progress_bar(console: Console) -> Progress:
+    """A bar with images done, elapsed time and the estimated time left."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+    )  # fmt: skip
+
+
+def load_images(
+    paths: list[Path], console: Console, bar: Progress | None = None
+) -> list[NDArray[np.uint8]]:
     """Decode with the same limits as submissions; unreadable files are reported and skipped."""
     limits = DecodeLimits.from_settings(Settings())
     images = []
-    for path in image_files(paths):
+    files = image_files(paths)
+    task = bar.add_task(f"decoding {len(files)} files", total=len(files)) if bar else None
+    for path in files:
         try:
             images.append(decode_image(path.read_bytes(), limits).pixels)
         except ImageRejectedError as exc:
             console.print(f"[yellow]skipped {path}: {exc}[/]")
+        if bar is not None and task is not None:
+            bar.advance(task)
     return images
 
 
 def fit_command(
     profile: Path, inputs: list[Path], name: str, device: str, console: Console
 ) -> None:
-    images = load_images(inputs, console)
-    if len(images) < 4:
-        raise PermanentError(
-            f"fitting needs at least 4 good images (got {len(images)}); pass more files or a "
-            "directory of them"
-        )
-    profile.parent.mkdir(parents=True, exist_ok=True)
-    with console.status(f"fitting {name!r} on {len(images)} images"):
-        info = fit_profile(images, profile, name=name, device=device)
+    with progress_bar(console) as bar:
+        images = load_images(inputs, console, bar)
+        if len(images) < 4:
+            raise PermanentError(
+                f"fitting needs at least 4 good images (got {len(images)}); pass more files or "
+                "a directory of them"
+            )
+        profile.parent.mkdir(parents=True, exist_ok=True)
+        task = bar.add_task(f"fitting {name!r}", total=len(images))
+        info = fit_profile(
+            images, profile, name=name, device=device,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )  # fmt: skip
     settings = Settings()
     upgrade(settings.effective_database_url)
     with session_scope(settings.effective_database_url) as session:
@@ -87,9 +113,14 @@ def fit_command(
 
 
 def eval_command(profile: Path, good: Path, bad: Path, device: str, console: Console) -> None:
-    good_images = load_images([good], console)
-    bad_images = load_images([bad], console)
-    report = evaluate_profile(profile, good_images, bad_images, device=device)
+    with progress_bar(console) as bar:
+        good_images = load_images([good], console, bar)
+        bad_images = load_images([bad], console, bar)
+        task = bar.add_task("scoring", total=len(good_images) + len(bad_images))
+        report = evaluate_profile(
+            profile, good_images, bad_images, device=device,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )  # fmt: skip
     table = Table("AUROC", "threshold", "TP", "FP", "TN", "FN", "ms/image")
     table.add_row(
         f"{report.auroc:.3f}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Annotated, Any
@@ -33,9 +34,9 @@ def ingest(
     own consumer in the group); --consumers N starts N here and restarts one that
     dies. See docs/submitting.md.
     """
-    logging.basicConfig(
-        level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/ingest] %(message)s"
-    )
+    from imgpipe.logs import configure_logging
+
+    configure_logging(Settings().log_format, loglevel, worker=f"ingest-{os.getpid()}")
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: Any) -> None:

@@ -6,7 +6,14 @@ from datetime import datetime
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from imgpipe.errors import ImgpipeError
 from imgpipe.face.cli_console import console, fail
@@ -51,7 +58,7 @@ def reprocess(
     )
     with Progress(
         TextColumn("[bold]reprocess"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console,
+        TextColumn("ETA"), TimeRemainingColumn(), console=console,
     ) as progress:  # fmt: skip
         bar = progress.add_task("images", total=None)
 

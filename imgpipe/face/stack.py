@@ -12,7 +12,13 @@ flushed), last because everything before it still hands work back through it.
 
 The supervisor thread restarts a child that exits, and the embedded redis-server if it
 dies (same socket, same configuration, same data dir: its append-only file brings the
-queues back); both at most RESTART_LIMIT times per RESTART_WINDOW_S.
+queues back); both at most RESTART_LIMIT times per RESTART_WINDOW_S. It also rotates the
+children's log files past ``log_max_bytes`` (imgpipe/face/logrotate.py).
+
+With ``metrics_port`` set, the stack serves ``/metrics`` from this process: what its
+children record (``PROMETHEUS_MULTIPROC_DIR`` = ``data_dir/metrics/stack``, emptied at
+start) and the state read at scrape time (imgpipe/face/metrics_server.py). Children never
+serve their own (``IMGPIPE_METRICS_PORT=0`` in their environment).
 """
 
 from __future__ import annotations
@@ -28,13 +34,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from imgpipe.broker import EmbeddedRedis
 from imgpipe.errors import TransientError
 from imgpipe.face.flower import flower_command, flower_env
+from imgpipe.face.logrotate import rotate_all
+from imgpipe.face.metrics_dirs import MULTIPROC_ENV, fresh_multiproc_dir
 from imgpipe.face.stopsignals import signals_deferred
 from imgpipe.redact import redact_url
 from imgpipe.settings import DEFAULT_STAGE_TIME_LIMIT_S, Settings
+
+if TYPE_CHECKING:
+    from imgpipe.face.metrics_server import MetricsServer
 
 __all__ = ["STOP_ORDER", "Stack", "child_env", "warm_stop_timeout_s"]
 
@@ -73,7 +85,7 @@ def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in _CELERY_ENV_OVERRIDES and not k.startswith("IMGPIPE_")
+        if k not in _CELERY_ENV_OVERRIDES and k != MULTIPROC_ENV and not k.startswith("IMGPIPE_")
     }
     env.update(settings.to_env())
     env["IMGPIPE_DATA_DIR"] = str(settings.resolved_data_dir)
@@ -81,6 +93,8 @@ def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
     env["IMGPIPE_DATABASE_URL"] = settings.effective_database_url
     env["IMGPIPE_BLOB_URL"] = settings.effective_blob_url
     env["IMGPIPE_REDIS_URL"] = settings.effective_redis_url
+    # The stack serves /metrics (or nobody does): no child binds a metrics port.
+    env["IMGPIPE_METRICS_PORT"] = "0"
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.update(extra or {})
     return env
@@ -115,6 +129,11 @@ class Stack:
     stop_timeout_s: float | None = None
     """How long each step of ``stop`` waits for warm shutdowns before SIGKILL; unset:
     ``warm_stop_timeout_s`` (running stages may finish within their time limit)."""
+    metrics_port: int | None = None
+    """Serve ``/metrics`` on this port (0: any free one; None: no metrics; see
+    imgpipe/face/metrics_server.py and ``metrics_url``)."""
+    metrics_required: bool = True
+    """False: a port in use only leaves metrics off (logged) instead of failing the start."""
     supervise: bool = True
     """Restart a worker that exits unexpectedly (e.g. Celery's "Unrecoverable error" after
     a broker connection loss) and the embedded redis-server if it dies, at most
@@ -125,10 +144,24 @@ class Stack:
     _supervisor: threading.Thread | None = field(default=None, repr=False)
     _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _metrics: MetricsServer | None = field(default=None, repr=False)
 
     @property
     def log_dir(self) -> Path:
         return self.settings.resolved_data_dir / "logs"
+
+    @property
+    def metrics_dir(self) -> Path | None:
+        """Where the children record metrics (None: metrics off)."""
+        if self.metrics_port is None:
+            return None
+        return self.settings.resolved_data_dir / "metrics" / "stack"
+
+    @property
+    def metrics_url(self) -> str | None:
+        if self._metrics is None:
+            return None
+        return f"http://{self.settings.metrics_address}:{self._metrics.port}/metrics"
 
     @property
     def effective_stop_timeout_s(self) -> float:
@@ -149,6 +182,13 @@ class Stack:
                 self.broker = broker
                 broker.start()
         upgrade(self.settings.effective_database_url)
+        if self.metrics_dir is not None and self.metrics_port is not None:
+            from imgpipe.face.metrics_server import serve_stack_metrics
+
+            self._metrics = serve_stack_metrics(
+                self.settings, self.metrics_port, fresh_multiproc_dir(self.metrics_dir),
+                required=self.metrics_required,
+            )  # fmt: skip
         for role in self.workers:
             self._spawn(role, self._command(role))
         if self.flower:
@@ -166,10 +206,17 @@ class Stack:
                 if self._stopping.is_set():
                     return
                 self._supervise_broker()
+                self._rotate_logs()
                 for child in list(self.children):
                     if child.given_up or child.process.poll() is None:
                         continue
                     self._restart_child(child)
+
+    def _rotate_logs(self) -> None:
+        paths = [c.log_path for c in self.children]
+        if self.broker is not None:
+            paths.append(self.broker.log_path)
+        rotate_all(paths, self.settings.log_max_bytes, self.settings.log_backups)
 
     def _supervise_broker(self) -> None:
         broker = self.broker
@@ -224,9 +271,16 @@ class Stack:
             child.name, child.process.returncode, child.log_path,
         )  # fmt: skip
         _signal_group(child.process, signal.SIGKILL)  # its pool children too
+        self._mark_metrics_dead(child)
         self.children.remove(child)
         self._spawn(child.name, child.command, child.extra_env)
         self.children[-1].restarts = [*recent, now]
+
+    def _mark_metrics_dead(self, child: Child) -> None:
+        if self.metrics_dir is not None:
+            from imgpipe.face.metrics_server import mark_dead
+
+            mark_dead(child.process.pid, self.metrics_dir)
 
     def add_gpu_worker(self, device: str) -> None:
         """One more model worker pinned to ``device`` (``cuda:N`` or ``cpu``)."""
@@ -250,6 +304,8 @@ class Stack:
     ) -> None:
         log_path = self.log_dir / f"{name}.log"
         env = child_env(self.settings, extra_env)
+        if self.metrics_dir is not None:
+            env[MULTIPROC_ENV] = str(self.metrics_dir)
         # A stop signal between starting the child and recording it would orphan it.
         with signals_deferred(), log_path.open("ab") as log_file:
             process = subprocess.Popen(
@@ -331,6 +387,9 @@ class Stack:
             if self.broker is not None:
                 self.broker.stop()
                 self.broker = None
+            if self._metrics is not None:
+                self._metrics.close()
+                self._metrics = None
 
     def _stop_children(self, children: list[Child]) -> None:
         if not children:

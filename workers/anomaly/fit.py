@@ -39,6 +39,8 @@ from workers.anomaly.profile import (
     SCORE_BATCH,
     THRESHOLD_MARGIN,
     ProfileInfo,
+    ProgressFn,
+    no_progress,
     write_profile_file,
 )
 from workers.anomaly.scoring import backbone_for, distance_maps
@@ -93,6 +95,7 @@ def fit_profile(
     seed: int = 0,
     config: FeatureConfig | None = None,
     holdout_images: Sequence[NDArray[np.uint8]] | None = None,
+    progress: ProgressFn = no_progress,
 ) -> ProfileInfo:
     """Fit a profile from good images (HxWx3 RGB uint8) and write it to ``out_path``.
 
@@ -111,7 +114,7 @@ def fit_profile(
         )
     bank_images, holdout = _split_holdout(images, holdout_images, holdout_fraction, seed)
     backbone = backbone_for(device)
-    fitted = _fit_bank(backbone, bank_images, holdout, config, coreset_fraction, seed)
+    fitted = _fit_bank(backbone, bank_images, holdout, config, coreset_fraction, seed, progress)
     meta = _meta(name, config, fitted, backbone, bank_images, holdout, coreset_fraction, seed)
     sha = write_profile_file(Path(out_path), fitted.arrays(), meta)
     return ProfileInfo(
@@ -195,14 +198,18 @@ def _fit_bank(
     config: FeatureConfig,
     coreset_fraction: float,
     seed: int,
+    progress: ProgressFn,
 ) -> _Fitted:
     """The memory bank (a coreset of the bank images' patch features) and the held-out
     images' leave-one-out scores against it."""
+    total, done = len(bank_images) + len(holdout), 0
     with torch.inference_mode():
-        pooled_chunks = [
-            extract_pooled(backbone, bank_images[i : i + SCORE_BATCH], config)
-            for i in range(0, len(bank_images), SCORE_BATCH)
-        ]
+        pooled_chunks = []
+        for i in range(0, len(bank_images), SCORE_BATCH):
+            chunk = bank_images[i : i + SCORE_BATCH]
+            pooled_chunks.append(extract_pooled(backbone, chunk, config))
+            done += len(chunk)
+            progress(done, total)
         pooled = [torch.cat(parts) for parts in zip(*pooled_chunks, strict=True)]
         scales = layer_norms(pooled)
         projection = None
@@ -213,14 +220,13 @@ def _fit_bank(
         feats = feats.reshape(-1, feats.shape[-1])
         count = max(1, round(feats.shape[0] * coreset_fraction))
         bank = feats[greedy_coreset(feats, count, seed)].contiguous()
-        maps = torch.cat(
-            [
-                distance_maps(
-                    backbone, holdout[i : i + SCORE_BATCH], config, scales, projection, bank
-                )
-                for i in range(0, len(holdout), SCORE_BATCH)
-            ]
-        )
+        map_chunks = []
+        for i in range(0, len(holdout), SCORE_BATCH):
+            chunk = holdout[i : i + SCORE_BATCH]
+            map_chunks.append(distance_maps(backbone, chunk, config, scales, projection, bank))
+            done += len(chunk)
+            progress(done, total)
+        maps = torch.cat(map_chunks)
         return _Fitted(
             bank, scales, projection, ScoreScales.from_good_maps(maps), _loo_scores(maps)
         )

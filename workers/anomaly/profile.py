@@ -16,7 +16,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,14 @@ MIN_HOLDOUT_IMAGES = 3
 MIN_BANK_IMAGES = 2
 SCORE_BATCH = 8
 _ARRAYS = ("memory_bank", "layer_scales", "projection", "score_reference", "meta")
+
+
+ProgressFn = Callable[[int, int], None]
+"""Called as ``progress(images_done, images_total)`` after each batch of images."""
+
+
+def no_progress(_done: int, _total: int) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -220,6 +228,7 @@ def evaluate_profile(
     good: Sequence[NDArray[np.uint8]],
     bad: Sequence[NDArray[np.uint8]],
     device: str = "cpu",
+    progress: ProgressFn = no_progress,
 ) -> EvalReport:
     """Score labelled good and bad images with the profile at ``path``."""
     if not good or not bad:
@@ -228,14 +237,15 @@ def evaluate_profile(
     backbone = backbone_for(device)
     started = time.perf_counter()
     scores: list[list[float]] = []
+    total, done = len(good) + len(bad), 0
     for group in (good, bad):
-        scores.append(
-            [
-                s.score
-                for i in range(0, len(group), SCORE_BATCH)
-                for s in score_images(profile, group[i : i + SCORE_BATCH], backbone)
-            ]
-        )
+        group_scores: list[float] = []
+        for i in range(0, len(group), SCORE_BATCH):
+            chunk = group[i : i + SCORE_BATCH]
+            group_scores.extend(s.score for s in score_images(profile, chunk, backbone))
+            done += len(chunk)
+            progress(done, total)
+        scores.append(group_scores)
     elapsed_ms = (time.perf_counter() - started) * 1000
     counts = confusion_at(scores[0], scores[1], profile.threshold)
     return EvalReport(

@@ -181,7 +181,12 @@ def _through_the_stack(
     spec = load_pipeline(pipeline, settings.pipelines_dir)
     needs_gpu = any(s.kind in GPU_STAGE_KINDS for s in spec.stages)
     roles = ("orchestrator", "cpu", "gpu") if needs_gpu else ("orchestrator", "cpu")
-    with Stack(settings, workers=roles, gpu_device=config.device) as stack:
+    # Workers record metrics into multi-process files, served on a free port, as under
+    # `imgpipe up`: the figures include what metrics cost the stage path.
+    stack = Stack(
+        settings, workers=roles, gpu_device=config.device, metrics_port=0, metrics_required=False
+    )
+    with stack:
         progress("starting the stack")
         stack.wait_ready()
         ctx = OrchestratorContext(settings)
