@@ -219,6 +219,25 @@ class Settings(BaseSettings):
         "been lost behind a long backfill).",
     )
 
+    # HTTP API and review console (imgpipe/face/web, `imgpipe serve`; docs/api.md).
+    api_address: str = Field(
+        default="127.0.0.1",
+        description="Interface `imgpipe serve` listens on; put a TLS proxy in front of it "
+        "before exposing it beyond this machine (API keys travel in a header).",
+    )
+    api_port: int = Field(default=8780, ge=0, le=65535)
+    api_events_poll_s: float = Field(
+        default=0.25,
+        gt=0,
+        description="How often GET /v1/jobs/{id}/events reads the job's rows while it runs.",
+    )
+    review_lease_s: float = Field(
+        default=120.0,
+        ge=5,
+        description="How long a review item stays with the reviewer it was shown to; the "
+        "console renews it while the item is on screen.",
+    )
+
     # Flower.
     flower_port: int = 5555
     flower_address: str = Field(

@@ -9,6 +9,7 @@ decided again (a correction): every decision stays in ``reviews``, the latest wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -99,8 +100,13 @@ def decide(
     *,
     reviewer: str,
     note: str | None = None,
+    guard: Callable[[Session, Job], None] | None = None,
 ) -> ReviewOutcome:
-    """Record a reviewer's decision and make it the job's final verdict."""
+    """Record a reviewer's decision and make it the job's final verdict.
+
+    ``guard(session, job)`` runs under the job's lock once the decision is known to be
+    valid, before it is recorded; it raises ``ReviewError`` to refuse (the review console
+    checks there that the reviewer still holds the job's lease: orchestrator/review_lease.py)."""
     reviewer = reviewer.strip()
     if not reviewer or len(reviewer) > MAX_REVIEWER_CHARS:
         raise ReviewError(
@@ -127,6 +133,8 @@ def decide(
                 f"job {job_id} is {job.status} with verdict {job.verdict!r}: only jobs waiting "
                 "for review (or already reviewed) can be decided; see `imgpipe review list`"
             )
+        if guard is not None:
+            guard(session, job)
         previous = job.verdict
         session.add(Review(job_id=job_id, decision=decision, reviewer=reviewer, note=note, at=now))
         job.verdict = decision
