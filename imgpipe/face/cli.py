@@ -20,6 +20,7 @@ from imgpipe.face.cli_bench import add_bench_commands
 from imgpipe.face.cli_ingest import add_ingest_commands
 from imgpipe.face.cli_ops import add_ops_commands
 from imgpipe.face.cli_render import render_results_table
+from imgpipe.face.cli_web import add_web_commands
 from imgpipe.face.stopsignals import StopRequested, stop_on_signals
 from imgpipe.redact import redact_text, redact_url
 from imgpipe.settings import Settings
@@ -161,9 +162,12 @@ def up(
         bool,
         typer.Option(help="Start Flower (needs IMGPIPE_FLOWER_PASSWORD or _PASSWORD_FILE)."),
     ] = True,
+    api: Annotated[
+        bool, typer.Option(help="Start the HTTP API and review console (`imgpipe serve`).")
+    ] = True,
 ) -> None:
     """Run the stack in the foreground until SIGTERM or Ctrl-C: broker, orchestrator,
-    workers, Flower.
+    workers, the HTTP API, Flower.
 
     A stop signal stops every process it started, in order (ingest, stage workers with a
     warm shutdown, orchestrator, Flower, the embedded broker), and exits 0. Exit 1: a
@@ -179,7 +183,8 @@ def up(
             "Flower not started: set IMGPIPE_FLOWER_PASSWORD or IMGPIPE_FLOWER_PASSWORD_FILE "
             "to enable it (basic auth)."
         )
-    stack = Stack(settings, workers=("orchestrator", "cpu", "ingest"), flower=with_flower)
+    roles = ("orchestrator", "cpu", "ingest", "api") if api else ("orchestrator", "cpu", "ingest")
+    stack = Stack(settings, workers=roles, flower=with_flower)
     try:
         with stack:
             for dev in device:
@@ -189,6 +194,11 @@ def up(
             )
             console.print(f"broker {redact_url(settings.effective_broker_url)}")
             console.print(f"database {redact_url(settings.effective_database_url)}")
+            if api:
+                console.print(
+                    f"HTTP API and review console on http://{settings.api_address}:"
+                    f"{settings.api_port}/console (keys: imgpipe apikey create)"
+                )
             if with_flower:
                 console.print(
                     f"Flower on http://{settings.flower_address}:{settings.flower_port} "
@@ -287,6 +297,7 @@ def orchestrator(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
 add_ops_commands(app, console)
 add_ingest_commands(app, console)
 add_bench_commands(app, console)
+add_web_commands(app, console)
 
 
 def main() -> None:
