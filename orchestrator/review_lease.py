@@ -232,15 +232,17 @@ def decide_leased(
     return decide(ctx, job_id, decision, reviewer=reviewer, note=note, guard=holds_lease)
 
 
-def queue_counts(database_url: str) -> tuple[int, int]:
-    """(jobs waiting for review, how many of them are leased to someone right now)."""
+def queue_counts(database_url: str, pipeline: str | None = None) -> tuple[int, int]:
+    """(jobs waiting for review, how many of them are leased to someone right now), of
+    one pipeline or all."""
     now = utcnow()
+    where = [*_waiting(), *([Job.pipeline == pipeline] if pipeline is not None else [])]
     with session_scope(database_url) as session:
-        waiting = session.execute(select(func.count()).select_from(Job).where(*_waiting()))
+        waiting = session.execute(select(func.count()).select_from(Job).where(*where))
         leased = session.execute(
             select(func.count())
             .select_from(Job)
             .join(ReviewLease, ReviewLease.job_id == Job.id)
-            .where(*_waiting(), ReviewLease.expires_at > now)
+            .where(*where, ReviewLease.expires_at > now)
         )
         return int(waiting.scalar_one()), int(leased.scalar_one())

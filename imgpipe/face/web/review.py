@@ -172,8 +172,12 @@ def decide(job_id: JobId, body: DecisionIn, ctx: Ctx, key: Reviewer) -> Decision
     response_model=QueueOut,
     responses=error_responses(401, 403, 503),
 )
-def queue(ctx: Ctx, key: Reviewer) -> QueueOut:
-    waiting, leased = review_lease.queue_counts(ctx.database_url)
+def queue(
+    ctx: Ctx,
+    key: Reviewer,
+    pipeline: Annotated[str | None, Query(max_length=64, pattern=TEXT_PATTERN)] = None,
+) -> QueueOut:
+    waiting, leased = review_lease.queue_counts(ctx.database_url, pipeline)
     return QueueOut(
         waiting=waiting, leased=leased, lease_s=ctx.settings.review_lease_s, reviewer=key.name
     )

@@ -16,6 +16,8 @@ import uuid
 from typing import Any
 
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from imgpipe.face.web.errors import ApiError
@@ -88,8 +90,9 @@ async def _form_fields(request: Request) -> dict[bytes, bytes]:
         form = await request.form(
             max_files=1, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_TEXT_PART_BYTES
         )
-    except Exception as exc:  # starlette raises MultiPartException / HTTPException here
-        raise _bad(f"the multipart body cannot be parsed: {exc}", "bad_body") from None
+    except (HTTPException, MultiPartException) as exc:
+        detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or exc
+        raise _bad(f"the multipart body cannot be parsed: {detail}", "bad_body") from None
     fields: dict[bytes, bytes] = {}
     try:
         for name, value in form.multi_items():

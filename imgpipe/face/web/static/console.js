@@ -5,6 +5,9 @@
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 const EMPTY_POLL_MS = 3000;
+// /console?pipeline=NAME works the queue of one pipeline only.
+const PIPELINE = new URLSearchParams(location.search).get("pipeline");
+const PIPELINE_QUERY = PIPELINE ? `?pipeline=${encodeURIComponent(PIPELINE)}` : "";
 const state = {
   item: null, busy: false, skipped: [], leaseS: 120, renewTimer: null, emptyTimer: null,
   blobUrls: [], shown: 0,
@@ -18,7 +21,7 @@ function clearTimers() {
 
 async function refreshCount() {
   try {
-    const queue = await (await api("/v1/review/queue")).json();
+    const queue = await (await api(`/v1/review/queue${PIPELINE_QUERY}`)).json();
     document.getElementById("queue-count").textContent =
       `queue: ${queue.waiting} waiting, ${queue.leased} on screens`;
   } catch (_) { /* the status line already says why */ }
@@ -172,7 +175,7 @@ async function loadNext() {
   const order = document.getElementById("order").value;
   try {
     const response = await api("/v1/review/next", {
-      method: "POST", json: { order, exclude: state.skipped.slice(-1000) },
+      method: "POST", json: { order, exclude: state.skipped.slice(-1000), pipeline: PIPELINE },
     });
     if (response.status === 204) showEmpty(); else await show(await response.json());
   } catch (err) {
