@@ -231,6 +231,12 @@ class Settings(BaseSettings):
         gt=0,
         description="How often GET /v1/jobs/{id}/events reads the job's rows while it runs.",
     )
+    api_events_max_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Longest a GET /v1/jobs/{id}/events stream stays open; then it ends and "
+        "the client reconnects (EventSource does by itself) and gets the current state.",
+    )
     review_lease_s: float = Field(
         default=120.0,
         ge=5,

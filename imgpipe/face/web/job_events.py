@@ -15,7 +15,8 @@ Events (``event:`` names, ``data:`` JSON):
 * ``stage``: one per stage status change (stage, kind, status, attempts, error,
   skip_reason);
 * ``completed``: once the job is terminal: the whole job (as GET /v1/jobs/{job_id}); then
-  the stream ends.
+  the stream ends. A stream also ends after IMGPIPE_API_EVENTS_MAX_S without
+  ``completed``: the client reconnects and gets the current state first.
 
 A comment line (``: keep-alive``) is sent every KEEPALIVE_S so proxies keep the
 connection open; a client that went away is noticed at the next send (at most KEEPALIVE_S).
@@ -50,6 +51,17 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 KEEPALIVE_S = 15.0
 RECONNECT_MS = 2000
+
+_EVENT_SCHEMA = {
+    "type": "object",
+    "description": "One server-sent event; `data` is JSON.",
+    "properties": {
+        "event": {"type": "string", "enum": ["state", "stage", "completed"]},
+        "data": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
 
 Snapshot = tuple[str, str | None, tuple[tuple[str, str, str, int, str | None, str | None], ...]]
 
@@ -86,7 +98,8 @@ async def _stream(ctx: WebContext, job_id: str) -> AsyncIterator[bytes]:
     previous: Snapshot | None = None
     event_id = 0
     last_sent = time.monotonic()
-    while True:
+    ends_at = last_sent + ctx.settings.api_events_max_s
+    while time.monotonic() < ends_at:
         snapshot = await run_in_threadpool(_snapshot, ctx.database_url, job_id)
         if snapshot is None:  # deleted meanwhile
             return
@@ -127,7 +140,7 @@ async def _stream(ctx: WebContext, job_id: str) -> AsyncIterator[bytes]:
     response_class=StreamingResponse,
     responses={
         200: {
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": _EVENT_SCHEMA}},
             "description": "Events `state`, `stage` and a final `completed` (the whole job).",
         },
         **error_responses(401, 403, 404, 503),

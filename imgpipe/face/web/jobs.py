@@ -66,8 +66,8 @@ async def post_job(
         str | None,
         Header(
             alias="Idempotency-Key",
-            max_length=200,
-            description="A retry with the same key returns the same job (never a second one).",
+            description="A retry with the same key returns the same job (never a second one); "
+            "1 to 200 characters, checked as the stream's idempotency_key (400 bad_field).",
         ),
     ] = None,
 ) -> JSONResponse:
