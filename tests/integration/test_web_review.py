@@ -196,9 +196,11 @@ def test_by_score_and_what_a_reviewer_sees(
     (rule,) = astronaut["rules"]
     assert rule["stage"] == "quality" and rule["op"] == ">=" and rule["value"] == 0
     assert rule["matched"] is True and isinstance(rule["actual"], float)
-    expected = sorted(
-        jobs, key=lambda j: -(next(s for s in shown if s["job_id"] == j)["score"] or -1.0)
+    # Highest score first; jobs without a score last; ties oldest (finished) first.
+    ranked = sorted(
+        shown, key=lambda s: (s["score"] is None, -(s["score"] or 0.0), s["finished_at"])
     )
+    expected = [s["job_id"] for s in ranked]
     order = []
     while (item := take(web_server, web_keys["alice"], pipeline, order="score")) is not None:
         order.append(item["job_id"])

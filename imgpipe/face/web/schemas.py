@@ -93,7 +93,7 @@ class ReviewNextIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     order: Literal["oldest", "score"] = "oldest"
-    exclude: list[Annotated[str, Field(max_length=36)]] = Field(
+    exclude: list[Annotated[str, Field(pattern=JOB_ID_PATTERN)]] = Field(
         default_factory=list,
         max_length=MAX_EXCLUDE,
         description="Job ids not to be given (the ones this reviewer skipped).",
