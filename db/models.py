@@ -23,6 +23,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from db.types import UTCDateTime
 
 __all__ = [
+    "ApiKey",
     "Base",
     "Detection",
     "Image",
@@ -31,6 +32,7 @@ __all__ = [
     "ModelRecord",
     "OutboxRow",
     "Review",
+    "ReviewLease",
     "StageRun",
     "utcnow",
 ]
@@ -79,6 +81,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_image_pipeline_hash", "image_sha256", "pipeline_hash"),
+        Index("ix_jobs_verdict_finished", "verdict", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_uuid)
@@ -230,3 +233,32 @@ class OutboxRow(Base):
     payload: Mapped[str] = mapped_column(Text)
     """An event's fields as a JSON object of JSON-encoded strings, or the webhook body."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ReviewLease(Base):
+    """Who is looking at a ``review`` job right now, and until when (the review console:
+    orchestrator/review_lease.py). One row per job: a second reviewer cannot take it before
+    ``expires_at``; the decision deletes it in the transaction that records the review."""
+
+    __tablename__ = "review_leases"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    reviewer: Mapped[str] = mapped_column(String(128), index=True)
+    taken_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ApiKey(Base):
+    """An HTTP API key (db/apikeys.py): only the sha256 of the token is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128))
+    """Who holds the key; a review key's name is the reviewer stored with each decision."""
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    """The token's first characters, shown by `imgpipe apikey list` to tell keys apart."""
+    scopes: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

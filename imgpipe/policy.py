@@ -16,7 +16,15 @@ from typing import Any
 from imgpipe.errors import PipelineSpecError
 from imgpipe.stageoutputs import field_problem
 
-__all__ = ["VOCABULARIES", "Policy", "Rule", "evaluate_policy", "parse_policy"]
+__all__ = [
+    "VOCABULARIES",
+    "Policy",
+    "Rule",
+    "RuleCheck",
+    "evaluate_policy",
+    "explain_rules",
+    "parse_policy",
+]
 
 VOCABULARIES: dict[str, tuple[str, ...]] = {
     # least -> most severe
@@ -170,3 +178,40 @@ def evaluate_policy(
             if policy.severity(rule.verdict) > policy.severity(verdict):
                 verdict = rule.verdict
     return verdict, reasons
+
+
+@dataclass(frozen=True)
+class RuleCheck:
+    """One rule against one job's outputs: the value it read and whether it matched (what
+    a reviewer sees as the deciding scores and thresholds)."""
+
+    rule: Rule
+    found: bool
+    value: Any
+    matched: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.rule.to_json(), "found": self.found, "actual": self.value,
+                "matched": self.matched}  # fmt: skip
+
+
+def explain_rules(
+    rules: list[Mapping[str, Any]], outputs: Mapping[str, Mapping[str, Any]]
+) -> list[RuleCheck]:
+    """Each rule of a stored policy (``Policy.to_json()["rules"]``) checked against the
+    stage outputs, in the policy's order, as ``evaluate_policy`` checks them."""
+    checks: list[RuleCheck] = []
+    for raw in rules:
+        rule = Rule(
+            str(raw["stage"]), str(raw["field"]), str(raw["op"]), raw["value"], str(raw["verdict"])
+        )
+        output = outputs.get(rule.stage)
+        found, value = _lookup(output, rule.field) if output is not None else (False, None)
+        matched = False
+        if found and rule.op in _OPS:
+            try:
+                matched = bool(_OPS[rule.op](value, rule.value))
+            except TypeError:
+                matched = False
+        checks.append(RuleCheck(rule, found, value, matched))
+    return checks

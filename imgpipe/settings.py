@@ -281,6 +281,31 @@ class Settings(BaseSettings):
         default=3, ge=0, description="Rotated log files kept per process (name.log.1 ...)."
     )
 
+    # HTTP API and review console (imgpipe/face/web, `imgpipe serve`; docs/api.md).
+    api_address: str = Field(
+        default="127.0.0.1",
+        description="Interface `imgpipe serve` listens on; put a TLS proxy in front of it "
+        "before exposing it beyond this machine (API keys travel in a header).",
+    )
+    api_port: int = Field(default=8780, ge=0, le=65535)
+    api_events_poll_s: float = Field(
+        default=0.25,
+        gt=0,
+        description="How often GET /v1/jobs/{id}/events reads the job's rows while it runs.",
+    )
+    api_events_max_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Longest a GET /v1/jobs/{id}/events stream stays open; then it ends and "
+        "the client reconnects (EventSource does by itself) and gets the current state.",
+    )
+    review_lease_s: float = Field(
+        default=120.0,
+        ge=5,
+        description="How long a review item stays with the reviewer it was shown to; the "
+        "console renews it while the item is on screen.",
+    )
+
     # Flower.
     flower_port: int = 5555
     flower_address: str = Field(

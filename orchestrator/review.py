@@ -10,6 +10,7 @@ decided again (a correction): every decision stays in ``reviews``, the latest wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -127,8 +128,13 @@ def decide(
     *,
     reviewer: str,
     note: str | None = None,
+    guard: Callable[[Session, Job], None] | None = None,
 ) -> ReviewOutcome:
-    """Record a reviewer's decision and make it the job's final verdict."""
+    """Record a reviewer's decision and make it the job's final verdict.
+
+    ``guard(session, job)`` runs under the job's lock once the decision is known to be
+    valid, before it is recorded; it raises ``ReviewError`` to refuse (the review console
+    checks there that the reviewer still holds the job's lease: orchestrator/review_lease.py)."""
     reviewer = reviewer.strip()
     if not reviewer or len(reviewer) > MAX_REVIEWER_CHARS:
         raise ReviewError(
@@ -137,6 +143,8 @@ def decide(
     now = utcnow()
     with session_scope(ctx.database_url) as session:
         job = _reviewable_job(session, job_id, decision)
+        if guard is not None:
+            guard(session, job)
         previous = job.verdict
         session.add(Review(job_id=job_id, decision=decision, reviewer=reviewer, note=note, at=now))
         job.verdict = decision

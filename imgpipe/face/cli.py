@@ -31,6 +31,7 @@ from imgpipe.face.cli_console import fail as _fail
 from imgpipe.face.cli_flower import add_flower_command
 from imgpipe.face.cli_render import render_results_table
 from imgpipe.face.cli_status import add_status_commands
+from imgpipe.face.cli_web import add_web_commands
 from imgpipe.face.stopsignals import StopRequested, stop_on_signals
 from imgpipe.redact import redact_text, redact_url
 from imgpipe.settings import DEFAULT_METRICS_PORT, Settings
@@ -166,9 +167,12 @@ def up(
         bool,
         typer.Option(help="Start Flower (needs IMGPIPE_FLOWER_PASSWORD or _PASSWORD_FILE)."),
     ] = True,
+    api: Annotated[
+        bool, typer.Option(help="Start the HTTP API and review console (`imgpipe serve`).")
+    ] = True,
 ) -> None:
     """Run the stack in the foreground until SIGTERM or Ctrl-C: broker, orchestrator,
-    workers, Flower.
+    workers, the HTTP API, Flower.
 
     A stop signal stops every process it started, in order (ingest, stage workers with a
     warm shutdown, orchestrator, Flower, the embedded broker), and exits 0. Exit 1: a
@@ -185,9 +189,10 @@ def up(
             "Flower not started: set IMGPIPE_FLOWER_PASSWORD or IMGPIPE_FLOWER_PASSWORD_FILE "
             "to enable it (basic auth)."
         )
+    roles = ("orchestrator", "cpu", "ingest", "api") if api else ("orchestrator", "cpu", "ingest")
     stack = Stack(
         settings,
-        workers=("orchestrator", "cpu", "ingest"),
+        workers=roles,
         flower=with_flower,
         metrics_port=_up_metrics_port(settings),
         metrics_required=settings.metrics_port is not None,
@@ -212,6 +217,11 @@ def up(
                 console.print(
                     f"[yellow]metrics not served:[/yellow] port {stack.metrics_port} is in use "
                     "(another imgpipe up?); set IMGPIPE_METRICS_PORT to a free port, or 0"
+                )
+            if api:
+                console.print(
+                    f"HTTP API and review console on http://{settings.api_address}:"
+                    f"{settings.api_port}/console (keys: imgpipe apikey create)"
                 )
             if with_flower:
                 console.print(
@@ -328,6 +338,7 @@ cli_review.register(app)
 cli_bench.register(app)
 add_status_commands(app, console)
 add_flower_command(app, console)
+add_web_commands(app, console)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ order, each step a warm shutdown of the main process only (SIGTERM: the batch or
 hand finishes within its time limit, un-started work goes back to the broker), then
 SIGKILL to the whole group of whatever is left after ``stop_timeout_s``:
 
-1. ``ingest`` (no new jobs), 2. the stage workers (``cpu``, ``gpu*``), 3. the
+1. ``ingest`` and ``api`` (no new jobs), 2. the stage workers (``cpu``, ``gpu*``), 3. the
 ``orchestrator``, 4. Flower, 5. the embedded broker (SHUTDOWN: its append-only file is
 flushed), last because everything before it still hands work back through it.
 
@@ -52,8 +52,10 @@ __all__ = ["STOP_ORDER", "Stack", "child_env", "warm_stop_timeout_s"]
 
 log = logging.getLogger(__name__)
 
-# Children that answer no Celery ping: Flower and the submit-stream consumer.
-NOT_CELERY_WORKERS = frozenset({"flower", "ingest"})
+# Children that answer no Celery ping: Flower, the submit-stream consumer, the HTTP API.
+NOT_CELERY_WORKERS = frozenset({"flower", "ingest", "api"})
+# Entry points stop first (no new jobs), in the same step.
+_ENTRY_POINTS = frozenset({"ingest", "api"})
 
 SUPERVISE_INTERVAL_S = 0.5
 RESTART_LIMIT = 5
@@ -102,7 +104,9 @@ def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
 
 def _stop_step(name: str) -> int:
     """Index in STOP_ORDER of the child ``name`` (``cpu``, ``gpu``, ``gpu-cuda0``: stage
-    workers)."""
+    workers; ``api`` stops with ``ingest``)."""
+    if name in _ENTRY_POINTS:
+        return STOP_ORDER.index("ingest")
     if name in STOP_ORDER:
         return STOP_ORDER.index(name)
     return STOP_ORDER.index("stage workers")
@@ -297,6 +301,8 @@ class Stack:
             return [*base, "worker", "gpu", "--device", self.gpu_device]
         if role == "ingest":
             return [*base, "ingest"]
+        if role == "api":
+            return [*base, "serve"]
         raise ValueError(f"unknown worker role {role!r}")
 
     def _spawn(

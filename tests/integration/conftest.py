@@ -13,6 +13,7 @@ from imgpipe.face.stack import Stack
 from imgpipe.settings import Settings
 from orchestrator.context import OrchestratorContext
 from tests.support.services import short_tmp_dir
+from tests.support.webfixtures import web_keys, web_server, web_settings  # noqa: F401 (web tests)
 
 
 def make_settings(broker: EmbeddedRedis | None, database_url: str, **overrides: object) -> Settings:

@@ -86,7 +86,8 @@ class UpProcess:
 
     def __init__(self, env: dict[str, str], out_path: Path, args: Iterable[str] = ()) -> None:
         self.out_path = out_path
-        env = {**env, "PYTHONPATH": str(REPO)}
+        # The HTTP API on a free port: parallel stacks must not fight over 8780.
+        env = {"IMGPIPE_API_PORT": "0", **env, "PYTHONPATH": str(REPO)}
         with out_path.open("ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "imgpipe", "up", *args],
