@@ -72,13 +72,23 @@ def report_job(ctx: OrchestratorContext, samples_dir: Path, profiled_pipeline: P
     return job_id
 
 
+@pytest.fixture(scope="module")
+def dark_job(ctx: OrchestratorContext, samples_dir: Path, profiled_pipeline: Path) -> str:
+    """A dark photo: the enhance stage brightens it, so the page has an enhanced picture."""
+    data = (samples_dir / "degraded" / "astronaut_dark.jpg").read_bytes()
+    request = SubmitRequest(data=data, pipeline=str(profiled_pipeline), force=True)
+    job_id = submit(ctx, request).job_id
+    assert wait_jobs(ctx.database_url, [job_id], 300)[job_id] == JobStatus.SUCCEEDED
+    return job_id
+
+
 @pytest.fixture
 def page(
-    stack_settings: Settings, report_job: str, tmp_path: Path
+    stack_settings: Settings, report_job: str, dark_job: str, tmp_path: Path
 ) -> Iterator[tuple[Path, list[Element]]]:
     out = tmp_path / "report.html"
-    written = write_report(stack_settings, [report_job, "no-such-job"], out)
-    assert (written.jobs, written.unknown) == (1, ["no-such-job"])
+    written = write_report(stack_settings, [report_job, dark_job, "no-such-job"], out)
+    assert (written.jobs, written.unknown) == (2, ["no-such-job"])
     yield out, scan_html(out.read_text(encoding="utf-8"))
 
 
@@ -92,11 +102,16 @@ def _decoded(uri: str) -> Image.Image:
 
 
 def test_report_shows_boxes_verdict_scores_heatmap_and_timings(
-    page: tuple[Path, list[Element]], report_job: str
+    page: tuple[Path, list[Element]], report_job: str, dark_job: str
 ) -> None:
-    _, elements = page
-    (section,) = _with_class(elements, "job")
-    assert section.attrs["data-job-id"] == report_job
+    _, page_elements = page
+    sections = [i for i, e in enumerate(page_elements) if "job" in e.classes]
+    assert [page_elements[i].attrs["data-job-id"] for i in sections] == [report_job, dark_job]
+    elements = page_elements[sections[0] : sections[1]]  # the astronaut's section
+    dark = page_elements[sections[1] :]
+    (enhanced,) = _with_class(dark, "enhanced")
+    assert enhanced.tag == "img" and enhanced.attrs["src"].startswith("data:image/jpeg;base64,")
+    assert "dark" in "".join(_with_class(dark, "flags")[0].text)
     boxes = _with_class(elements, "box")
     assert "FACE_FEMALE" in {b.attrs["data-label"] for b in boxes}
     face = next(b for b in boxes if b.attrs["data-label"] == "FACE_FEMALE")
@@ -117,7 +132,7 @@ def test_report_shows_boxes_verdict_scores_heatmap_and_timings(
     heat = _decoded(pictures["heatmap"][0].attrs["src"])
     assert heat.mode == "RGBA" and max(heat.size) <= THUMB_MAX_SIDE_PX
     assert max(_decoded(pictures["original"][0].attrs["src"]).size) <= THUMB_MAX_SIDE_PX
-    assert "no-such-job" in "".join(_with_class(elements, "unknown")[0].text)
+    assert "no-such-job" in "".join(_with_class(page_elements, "unknown")[0].text)
 
 
 def test_report_is_self_contained_and_escapes_database_strings(

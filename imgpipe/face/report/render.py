@@ -20,6 +20,7 @@ body{font:14px/1.4 system-ui,sans-serif;margin:16px;background:#fafafa;color:#21
 figure{margin:0}
 .frame{position:relative;display:inline-block;line-height:0;background:#eee}
 .frame img.thumb{display:block;max-width:360px;max-height:360px}
+.heat-alone{background:#000}
 .frame .heatmap,.frame svg.boxes{position:absolute;left:0;top:0;width:100%;height:100%}
 .heat-toggle:not(:checked)~.pics .heatmap{display:none}
 .missing{display:inline-block;width:240px;padding:20px;background:#eee;color:#757575}
@@ -57,10 +58,17 @@ def _pictures(view: JobView, index: int) -> str:
     original = _picture(view.original, "original", heat + boxes)
     enhanced = _picture(view.enhanced, "enhanced", boxes)
     ops = escape(", ".join(view.enhance_ops) or "nothing applied")
+    alone = ""
+    if view.heatmap.data_uri is not None:
+        alone = (
+            f'<figure><div class="frame heat-alone"><img class="thumb heatmap-alone" '
+            f'alt="anomaly heat map" src="{view.heatmap.data_uri}"></div><figcaption>anomaly '
+            "heat map (red: above the threshold)</figcaption></figure>"
+        )
     return (
         f'{toggle}<div class="pics"><figure>{original}<figcaption>original '
         f"{view.width_px}x{view.height_px} px</figcaption></figure>"
-        f"<figure>{enhanced}<figcaption>enhanced: {ops}</figcaption></figure></div>"
+        f"<figure>{enhanced}<figcaption>enhanced: {ops}</figcaption></figure>{alone}</div>"
     )
 
 
