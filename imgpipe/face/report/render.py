@@ -63,7 +63,7 @@ def _pictures(view: JobView, index: int) -> str:
         alone = (
             f'<figure><div class="frame heat-alone"><img class="thumb heatmap-alone" '
             f'alt="anomaly heat map" src="{view.heatmap.data_uri}"></div><figcaption>anomaly '
-            "heat map (red: above the threshold)</figcaption></figure>"
+            "heat map (black: like the good images; red: twice the threshold)</figcaption></figure>"
         )
     return (
         f'{toggle}<div class="pics"><figure>{original}<figcaption>original '
