@@ -25,7 +25,7 @@ from rich.progress import (
 from imgpipe.contracts import JobStatus, Priority
 from imgpipe.errors import ImgpipeError
 from imgpipe.extras import install_hint, missing_model_modules
-from imgpipe.face import cli_bench, cli_ingest, cli_ops, cli_reprocess, cli_review
+from imgpipe.face import cli_bench, cli_ingest, cli_ops, cli_report, cli_reprocess, cli_review
 from imgpipe.face.cli_console import console
 from imgpipe.face.cli_console import fail as _fail
 from imgpipe.face.cli_flower import add_flower_command
@@ -62,6 +62,9 @@ def run(
     priority: Annotated[Priority, typer.Option(help="Queue priority.")] = Priority.INTERACTIVE,
     timeout_s: Annotated[float, typer.Option(help="Give up waiting after this long.")] = 1800,
     device: Annotated[str, typer.Option(help="Device of the model worker.")] = "cpu",
+    report: Annotated[
+        Path | None, typer.Option(help="Also write the jobs' HTML report (imgpipe report).")
+    ] = None,
 ) -> None:
     """Start the embedded stack, process IMAGES, print one row per image, stop the stack.
 
@@ -110,6 +113,11 @@ def run(
         statuses = _wait_with_progress(ctx, stack, [j for _, j in submitted], timeout_s)
         wall_s = time.monotonic() - started
         reports = _collect(ctx, submitted)
+    if report is not None:
+        from imgpipe.face.report import write_report
+
+        written = write_report(settings, [j for _, j in submitted], report)
+        console.print(f"report: {escape(str(written.path))} ({written.jobs} job(s))")
     if json_out:
         sys.stdout.write(json.dumps({"jobs": reports, "wall_s": wall_s}, indent=2, default=str))
         sys.stdout.write("\n")
@@ -335,6 +343,7 @@ cli_ops.register(app)
 cli_ingest.register(app)
 cli_reprocess.register(app)
 cli_review.register(app)
+cli_report.register(app)
 cli_bench.register(app)
 add_status_commands(app, console)
 add_flower_command(app, console)
