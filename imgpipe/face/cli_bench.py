@@ -10,6 +10,15 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from imgpipe.face.cli_console import console
@@ -59,8 +68,20 @@ def bench(
         latency_jobs=latency_jobs,
         command=shlex.join(["imgpipe", *sys.argv[1:]]),
     )
-    with console.status("benchmarking") as status:
-        report = run_bench(config, lambda step: status.update(f"benchmarking: {step}"))
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+        transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("benchmarking", total=None)
+
+        def step(what: str) -> None:  # a new phase: the bar starts over
+            bar.update(task, description=f"benchmarking: {what}", completed=0, total=None)
+
+        def jobs_done(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        report = run_bench(config, step, jobs_done)
     if json_out:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:

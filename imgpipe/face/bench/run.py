@@ -27,6 +27,7 @@ from imgpipe.redact import redact_url
 from imgpipe.settings import Settings
 
 if TYPE_CHECKING:
+    from imgpipe.face.bench.phases import JobsDone
     from imgpipe.face.stack import Stack
 
 __all__ = ["BenchConfig", "default_images", "run_bench", "tiny_images"]
@@ -101,7 +102,11 @@ def _redact(url: SecretStr | None, default: str) -> str:
     return default if url is None else redact_url(url.get_secret_value())
 
 
-def run_bench(config: BenchConfig, progress: Progress = lambda _: None) -> dict[str, Any]:
+def run_bench(
+    config: BenchConfig,
+    progress: Progress = lambda _: None,
+    jobs_done: JobsDone | None = None,
+) -> dict[str, Any]:
     from imgpipe.face.bench.baselines import (
         batched_baseline,
         model_stages,
@@ -156,7 +161,9 @@ def run_bench(config: BenchConfig, progress: Progress = lambda _: None) -> dict[
         del inputs
         release_device_memory(config.device)
         report["baselines"] = {"in_process_sequential": sequential, "in_process_batched": batched}
-        report["imgpipe"], canvas = _through_the_stack(config, settings, pipeline, images, progress)
+        report["imgpipe"], canvas = _through_the_stack(
+            config, settings, pipeline, images, progress, jobs_done
+        )
         report["baselines"]["celery_canvas"] = canvas
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -171,6 +178,7 @@ def _through_the_stack(
     pipeline: str,
     images: Sequence[bytes],
     progress: Progress,
+    jobs_done: JobsDone | None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     from imgpipe.face.bench.phases import run_jobs
     from imgpipe.face.stack import Stack
@@ -192,7 +200,10 @@ def _through_the_stack(
         ctx = OrchestratorContext(settings)
 
         def jobs(count: int, at_once: bool) -> tuple[dict[str, Any], float]:
-            return run_jobs(ctx, stack, pipeline, images, count, at_once, config.timeout_s)
+            return run_jobs(
+                ctx, stack, pipeline, images, count, at_once, config.timeout_s,
+                jobs_done or (lambda _done, _total: None),
+            )  # fmt: skip
 
         progress(f"warm-up: {config.warmup_jobs} jobs")
         jobs(config.warmup_jobs, at_once=False)
