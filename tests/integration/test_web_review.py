@@ -196,9 +196,11 @@ def test_by_score_and_what_a_reviewer_sees(
     (rule,) = astronaut["rules"]
     assert rule["stage"] == "quality" and rule["op"] == ">=" and rule["value"] == 0
     assert rule["matched"] is True and isinstance(rule["actual"], float)
-    # Highest score first; jobs without a score last; ties oldest (finished) first.
+    # Highest score first; jobs without a score last; ties oldest (finished) first, then by
+    # job id (jobs finished by one batch's transaction share their finished_at).
     ranked = sorted(
-        shown, key=lambda s: (s["score"] is None, -(s["score"] or 0.0), s["finished_at"])
+        shown,
+        key=lambda s: (s["score"] is None, -(s["score"] or 0.0), s["finished_at"], s["job_id"]),
     )
     expected = [s["job_id"] for s in ranked]
     order = []
