@@ -51,6 +51,24 @@ def redis_broker() -> Iterator[EmbeddedRedis]:
 DATABASE_BACKENDS = ["sqlite", "postgresql"] if os.environ.get(TEST_PG_ENV) else ["sqlite"]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``@pytest.mark.one_backend("sqlite")``: a test whose subject is processes, signals or
+    files rather than SQL runs on SQLite only; ``one_backend("postgresql")`` on PostgreSQL
+    when it is configured, else on SQLite. The other backend's variant is skipped, saying
+    why (CI time: these are the slowest drills)."""
+    for item in items:
+        marker = item.get_closest_marker("one_backend")
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("database_url") if callspec is not None else None
+        if marker is None or backend is None:
+            continue
+        wanted = marker.args[0] if marker.args[0] in DATABASE_BACKENDS else "sqlite"
+        if backend != wanted:
+            item.add_marker(
+                pytest.mark.skip(reason=f"runs on {wanted} only: the database plays no part")
+            )
+
+
 def pytest_report_header() -> str:
     if os.environ.get(TEST_PG_ENV):
         return f"database backends: sqlite, postgresql ({TEST_PG_ENV})"

@@ -27,6 +27,8 @@ from tests.support.compose import ComposeService, imgpipe_command, load_compose
 from tests.support.s3server import S3Server
 from tests.support.services import own_database, short_tmp_dir
 
+pytestmark = pytest.mark.one_backend("postgresql")
+
 REPO = Path(__file__).resolve().parents[2]
 NO_TORCH = REPO / "tests" / "support" / "notorch"
 SAMPLE = REPO / "samples" / "astronaut.jpg"

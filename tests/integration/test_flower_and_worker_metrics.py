@@ -33,7 +33,7 @@ from tests.support.observe import REPO, sample_sum, scrape
 from tests.support.services import own_database
 from tests.support.upstack import cmdline
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.one_backend("sqlite")]
 
 PASSWORD = "flower-test-pw"
 

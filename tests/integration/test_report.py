@@ -29,7 +29,7 @@ from orchestrator.submit import SubmitRequest, submit
 from tests.support.htmlscan import Element, scan_html
 from tests.support.jobs import wait_jobs
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.one_backend("sqlite")]
 
 PROFILE_IMAGES = ("chelsea.jpg", "coffee.jpg", "rocket.jpg", "photo_1080p.jpg")
 HOSTILE_NAME = '<script>alert("x")</script>astronaut.jpg'

@@ -4,6 +4,8 @@ the AWS credentials come from the inherited AWS_* variables."""
 
 from __future__ import annotations
 
+import pytest
+
 from db.engine import session_scope
 from db.migrate import upgrade
 from db.models import Image, Job
@@ -15,6 +17,8 @@ from tests.integration.conftest import make_settings
 from tests.support.jobs import wait_jobs
 from tests.support.s3server import S3Server
 from tests.support.services import own_database
+
+pytestmark = pytest.mark.one_backend("sqlite")
 
 
 def test_a_basic_job_reads_and_writes_its_blobs_on_s3(

@@ -33,6 +33,7 @@ pytestmark = [
         CHROMIUM is None,
         reason="Debian's chromium is not installed (apt-get install -y chromium chromium-driver)",
     ),
+    pytest.mark.one_backend("sqlite"),
 ]
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="the playwright package is not installed (test extra)"

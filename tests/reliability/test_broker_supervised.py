@@ -25,7 +25,7 @@ from tests.support.jobs import wait_jobs
 from tests.support.services import own_database, short_tmp_dir
 from tests.support.upstack import cmdline
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400), pytest.mark.one_backend("sqlite")]
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from tests.support.jobs import wait_jobs
 from tests.support.services import own_database, short_tmp_dir
 from tests.support.upstack import REPO, UpProcess, alive, descendants, processes_with_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.one_backend("sqlite")]
 
 STAGE_LIMITS_S = '{"quality": 20, "enhance": 20, "detect": 60, "anomaly": 60, "moderate": 60}'
 

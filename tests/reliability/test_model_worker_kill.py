@@ -22,7 +22,7 @@ from tests.reliability.conftest import drill_settings
 from tests.reliability.test_crashes import failures, photo_jpeg
 from tests.support.jobs import wait_jobs
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300), pytest.mark.one_backend("sqlite")]
 
 MODEL_KINDS = ("detect", "moderate")
 JOBS = 40

@@ -22,7 +22,7 @@ from tests.reliability.conftest import drill_settings
 from tests.reliability.test_crashes import photo_jpeg
 from tests.support.jobs import wait_jobs
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240), pytest.mark.one_backend("sqlite")]
 
 NOOP_LIMIT_S = 1
 PIPELINES = {
