@@ -26,7 +26,7 @@ from orchestrator.submit import SubmitRequest, submit_many
 from tests.reliability.conftest import drill_settings
 from tests.support.jobs import wait_jobs
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.one_backend("sqlite")]
 
 WARMUP_JOBS = 500
 TOTAL_JOBS = 2000
@@ -44,8 +44,6 @@ def small_png(seed: int) -> bytes:
 
 @pytest.fixture
 def soak_settings(own_broker: EmbeddedRedis, database_url: str) -> Iterator[Settings]:
-    if not database_url.startswith("sqlite"):
-        pytest.skip("the soak runs once, on SQLite: memory of the processes, not of the database")
     # the per-process working-copy cache grows to its bound by design: keep the bound
     # small so that the warm-up fills it and what is measured is the rest
     with drill_settings(
