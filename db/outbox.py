@@ -116,6 +116,19 @@ def delete_rows(session: Session, ids: Sequence[str]) -> None:
         session.execute(delete(OutboxRow).where(OutboxRow.id.in_(chunk)))
 
 
+def _delete_delivered(database_url: str, ids: Sequence[str], tolerated: type[Exception]) -> None:
+    """Remove delivered rows in a short transaction of their own; a ``tolerated`` error
+    leaves them for the relay (at-least-once: consumers deduplicate by event_id)."""
+    try:
+        with session_scope(database_url) as session:
+            delete_rows(session, ids)
+    except tolerated as exc:
+        log.warning(
+            "%d delivered outbox row(s) not removed (%s); the relay will send them "
+            "again, consumers deduplicate by event_id", len(ids), exc,
+        )  # fmt: skip
+
+
 class ImmediateAcks:
     """Delete delivered rows at once, one short transaction per delivered batch."""
 
@@ -123,14 +136,7 @@ class ImmediateAcks:
         self.database_url = database_url
 
     def delivered(self, ids: Sequence[str]) -> None:
-        try:
-            with session_scope(self.database_url) as session:
-                delete_rows(session, ids)
-        except TransientError as exc:
-            log.warning(
-                "%d delivered outbox row(s) not removed (%s); the relay will send them "
-                "again, consumers deduplicate by event_id", len(ids), exc,
-            )  # fmt: skip
+        _delete_delivered(self.database_url, ids, TransientError)
 
 
 class DeferredAcks:
@@ -178,14 +184,8 @@ class DeferredAcks:
                     else:
                         self._cond.wait()
                 ids, self._ids = self._ids, []
-            try:
-                with session_scope(self.database_url) as session:
-                    delete_rows(session, ids)
-            except Exception as exc:
-                log.warning(
-                    "%d delivered outbox row(s) not removed (%s); the relay will send them "
-                    "again, consumers deduplicate by event_id", len(ids), exc,
-                )  # fmt: skip
+            # a background thread: no error may end it
+            _delete_delivered(self.database_url, ids, Exception)
 
 
 def relay(
