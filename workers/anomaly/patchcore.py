@@ -71,6 +71,17 @@ class FeatureConfig:
     resolution: int = 256
     grid_stride: int = 8
     standardize: bool = True
+    per_channel: bool = False
+    """Standardise each colour channel on its own (removes colour casts)."""
+    flatten_px: float = 0.0
+    """> 0: divide each channel by its Gaussian blur of this sigma (px at ``resolution``)
+    first, which removes light gradients and vignetting; 0: off."""
+    knn: int = 1
+    """Patch distance = mean distance to this many nearest memory-bank patches."""
+    border_cells: int = 0
+    """Grid cells at each edge that take their nearest inner cell's distance: edge patches
+    see the network's zero padding and the frame's darkest vignetting, so good images
+    reach their largest distances there."""
     projection_dim: int = 0
     """0 keeps the concatenated channels as they are."""
     smooth_px: int = 3
@@ -107,11 +118,33 @@ def preprocess(
         interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
         resized.append(cv2.resize(image, size, interpolation=interp))
     x = torch.from_numpy(np.stack(resized)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    if config.flatten_px > 0:
+        x = flatten_illumination(x, config.flatten_px)
     if config.standardize:
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
+        dims = (2, 3) if config.per_channel else (1, 2, 3)
+        mean = x.mean(dim=dims, keepdim=True)
+        std = x.std(dim=dims, keepdim=True).clamp_min(1e-3)
         x = (x - mean) / std * _STANDARD_STD + _STANDARD_MEAN
     return x
+
+
+def flatten_illumination(x: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """Divide each channel by its Gaussian blur (computed at 1/8 resolution, then enlarged),
+    keeping the image's mean level."""
+    factor = 8
+    low = F.avg_pool2d(x, factor)
+    sigma = sigma_px / factor
+    radius = max(1, min(int(3 * sigma), low.shape[-1] - 1))
+    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = x.shape[1]
+    row = kernel.reshape(1, 1, 1, -1).repeat(channels, 1, 1, 1)
+    low = F.conv2d(F.pad(low, (radius, radius, 0, 0), mode="reflect"), row, groups=channels)
+    col = kernel.reshape(1, 1, -1, 1).repeat(channels, 1, 1, 1)
+    low = F.conv2d(F.pad(low, (0, 0, radius, radius), mode="reflect"), col, groups=channels)
+    light = F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return x / light.clamp_min(1e-3) * light.mean(dim=(1, 2, 3), keepdim=True)
 
 
 def make_projection(in_dim: int, out_dim: int, seed: int) -> torch.Tensor:
@@ -179,9 +212,13 @@ def greedy_coreset(features: torch.Tensor, count: int, seed: int = 0) -> torch.T
 
 
 def nearest_distances(
-    queries: torch.Tensor, bank: torch.Tensor, bank_sq_norms: torch.Tensor | None = None
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    bank_sq_norms: torch.Tensor | None = None,
+    k: int = 1,
 ) -> torch.Tensor:
-    """Euclidean distance of each query row (Q x D) to its nearest ``bank`` row (B x D)."""
+    """Euclidean distance of each query row (Q x D) to its nearest ``bank`` row (B x D);
+    with ``k`` > 1 the mean distance to the ``k`` nearest rows."""
     if bank_sq_norms is None:
         bank_sq_norms = (bank * bank).sum(dim=1)
     chunk = _CHUNK_ELEMENTS.get(queries.device.type, 1 << 24)
@@ -191,8 +228,12 @@ def nearest_distances(
         q = queries[start : start + rows]
         # |q - m|^2 = |q|^2 + |m|^2 - 2 q.m: one GEMM per chunk; |q|^2 added after the min
         d2 = torch.addmm(bank_sq_norms[None, :], q, bank.T, beta=1.0, alpha=-2.0)
-        min_d2 = d2.min(dim=1).values + (q * q).sum(dim=1)
-        out[start : start + rows] = min_d2.clamp_min_(0).sqrt_()
+        qq = (q * q).sum(dim=1)
+        if k == 1:
+            out[start : start + rows] = (d2.min(dim=1).values + qq).clamp_min_(0).sqrt_()
+        else:
+            near = d2.topk(k, dim=1, largest=False).values + qq[:, None]
+            out[start : start + rows] = near.clamp_min_(0).sqrt_().mean(dim=1)
     return out
 
 
@@ -208,9 +249,14 @@ def extract_pooled(
     return pooled_blocks(block_maps, config)
 
 
-def multiscale_maps(distances: torch.Tensor, scales: Sequence[int]) -> torch.Tensor:
+def multiscale_maps(
+    distances: torch.Tensor, scales: Sequence[int], border_cells: int = 0
+) -> torch.Tensor:
     """N x G x G nearest-neighbour distances -> N x S x G x G window means, one per scale."""
     x = distances[:, None]
+    if border_cells > 0:
+        b = border_cells
+        x = F.pad(x[:, :, b:-b, b:-b], (b, b, b, b), mode="replicate")
     maps = [x if k == 1 else F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False) for k in scales]
     return torch.cat(maps, dim=1)
 

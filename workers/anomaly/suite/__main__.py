@@ -1,0 +1,172 @@
+"""Run the anomaly benchmark: fit a profile per family, score its test crops, print a table.
+
+    python -m workers.anomaly.suite                       # all families, seed 0
+    python -m workers.anomaly.suite --families woven,pile --seeds 0,1 --json out.json
+
+Per family: image AUROC (each defective crop against the good ones), pixel AUROC (the
+heat map, enlarged to the crop, against the defect masks over all test crops), the
+confusion at the profile's calibrated threshold, and timings. Needs scikit-image (a
+test extra) for the photographed families.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from workers.anomaly.fit import fit_profile
+from workers.anomaly.metrics import auroc, confusion_at
+from workers.anomaly.patchcore import FeatureConfig
+from workers.anomaly.profile import load_profile
+from workers.anomaly.scoring import backbone_for, score_images
+from workers.anomaly.suite.camera import Nuisance
+from workers.anomaly.suite.dataset import FAMILIES, FamilySplit, family_split
+
+
+def pixel_auroc(heatmaps: list[np.ndarray], masks: list[np.ndarray], crop_px: int) -> float:
+    """AUROC of heat-map values (enlarged to the crop) against defect pixels."""
+    size = (crop_px, crop_px)
+    values = np.concatenate(
+        [cv2.resize(h, size, interpolation=cv2.INTER_LINEAR).ravel() for h in heatmaps]
+    )
+    labels = np.concatenate([m.ravel() for m in masks])
+    # subsample good pixels (millions) with a fixed stride; keep every defect pixel
+    good = values[~labels][:: max(1, int((~labels).sum() // 400_000))]
+    return auroc(good.tolist(), values[labels].tolist())
+
+
+def evaluate(split: FamilySplit, path: Path, device: str) -> dict[str, Any]:
+    profile = load_profile(path)
+    backbone = backbone_for(device)
+    scores, heatmaps, per_image_ms = [], [], []
+    for image in split.good + split.bad:
+        started = time.perf_counter()
+        result = score_images(profile, [image], backbone)[0]
+        per_image_ms.append((time.perf_counter() - started) * 1000)
+        scores.append(result.score)
+        heatmaps.append(result.heatmap)
+    good, bad = scores[: len(split.good)], scores[len(split.good) :]
+    crop = split.good[0].shape[0]
+    masks = [np.zeros((crop, crop), bool)] * len(split.good) + split.masks
+    counts = confusion_at(good, bad, profile.threshold)
+    kinds = np.array(split.kinds)
+    return {
+        "auroc": round(auroc(good, bad), 3),
+        "pixel_auroc": round(pixel_auroc(heatmaps, masks, crop), 3),
+        "threshold": round(profile.threshold, 3),
+        **asdict(counts),
+        "per_kind": {
+            k: round(auroc(good, np.array(bad)[kinds == k].tolist()), 3)
+            for k in dict.fromkeys(split.kinds)
+        },
+        "score_ms": round(statistics.median(per_image_ms[3:] or per_image_ms), 1),
+    }
+
+
+def _cached_split(family: str, seed: int, args: argparse.Namespace) -> FamilySplit:
+    """The family's split, read from ``args.cache`` when a run with equal settings saved it."""
+    nuisance = Nuisance(max_rotation_deg=args.rotation)
+    if args.cache is None:
+        return family_split(family, seed=seed, n_fit=args.n_fit, nuisance=nuisance)
+    path = args.cache / f"{family}-{seed}-{args.n_fit}-{args.rotation:g}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as data:
+            return FamilySplit(
+                family, list(data["fit"]), list(data["good"]), list(data["bad"]),
+                list(data["masks"]), data["kinds"].tolist(), data["areas"].tolist(),
+            )  # fmt: skip
+    split = family_split(family, seed=seed, n_fit=args.n_fit, nuisance=nuisance)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, list[Any]] = {
+        "fit": split.fit,
+        "good": split.good,
+        "bad": split.bad,
+        "masks": split.masks,
+    }
+    stacked: dict[str, Any] = {k: np.stack(v) for k, v in arrays.items()}
+    np.savez(path, kinds=np.array(split.kinds), areas=np.array(split.areas), **stacked)
+    return split
+
+
+def run_family(
+    family: str, seed: int, config: FeatureConfig, args: argparse.Namespace, tmp: Path
+) -> dict[str, Any]:
+    split = _cached_split(family, seed, args)
+    path = tmp / f"{family}-{seed}.npz"
+    info = fit_profile(
+        split.fit,
+        path,
+        name=family,
+        device=args.device,
+        seed=seed,
+        config=config,
+        coreset_fraction=args.coreset,
+    )
+    row = {"family": family, "seed": seed, **evaluate(split, path, args.device)}
+    row["fit_s"] = round(info.fit_s, 1)
+    row["bank"] = info.memory_bank_size
+    return row
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| family | seed | AUROC | pixel AUROC | threshold | TP | FP | TN | FN | fit s | ms/crop |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['family']} | {r['seed']} | {r['auroc']:.3f} | {r['pixel_auroc']:.3f} | "
+            f"{r['threshold']:.2f} | {r['tp']} | {r['fp']} | {r['tn']} | {r['fn']} | "
+            f"{r['fit_s']:.1f} | {r['score_ms']:.1f} |"
+        )
+    worst = min(r["auroc"] for r in rows)
+    mean = statistics.mean(r["auroc"] for r in rows)
+    lines.append(f"\nworst image AUROC {worst:.3f}, mean {mean:.3f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--n-fit", type=int, default=50)
+    parser.add_argument("--rotation", type=float, default=Nuisance().max_rotation_deg,
+                        help="largest shot rotation, degrees")  # fmt: skip
+    parser.add_argument("--coreset", type=float, default=0.1)
+    parser.add_argument("--config", default="{}", help="FeatureConfig overrides as JSON")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--cache", type=Path, help="keep generated crops here between runs")
+    args = parser.parse_args()
+    overrides: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.config).items()
+    }
+    config = FeatureConfig(**overrides)
+    header = {"config": asdict(config), "threads": torch.get_num_threads(),
+              "machine": platform.processor() or platform.machine()}  # fmt: skip
+    print(json.dumps(header), flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in args.families.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                row = run_family(family, seed, config, args, Path(tmp))
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    print(_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({**header, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
