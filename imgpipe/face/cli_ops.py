@@ -160,12 +160,22 @@ def anomaly_eval(
     good: Annotated[Path, typer.Option(help="Directory of good images.")],
     bad: Annotated[Path, typer.Option(help="Directory of defective images.")],
     device: Annotated[str, typer.Option()] = "cpu",
+    masks: Annotated[
+        Path | None,
+        typer.Option(
+            help="Directory of defect masks, one per bad image with the same file stem "
+            "(nonzero pixel = defect): adds the pixel AUROC of the heat maps."
+        ),
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (stdout holds nothing else).")
+    ] = False,
 ) -> None:
     """AUROC and the confusion at the calibrated threshold."""
     require_model_extra("imgpipe anomaly eval")
     from imgpipe.face.cli_anomaly import eval_command
 
-    eval_command(profile, good, bad, device, console)
+    eval_command(profile, good, bad, device, console, masks=masks, json_out=json_out)
 
 
 def register(app: typer.Typer) -> None:

@@ -26,7 +26,7 @@ import torch
 from numpy.typing import NDArray
 
 from imgpipe.errors import PermanentError
-from workers.anomaly.metrics import auroc, confusion_at
+from workers.anomaly.metrics import Confusion, auroc, confusion_at, pixel_auroc
 from workers.anomaly.patchcore import (
     FeatureConfig,
     ScoreScales,
@@ -126,9 +126,30 @@ class EvalReport:
     good_scores: list[float]
     bad_scores: list[float]
     score_ms_per_image: float
+    pixel_auroc: float | None = None
+    """Heat map against defect masks (``metrics.pixel_auroc``); None without masks."""
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields plus n_good, n_bad, precision, recall and false_positive_rate."""
+        counts = Confusion(tp=self.tp, fp=self.fp, tn=self.tn, fn=self.fn)
+        return {
+            "profile": dict(self.profile),
+            "auroc": self.auroc,
+            "pixel_auroc": self.pixel_auroc,
+            "threshold": self.threshold,
+            "tp": self.tp,
+            "fp": self.fp,
+            "tn": self.tn,
+            "fn": self.fn,
+            "n_good": len(self.good_scores),
+            "n_bad": len(self.bad_scores),
+            "precision": counts.precision,
+            "recall": counts.recall,
+            "false_positive_rate": counts.false_positive_rate,
+            "score_ms_per_image": self.score_ms_per_image,
+            "good_scores": list(self.good_scores),
+            "bad_scores": list(self.bad_scores),
+        }
 
 
 # -- saving and loading ---------------------------------------------------------------------
@@ -221,32 +242,59 @@ def _read(path: Path) -> Profile:
         raise PermanentError(f"anomaly profile {path} is malformed ({exc!r}); refit it") from exc
 
 
-# -- scoring ----------------------------------------------------------------------------------
-# -- fitting -----------------------------------------------------------------------------------
+# -- evaluating ------------------------------------------------------------------------------
+def _check_masks(bad: Sequence[NDArray[np.uint8]], masks: Sequence[NDArray[np.bool_]]) -> None:
+    if len(masks) != len(bad):
+        raise PermanentError(f"{len(masks)} defect masks for {len(bad)} bad images; give one each")
+    for i, (image, mask) in enumerate(zip(bad, masks, strict=True)):
+        if mask.shape != image.shape[:2]:
+            raise PermanentError(
+                f"defect mask {i} is {mask.shape[1]}x{mask.shape[0]} but bad image {i} is "
+                f"{image.shape[1]}x{image.shape[0]}; resize the mask to its image"
+            )
+    if not any(mask.any() for mask in masks):
+        raise PermanentError("the defect masks mark no pixel; mark the defects (nonzero pixels)")
+
+
 def evaluate_profile(
     path: Path,
     good: Sequence[NDArray[np.uint8]],
     bad: Sequence[NDArray[np.uint8]],
     device: str = "cpu",
     progress: ProgressFn = no_progress,
+    bad_masks: Sequence[NDArray[np.bool_]] | None = None,
 ) -> EvalReport:
-    """Score labelled good and bad images with the profile at ``path``."""
+    """Score labelled good and bad images with the profile at ``path``.
+
+    With ``bad_masks`` (one H x W bool array per bad image, True = defect) the report also
+    has the pixel AUROC of the heat maps, good images counting as defect-free.
+    """
     if not good or not bad:
         raise PermanentError("evaluation needs at least one good and one bad image")
+    if bad_masks is not None:
+        _check_masks(bad, bad_masks)
     profile = load_profile(path)
     backbone = backbone_for(device)
     started = time.perf_counter()
     scores: list[list[float]] = []
+    heatmaps: list[NDArray[np.float32]] = []
     total, done = len(good) + len(bad), 0
     for group in (good, bad):
         group_scores: list[float] = []
         for i in range(0, len(group), SCORE_BATCH):
             chunk = group[i : i + SCORE_BATCH]
-            group_scores.extend(s.score for s in score_images(profile, chunk, backbone))
+            scored = score_images(profile, chunk, backbone)
+            group_scores.extend(s.score for s in scored)
+            if bad_masks is not None:
+                heatmaps.extend(s.heatmap for s in scored)
             done += len(chunk)
             progress(done, total)
         scores.append(group_scores)
     elapsed_ms = (time.perf_counter() - started) * 1000
+    pixel = None
+    if bad_masks is not None:
+        good_masks = [np.zeros(image.shape[:2], bool) for image in good]
+        pixel = pixel_auroc(heatmaps, [*good_masks, *bad_masks])
     counts = confusion_at(scores[0], scores[1], profile.threshold)
     return EvalReport(
         profile=profile.record(),
@@ -259,4 +307,5 @@ def evaluate_profile(
         good_scores=scores[0],
         bad_scores=scores[1],
         score_ms_per_image=elapsed_ms / max(1, len(good) + len(bad)),
+        pixel_auroc=pixel,
     )
