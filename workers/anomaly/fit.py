@@ -216,7 +216,7 @@ def _fit_bank(
         if config.projection_dim:
             in_dim = sum(p.shape[1] for p in pooled)
             projection = make_projection(in_dim, config.projection_dim, seed).to(backbone.device)
-        feats = patch_features(pooled, scales, projection)
+        feats = patch_features(pooled, scales, projection, config)
         feats = feats.reshape(-1, feats.shape[-1])
         count = max(1, round(feats.shape[0] * coreset_fraction))
         bank = feats[greedy_coreset(feats, count, seed)].contiguous()

@@ -78,6 +78,9 @@ class FeatureConfig:
     first, which removes light gradients and vignetting; 0: off."""
     knn: int = 1
     """Patch distance = mean distance to this many nearest memory-bank patches."""
+    stats_weight: float = 0.0
+    """> 0: append each cell's local colour mean and brightness spread (see
+    :func:`local_statistics`), weighted by this relative to one backbone block."""
     border_cells: int = 0
     """Grid cells at each edge that take their nearest inner cell's distance: edge patches
     see the network's zero padding and the frame's darkest vignetting, so good images
@@ -176,11 +179,21 @@ def layer_norms(pooled: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def patch_features(
-    pooled: Sequence[torch.Tensor], layer_scales: torch.Tensor, projection: torch.Tensor | None
+    pooled: Sequence[torch.Tensor],
+    layer_scales: torch.Tensor,
+    projection: torch.Tensor | None,
+    config: FeatureConfig,
 ) -> torch.Tensor:
-    """Pooled block maps -> N x G x G x D patch features (blocks scaled, concatenated)."""
+    """Pooled block maps -> N x G x G x D patch features (blocks scaled to a mean norm of
+    1, the local statistics to ``stats_weight``, concatenated)."""
     scales = layer_scales.to(pooled[0].device).clamp_min(1e-6)
-    feats = torch.cat([fmap / scales[i] for i, fmap in enumerate(pooled)], dim=1)
+    weights = [1.0] * len(config.blocks) + [config.stats_weight] * (
+        len(pooled) - len(config.blocks)
+    )
+    feats = torch.cat(
+        [fmap * (w / scales[i]) for i, (fmap, w) in enumerate(zip(pooled, weights, strict=True))],
+        dim=1,
+    )
     feats = feats.permute(0, 2, 3, 1)
     if projection is not None:
         feats = feats @ projection.to(feats.device)
@@ -246,7 +259,26 @@ def extract_pooled(
     x = preprocess(images, config, backbone.device)
     per_image = backbone.predict([FeatureRequest(img, config.blocks) for img in x])
     block_maps = [torch.stack([maps[i] for maps in per_image]) for i in range(len(config.blocks))]
-    return pooled_blocks(block_maps, config)
+    pooled = pooled_blocks(block_maps, config)
+    if config.stats_weight > 0:
+        pooled.append(local_statistics(x, config))
+    return pooled
+
+
+def local_statistics(x: torch.Tensor, config: FeatureConfig) -> torch.Tensor:
+    """N x 4 x G x G: each grid cell's neighbourhood mean colour (minus the image's mean)
+    and brightness spread, over ``3 * grid_stride`` px: the colour and shading cues that
+    ImageNet texture features barely register (stains, dents, faint burns)."""
+    window = 3 * config.grid_stride
+    pad = window // 2
+    mean = F.avg_pool2d(x, window, config.grid_stride, pad, count_include_pad=False)
+    luma = x.mean(dim=1, keepdim=True)
+    sq = F.avg_pool2d(luma * luma, window, config.grid_stride, pad, count_include_pad=False)
+    lmean = F.avg_pool2d(luma, window, config.grid_stride, pad, count_include_pad=False)
+    spread = (sq - lmean * lmean).clamp_min(0).sqrt()
+    stats = torch.cat([mean - x.mean(dim=(2, 3), keepdim=True), spread], dim=1)
+    grid = config.grid_size
+    return stats[..., :grid, :grid]
 
 
 def multiscale_maps(

@@ -49,6 +49,14 @@ PROFILE_FORMAT = "imgpipe-anomaly-profile"
 PROFILE_FORMAT_VERSION = 1
 THRESHOLD_MARGIN = 0.1
 """Added to the highest leave-one-out holdout score: 10% of a good image's worst spot."""
+LEGACY_CONFIG: dict[str, Any] = {
+    "per_channel": False,
+    "flatten_px": 0.0,
+    "knn": 1,
+    "border_cells": 0,
+    "stats_weight": 0.0,
+}
+"""What profiles written before these FeatureConfig fields existed were fitted with."""
 MIN_HOLDOUT_IMAGES = 3
 MIN_BANK_IMAGES = 2
 SCORE_BATCH = 8
@@ -213,7 +221,8 @@ def _read(path: Path) -> Profile:
         )
     try:
         kwargs: dict[str, Any] = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in {**LEGACY_CONFIG, **meta["config"]}.items()
         }
         config = FeatureConfig(**kwargs)
         config.validate()

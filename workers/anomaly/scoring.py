@@ -65,7 +65,9 @@ def distance_maps(
     bank_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """N x S x G x G multiscale nearest-neighbour distance maps (one forward pass)."""
-    feats = patch_features(extract_pooled(backbone, images, config), layer_scales, projection)
+    feats = patch_features(
+        extract_pooled(backbone, images, config), layer_scales, projection, config
+    )
     n, g, _, d = feats.shape
     dist = nearest_distances(feats.reshape(-1, d), bank, bank_sq, config.knn).reshape(n, g, g)
     return multiscale_maps(dist, config.score_scales, config.border_cells)

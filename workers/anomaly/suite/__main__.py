@@ -21,29 +21,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 
 from workers.anomaly.fit import fit_profile
-from workers.anomaly.metrics import auroc, confusion_at
+from workers.anomaly.metrics import auroc, confusion_at, pixel_auroc
 from workers.anomaly.patchcore import FeatureConfig
 from workers.anomaly.profile import load_profile
 from workers.anomaly.scoring import backbone_for, score_images
 from workers.anomaly.suite.camera import Nuisance
 from workers.anomaly.suite.dataset import FAMILIES, FamilySplit, family_split
-
-
-def pixel_auroc(heatmaps: list[np.ndarray], masks: list[np.ndarray], crop_px: int) -> float:
-    """AUROC of heat-map values (enlarged to the crop) against defect pixels."""
-    size = (crop_px, crop_px)
-    values = np.concatenate(
-        [cv2.resize(h, size, interpolation=cv2.INTER_LINEAR).ravel() for h in heatmaps]
-    )
-    labels = np.concatenate([m.ravel() for m in masks])
-    # subsample good pixels (millions) with a fixed stride; keep every defect pixel
-    good = values[~labels][:: max(1, int((~labels).sum() // 400_000))]
-    return auroc(good.tolist(), values[labels].tolist())
 
 
 def evaluate(split: FamilySplit, path: Path, device: str) -> dict[str, Any]:
@@ -63,7 +50,7 @@ def evaluate(split: FamilySplit, path: Path, device: str) -> dict[str, Any]:
     kinds = np.array(split.kinds)
     return {
         "auroc": round(auroc(good, bad), 3),
-        "pixel_auroc": round(pixel_auroc(heatmaps, masks, crop), 3),
+        "pixel_auroc": round(pixel_auroc(heatmaps, masks), 3),
         "threshold": round(profile.threshold, 3),
         **asdict(counts),
         "per_kind": {
