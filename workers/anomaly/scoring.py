@@ -63,13 +63,15 @@ def distance_maps(
     projection: torch.Tensor | None,
     bank: torch.Tensor,
     bank_sq: torch.Tensor | None = None,
+    bank_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """N x S x G x G multiscale nearest-neighbour distance maps (one forward pass)."""
     feats = patch_features(
         extract_pooled(backbone, images, config), layer_scales, projection, config
     )
     n, g, _, d = feats.shape
-    dist = nearest_distances(feats.reshape(-1, d), bank, bank_sq, config.knn).reshape(n, g, g)
+    dist = nearest_distances(feats.reshape(-1, d), bank, bank_sq, config.knn, bank_scale)
+    dist = dist.reshape(n, g, g)
     return multiscale_maps(dist, config.score_scales, config.border_cells)
 
 
@@ -81,6 +83,7 @@ def score_images(
         return []
     _check_backbone(profile, backbone)
     bank, bank_sq = profile.bank_on(backbone.device)
+    scale = profile.bank_scale.to(backbone.device) if profile.bank_scale is not None else None
     with torch.inference_mode():
         maps = distance_maps(
             backbone,
@@ -90,6 +93,7 @@ def score_images(
             profile.projection,
             bank,
             bank_sq,
+            scale,
         )
         fused = fuse_scales(maps, profile.score_scales).cpu().numpy().astype(np.float32)
     return [ImageScore(score=float(m.max()), heatmap=m) for m in fused]

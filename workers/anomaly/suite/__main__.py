@@ -16,7 +16,6 @@ import json
 import platform
 import statistics
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,39 +24,30 @@ import numpy as np
 import torch
 
 from workers.anomaly.fit import fit_profile
-from workers.anomaly.metrics import auroc, confusion_at, pixel_auroc
+from workers.anomaly.metrics import auroc
 from workers.anomaly.patchcore import FeatureConfig
-from workers.anomaly.profile import load_profile
-from workers.anomaly.scoring import backbone_for, score_images
+from workers.anomaly.profile import evaluate_profile
 from workers.anomaly.suite.camera import Nuisance
 from workers.anomaly.suite.dataset import FAMILIES, FamilySplit, family_split
 
 
 def evaluate(split: FamilySplit, path: Path, device: str) -> dict[str, Any]:
-    profile = load_profile(path)
-    backbone = backbone_for(device)
-    scores, heatmaps, per_image_ms = [], [], []
-    for image in split.good + split.bad:
-        started = time.perf_counter()
-        result = score_images(profile, [image], backbone)[0]
-        per_image_ms.append((time.perf_counter() - started) * 1000)
-        scores.append(result.score)
-        heatmaps.append(result.heatmap)
-    good, bad = scores[: len(split.good)], scores[len(split.good) :]
-    crop = split.good[0].shape[0]
-    masks = [np.zeros((crop, crop), bool)] * len(split.good) + split.masks
-    counts = confusion_at(good, bad, profile.threshold)
+    report = evaluate_profile(path, split.good, split.bad, device=device, bad_masks=split.masks)
     kinds = np.array(split.kinds)
+    bad = np.array(report.bad_scores)
     return {
-        "auroc": round(auroc(good, bad), 3),
-        "pixel_auroc": round(pixel_auroc(heatmaps, masks), 3),
-        "threshold": round(profile.threshold, 3),
-        **asdict(counts),
+        "auroc": round(report.auroc, 3),
+        "pixel_auroc": round(report.pixel_auroc or 0.0, 3),
+        "threshold": round(report.threshold, 3),
+        "tp": report.tp,
+        "fp": report.fp,
+        "tn": report.tn,
+        "fn": report.fn,
         "per_kind": {
-            k: round(auroc(good, np.array(bad)[kinds == k].tolist()), 3)
+            k: round(auroc(report.good_scores, bad[kinds == k].tolist()), 3)
             for k in dict.fromkeys(split.kinds)
         },
-        "score_ms": round(statistics.median(per_image_ms[3:] or per_image_ms), 1),
+        "score_ms": round(report.score_ms_per_image, 1),
     }
 
 

@@ -48,6 +48,11 @@ DEFECTS: dict[str, tuple[str, ...]] = {
 }
 """Family -> the defect kinds its defective crops cycle through."""
 FAMILIES = tuple(DEFECTS)
+SIZE_FLOOR: dict[str, float] = {"granular": 0.4, **dict.fromkeys(PHOTO_FAMILIES, 0.4)}
+"""Families whose own elements (grains up to 5 px across, enlarged grass blades and
+stones) are as big as the smallest painted defects: there a defect's size starts at this
+fraction of its kind's range, so that a hole is larger than the darkest grain (a 5 px
+hole among 1-5 px grains of any tone is not a defect an inspector could call)."""
 MIN_AREA, MAX_AREA = 0.0002, 0.07
 MASK_DELTA = 0.03
 _PHOTO_TILE_PX = 128
@@ -120,7 +125,8 @@ def _defective(
             flaw = Structural(kind, rng, source.structural_at(rng))
             bad = source.render(seed, angle, 1, flaw)
         else:
-            bad = PAINTERS[kind](good, rng, float(rng.uniform()))
+            floor = SIZE_FLOOR.get(source.family, 0.0)
+            bad = PAINTERS[kind](good, rng, float(floor + (1 - floor) * rng.uniform()))
         mask = _mask(good, bad)
         if MIN_AREA <= mask.mean() <= MAX_AREA:
             return bad, mask

@@ -130,7 +130,7 @@ def dent(image: Image, rng: np.random.Generator, size: float) -> Image:
     dx, dy = (xx - cx) / r, (yy - cy) / r
     light = rng.uniform(0, 2 * np.pi)
     shade = -(dx * np.cos(light) + dy * np.sin(light)) * np.exp(-(dx * dx + dy * dy))
-    amp = rng.uniform(0.25, 0.4)
+    amp = rng.uniform(0.6, 0.9)
     return np.asarray(np.clip(image * (1 + amp * shade[..., None]), 0, 1), np.float32)
 
 

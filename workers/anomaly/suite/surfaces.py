@@ -207,7 +207,7 @@ def granular(rng: np.random.Generator, n: int, flaw: Structural | None) -> Image
     tints = rng.uniform(0.94, 1.06, (count, 3))
     skip = np.zeros(count, bool)
     if flaw is not None:  # missing_grains: a bald patch of binder
-        region = _blob_at(n, flaw, 4.0, 20.0)
+        region = _blob_at(n, flaw, 7.0, 20.0)
         skip = region[pts[:, 1].astype(int), pts[:, 0].astype(int)] > 0.5
     for (px, py), rad, tone, tint, gone in zip(pts, radii, tones, tints, skip, strict=True):
         if gone:

@@ -1,0 +1,107 @@
+"""The anomaly recipe's building blocks: illumination flattening, local statistics, k-NN
+distances, border handling, and reading profiles written before these options existed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from workers.anomaly import FeatureConfig, fit_profile, load_profile, score_images
+from workers.anomaly.patchcore import (
+    flatten_illumination,
+    local_statistics,
+    multiscale_maps,
+    nearest_distances,
+    preprocess,
+)
+from workers.anomaly.profile import LEGACY_CONFIG
+from workers.anomaly.scoring import backbone_for
+from workers.anomaly.suite.dataset import family_split
+
+
+def test_flattening_removes_a_light_gradient_and_vignetting_but_keeps_detail() -> None:
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 256), torch.linspace(0, 1, 256), indexing="ij")
+    gen = torch.Generator().manual_seed(0)
+    detail = 0.5 + 0.1 * torch.randn(1, 3, 256, 256, generator=gen)
+    light = (0.7 + 0.5 * xx) * (1 - 0.3 * ((xx - 0.5) ** 2 + (yy - 0.5) ** 2))
+    flat = flatten_illumination(detail * light, sigma_px=48)
+    inner = (slice(None), slice(None), slice(32, -32), slice(32, -32))
+    left, right = flat[..., 32:-32, 32:64].mean(), flat[..., 32:-32, -64:-32].mean()
+    assert abs(float(left - right)) < 0.03  # the ramp (0.7 -> 1.2) is gone
+    # the fine detail survives: correlation with the unlit texture stays high
+    a, b = (flat[inner] - flat[inner].mean()).ravel(), (detail[inner] - detail[inner].mean()).ravel()
+    assert float((a @ b) / (a.norm() * b.norm())) > 0.95
+
+
+def test_per_channel_standardisation_removes_a_colour_cast() -> None:
+    rng = np.random.default_rng(0)
+    grey = rng.integers(60, 200, (64, 64, 1)).astype(np.float32)
+    plain = np.repeat(grey, 3, axis=2).astype(np.uint8)
+    cast = np.clip(grey * np.array([1.1, 1.0, 0.9]), 0, 255).astype(np.uint8)
+    config = FeatureConfig(resolution=64, grid_stride=8, per_channel=True, flatten_px=0.0)
+    x = preprocess([plain, cast], config, torch.device("cpu"))
+    assert torch.allclose(x[0], x[1], atol=0.03)
+
+
+def test_local_statistics_see_a_stain_the_mean_colour_moves() -> None:
+    config = FeatureConfig()
+    x = torch.full((1, 3, 256, 256), 0.5)
+    x[..., 100:140, 100:140] *= torch.tensor([0.6, 0.5, 0.4])[:, None, None]
+    stats = local_statistics(x, config)
+    assert stats.shape == (1, 4, 32, 32)
+    assert float(stats[0, :3, 15, 15].abs().sum()) > 0.3  # inside the stain
+    assert float(stats[0, :3, 2, 2].abs().sum()) < 0.1  # far from it
+
+
+def test_knn_distance_is_the_mean_of_the_k_nearest() -> None:
+    gen = torch.Generator().manual_seed(1)
+    queries, bank = torch.randn(300, 12, generator=gen), torch.randn(200, 12, generator=gen)
+    expected = torch.cdist(queries, bank).topk(3, dim=1, largest=False).values.mean(dim=1)
+    assert torch.allclose(nearest_distances(queries, bank, k=3), expected, atol=1e-4)
+
+
+def test_border_cells_take_their_inner_neighbours_values() -> None:
+    dist = torch.zeros(1, 8, 8)
+    dist[0, 0, 0] = 9.0  # a hot corner cell (zero padding, vignetting) is ignored
+    dist[0, 4, 4] = 1.0
+    maps = multiscale_maps(dist, (1,), border_cells=1)
+    assert float(maps.max()) == 1.0 and float(maps[0, 0, 0, 0]) == 0.0
+
+
+def test_profile_without_the_newer_config_keys_loads_with_the_old_recipe(tmp_path: Path) -> None:
+    split = family_split("coated", n_fit=8, n_good=2, n_bad=0, crop_px=128)
+    path = tmp_path / "p.npz"
+    fit_profile(split.fit, path, name="old", config=FeatureConfig(**LEGACY_CONFIG))
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(arrays["meta"].tobytes())
+    for key in LEGACY_CONFIG:
+        del meta["config"][key]
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    old = tmp_path / "old.npz"
+    with old.open("wb") as fh:
+        np.savez(fh, **arrays)
+    profile = load_profile(old)
+    assert profile.config == FeatureConfig(**LEGACY_CONFIG)
+    scores = score_images(profile, split.good, backbone_for("cpu"))
+    assert len(scores) == 2 and all(np.isfinite(s.score) for s in scores)
+
+
+@pytest.mark.parametrize("family", ["woven", "printed"])
+def test_default_recipe_separates_defects_on_a_procedural_family(
+    family: str, tmp_path: Path
+) -> None:
+    """A small end-to-end check of the default recipe on the suite (the full benchmark,
+    with 50 fit crops per family, is `python -m workers.anomaly.suite`)."""
+    from workers.anomaly import evaluate_profile
+
+    split = family_split(family, seed=5, n_fit=24, n_good=10, n_bad=10)
+    path = tmp_path / f"{family}.npz"
+    fit_profile(split.fit, path, name=family)
+    report = evaluate_profile(path, split.good, split.bad, bad_masks=split.masks)
+    assert report.auroc >= 0.85, report
+    assert report.pixel_auroc is not None and report.pixel_auroc >= 0.85, report
