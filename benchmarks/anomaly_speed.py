@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from workers.anomaly.fit import fit_profile
-from workers.anomaly.patchcore import nearest_distances
+from workers.anomaly.patchcore import FeatureConfig, nearest_distances
 from workers.anomaly.profile import load_profile
 from workers.anomaly.scoring import backbone_for, score_images
 from workers.anomaly.suite.dataset import family_split
@@ -48,8 +48,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--config", default="{}", help="FeatureConfig overrides as JSON")
     args = parser.parse_args(argv)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
+    overrides: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.config).items()
+    }
+    config = FeatureConfig(**overrides)
     split = family_split(args.family, n_fit=args.n_fit, n_good=max(sizes), n_bad=0)
     crops = split.good
     rows: list[dict[str, Any]] = []
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         path = Path(tmp) / "speed.npz"
         backbone_for(args.device)  # load the weights outside the fit timing
         started = time.perf_counter()
-        info = fit_profile(split.fit, path, name="speed", device=args.device)
+        info = fit_profile(split.fit, path, name="speed", device=args.device, config=config)
         fit_s = time.perf_counter() - started
         profile = load_profile(path)
     backbone = backbone_for(args.device)
@@ -98,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
+        "config": overrides,
         "fit_images": args.n_fit,
         "fit_s": round(fit_s, 2),
         "memory_bank": info.memory_bank_size,

@@ -33,7 +33,10 @@ def test_flattening_removes_a_light_gradient_and_vignetting_but_keeps_detail() -
     left, right = flat[..., 32:-32, 32:64].mean(), flat[..., 32:-32, -64:-32].mean()
     assert abs(float(left - right)) < 0.03  # the ramp (0.7 -> 1.2) is gone
     # the fine detail survives: correlation with the unlit texture stays high
-    a, b = (flat[inner] - flat[inner].mean()).ravel(), (detail[inner] - detail[inner].mean()).ravel()
+    a, b = (
+        (flat[inner] - flat[inner].mean()).ravel(),
+        (detail[inner] - detail[inner].mean()).ravel(),
+    )
     assert float((a @ b) / (a.norm() * b.norm())) > 0.95
 
 
@@ -91,7 +94,7 @@ def test_profile_without_the_newer_config_keys_loads_with_the_old_recipe(tmp_pat
     assert len(scores) == 2 and all(np.isfinite(s.score) for s in scores)
 
 
-@pytest.mark.parametrize("family", ["woven", "printed"])
+@pytest.mark.parametrize("family", ["woven", "coated"])
 def test_default_recipe_separates_defects_on_a_procedural_family(
     family: str, tmp_path: Path
 ) -> None:

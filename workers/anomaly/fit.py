@@ -24,7 +24,6 @@ from imgpipe.errors import PermanentError
 from workers.anomaly.patchcore import (
     FeatureConfig,
     ScoreScales,
-    bank_spread,
     extract_pooled,
     fuse_scales,
     greedy_coreset,
@@ -175,7 +174,6 @@ class _Fitted:
     projection: torch.Tensor | None
     score_scales: ScoreScales
     holdout_scores: list[float]
-    bank_scale: torch.Tensor | None
 
     @property
     def threshold(self) -> float:
@@ -190,11 +188,6 @@ class _Fitted:
                 projection.cpu().numpy() if projection is not None else np.zeros((0, 0), np.float32)
             ),
             "score_reference": self.score_scales.reference.cpu().numpy(),
-            "bank_scale": (
-                self.bank_scale.cpu().numpy().astype(np.float32)
-                if self.bank_scale is not None
-                else np.zeros(0, np.float32)
-            ),
         }
 
 
@@ -227,23 +220,13 @@ def _fit_bank(
         feats = feats.reshape(-1, feats.shape[-1])
         count = max(1, round(feats.shape[0] * coreset_fraction))
         bank = feats[greedy_coreset(feats, count, seed)].contiguous()
-        bank_scale = bank_spread(feats, bank) if config.density_norm else None
         map_chunks = []
         for i in range(0, len(holdout), SCORE_BATCH):
             chunk = holdout[i : i + SCORE_BATCH]
-            map_chunks.append(
-                distance_maps(
-                    backbone, chunk, config, scales, projection, bank, bank_scale=bank_scale
-                )
-            )
+            map_chunks.append(distance_maps(backbone, chunk, config, scales, projection, bank))
             done += len(chunk)
             progress(done, total)
         maps = torch.cat(map_chunks)
         return _Fitted(
-            bank,
-            scales,
-            projection,
-            ScoreScales.from_good_maps(maps),
-            _loo_scores(maps),
-            bank_scale,
+            bank, scales, projection, ScoreScales.from_good_maps(maps), _loo_scores(maps)
         )

@@ -55,7 +55,6 @@ LEGACY_CONFIG: dict[str, Any] = {
     "knn": 1,
     "border_cells": 0,
     "stats_weight": 0.0,
-    "density_norm": False,
 }
 """What profiles written before these FeatureConfig fields existed were fitted with."""
 MIN_HOLDOUT_IMAGES = 3
@@ -87,8 +86,6 @@ class Profile:
     layer_scales: torch.Tensor
     projection: torch.Tensor | None
     score_scales: ScoreScales
-    bank_scale: torch.Tensor | None
-    """Per memory-bank row divisor of distances (``density_norm``), or None."""
     meta: dict[str, Any]
     _on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False, compare=False
@@ -212,7 +209,6 @@ def _read(path: Path) -> Profile:
             if missing:
                 raise PermanentError(f"{path} is not an anomaly profile (missing {missing})")
             arrays = {k: np.array(data[k]) for k in _ARRAYS}
-            bank_scale = np.array(data["bank_scale"]) if "bank_scale" in data.files else None
         meta = json.loads(arrays["meta"].tobytes().decode())
     except PermanentError:
         raise
@@ -245,11 +241,6 @@ def _read(path: Path) -> Profile:
             layer_scales=torch.from_numpy(arrays["layer_scales"].astype(np.float32)),
             projection=(
                 torch.from_numpy(projection.astype(np.float32)) if projection.size else None
-            ),
-            bank_scale=(
-                torch.from_numpy(bank_scale.astype(np.float32))
-                if bank_scale is not None and bank_scale.size
-                else None
             ),
             score_scales=ScoreScales(
                 reference=torch.from_numpy(arrays["score_reference"].astype(np.float32))

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from numpy.typing import NDArray
 
 from imgpipe.errors import PermanentError
@@ -63,16 +64,17 @@ def distance_maps(
     projection: torch.Tensor | None,
     bank: torch.Tensor,
     bank_sq: torch.Tensor | None = None,
-    bank_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """N x S x G x G multiscale nearest-neighbour distance maps (one forward pass)."""
     feats = patch_features(
         extract_pooled(backbone, images, config), layer_scales, projection, config
     )
+    b = config.border_cells
+    if b > 0:  # edge cells are not searched: multiscale_maps copies their inner neighbours
+        feats = feats[:, b:-b, b:-b]
     n, g, _, d = feats.shape
-    dist = nearest_distances(feats.reshape(-1, d), bank, bank_sq, config.knn, bank_scale)
-    dist = dist.reshape(n, g, g)
-    return multiscale_maps(dist, config.score_scales, config.border_cells)
+    dist = nearest_distances(feats.reshape(-1, d), bank, bank_sq, config.knn).reshape(n, g, g)
+    return multiscale_maps(F.pad(dist, (b, b, b, b)), config.score_scales, b)
 
 
 def score_images(
@@ -83,7 +85,6 @@ def score_images(
         return []
     _check_backbone(profile, backbone)
     bank, bank_sq = profile.bank_on(backbone.device)
-    scale = profile.bank_scale.to(backbone.device) if profile.bank_scale is not None else None
     with torch.inference_mode():
         maps = distance_maps(
             backbone,
@@ -93,7 +94,6 @@ def score_images(
             profile.projection,
             bank,
             bank_sq,
-            scale,
         )
         fused = fuse_scales(maps, profile.score_scales).cpu().numpy().astype(np.float32)
     return [ImageScore(score=float(m.max()), heatmap=m) for m in fused]

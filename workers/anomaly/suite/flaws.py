@@ -21,9 +21,10 @@ __all__ = ["PAINTERS", "Painter"]
 Painter = Callable[[Image, np.random.Generator, float], Image]
 
 
-def _span(lo: float, hi: float, size: float) -> float:
-    """Log-interpolate between ``lo`` and ``hi``."""
-    return float(np.exp(np.log(lo) + (np.log(hi) - np.log(lo)) * size))
+def _span(image: Image, lo: float, hi: float, size: float) -> float:
+    """Log-interpolate between ``lo`` and ``hi`` px (at a 256 px crop; scaled to this one)."""
+    scale = min(image.shape[:2]) / 256
+    return float(np.exp(np.log(lo) + (np.log(hi) - np.log(lo)) * size)) * scale
 
 
 def _centre(image: Image, rng: np.random.Generator, margin: float = 0.15) -> tuple[float, float]:
@@ -56,14 +57,16 @@ def _path(
 
 def scratch(image: Image, rng: np.random.Generator, size: float) -> Image:
     """A thin, slightly bent line, brighter (exposed material) or darker than the surface."""
-    mask = _line_mask(image, _path(image, rng, _span(25, 180, size), 0.05, 4), 1 + int(size > 0.6))
+    mask = _line_mask(
+        image, _path(image, rng, _span(image, 25, 180, size), 0.05, 4), 1 + int(size > 0.6)
+    )
     delta = rng.choice([-1.0, 1.0]) * rng.uniform(0.18, 0.3)
     return np.asarray(np.clip(image + delta * mask[..., None], 0, 1), np.float32)
 
 
 def cut(image: Image, rng: np.random.Generator, size: float) -> Image:
     """A straight dark slit with faintly lighter lips."""
-    pts = _path(image, rng, _span(10, 90, size), 0.0, 1)
+    pts = _path(image, rng, _span(image, 10, 90, size), 0.0, 1)
     slit = _line_mask(image, pts, 1)
     lips = np.clip(_line_mask(image, pts, 3) - slit, 0, 1)
     out = image * (1 - 0.8 * slit[..., None]) + 0.08 * lips[..., None]
@@ -72,7 +75,7 @@ def cut(image: Image, rng: np.random.Generator, size: float) -> Image:
 
 def crack(image: Image, rng: np.random.Generator, size: float) -> Image:
     """A jagged dark line with a short branch."""
-    length = _span(15, 150, size)
+    length = _span(image, 15, 150, size)
     main = _path(image, rng, length, 0.5, 14)
     mask = _line_mask(image, main, 1)
     branch_start = main[len(main) // 2]
@@ -83,7 +86,7 @@ def crack(image: Image, rng: np.random.Generator, size: float) -> Image:
 
 def hole(image: Image, rng: np.random.Generator, size: float) -> Image:
     """A near-black opening with a ragged edge and a dark rim."""
-    r = _span(2.5, 14.0, size)
+    r = _span(image, 2.5, 14.0, size)
     blob = soft_blob(image.shape[:2], _centre(image, rng), (r, r * rng.uniform(0.7, 1.0)),
                      rng.uniform(0, 180), rng, edge_px=1.0, rough=0.3)  # fmt: skip
     rim = np.clip(cv2.GaussianBlur(blob, (0, 0), 1.5) * 1.5 - blob, 0, 1)
@@ -93,14 +96,14 @@ def hole(image: Image, rng: np.random.Generator, size: float) -> Image:
 
 def pit(image: Image, rng: np.random.Generator, size: float) -> Image:
     """A tiny dark pock mark."""
-    r = _span(1.6, 3.5, size)
+    r = _span(image, 1.6, 3.5, size)
     blob = soft_blob(image.shape[:2], _centre(image, rng), (r, r), 0.0, rng, edge_px=0.8, rough=0.1)
     return np.asarray(image * (1 - 0.65 * blob[..., None]), np.float32)
 
 
 def stain(image: Image, rng: np.random.Generator, size: float) -> Image:
     """A soft irregular blotch that darkens and tints the surface (the texture still shows)."""
-    r = _span(10.0, 40.0, size)
+    r = _span(image, 10.0, 40.0, size)
     blob = soft_blob(image.shape[:2], _centre(image, rng, 0.2), (r, r * rng.uniform(0.5, 1.0)),
                      rng.uniform(0, 180), rng, edge_px=max(2.0, r / 4), rough=0.35)  # fmt: skip
     tint = rgb(*rng.uniform(0.75, 1.0, 3))
@@ -110,7 +113,7 @@ def stain(image: Image, rng: np.random.Generator, size: float) -> Image:
 
 def colour_spot(image: Image, rng: np.random.Generator, size: float) -> Image:
     """A small spot of a foreign, saturated colour (paint fleck, dyed fibre)."""
-    r = _span(2.0, 9.0, size)
+    r = _span(image, 2.0, 9.0, size)
     blob = soft_blob(image.shape[:2], _centre(image, rng), (r, r * rng.uniform(0.6, 1.0)),
                      rng.uniform(0, 180), rng, edge_px=1.0)  # fmt: skip
     hue = int(rng.integers(0, 180))
@@ -123,7 +126,7 @@ def colour_spot(image: Image, rng: np.random.Generator, size: float) -> Image:
 
 def dent(image: Image, rng: np.random.Generator, size: float) -> Image:
     """A shallow dent: lit on one side, shadowed on the other."""
-    r = _span(8.0, 26.0, size)
+    r = _span(image, 8.0, 26.0, size)
     h, w = image.shape[:2]
     cx, cy = _centre(image, rng)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -136,7 +139,7 @@ def dent(image: Image, rng: np.random.Generator, size: float) -> Image:
 
 def burn(image: Image, rng: np.random.Generator, size: float) -> Image:
     """A scorch: brown halo, charred core."""
-    r = _span(3.0, 24.0, size)
+    r = _span(image, 3.0, 24.0, size)
     centre = _centre(image, rng)
     halo = soft_blob(image.shape[:2], centre, (r * 1.4, r * 1.2), rng.uniform(0, 180), rng,
                      edge_px=r / 3, rough=0.4)  # fmt: skip
@@ -149,7 +152,7 @@ def burn(image: Image, rng: np.random.Generator, size: float) -> Image:
 
 def smear(image: Image, rng: np.random.Generator, size: float) -> Image:
     """A smudged region: the surface dragged (motion-blurred) along one direction."""
-    r = _span(6.0, 32.0, size)
+    r = _span(image, 6.0, 32.0, size)
     blob = soft_blob(image.shape[:2], _centre(image, rng), (r * 1.5, r), rng.uniform(0, 180), rng,
                      edge_px=r / 3)  # fmt: skip
     length = int(rng.integers(7, 15))
@@ -164,7 +167,7 @@ def smear(image: Image, rng: np.random.Generator, size: float) -> Image:
 
 def crater(image: Image, rng: np.random.Generator, size: float) -> Image:
     """A paint crater (fisheye): a dull centre inside a bright ring."""
-    r = _span(2.5, 10.0, size)
+    r = _span(image, 2.5, 10.0, size)
     h, w = image.shape[:2]
     cx, cy = _centre(image, rng)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
