@@ -23,7 +23,7 @@ Painter = Callable[[Image, np.random.Generator, float], Image]
 
 def _span(image: Image, lo: float, hi: float, size: float) -> float:
     """Log-interpolate between ``lo`` and ``hi`` px (at a 256 px crop; scaled to this one)."""
-    scale = min(image.shape[:2]) / 256
+    scale = float(min(image.shape[:2])) / 256
     return float(np.exp(np.log(lo) + (np.log(hi) - np.log(lo)) * size)) * scale
 
 
