@@ -155,7 +155,7 @@ def _meta(
         "threshold_rule": f"max(leave-one-out holdout scores) + {THRESHOLD_MARGIN}, at least that",
         "holdout_scores": fitted.holdout_scores,
         "backbone": {k: v for k, v in backbone.info().to_json().items() if k != "device"},
-        "normalisation": "per-image standardisation" if config.standardize else "none",
+        "normalisation": _normalisation(config),
         "fit_images": len(bank_images) + len(holdout),
         "bank_images": len(bank_images),
         "holdout_images": len(holdout),
@@ -163,6 +163,18 @@ def _meta(
         "memory_bank_size": int(fitted.bank.shape[0]),
         "seed": seed,
     }
+
+
+def _normalisation(config: FeatureConfig) -> str:
+    """The input normalisation in words, for people reading the profile's metadata."""
+    steps = []
+    if config.flatten_px > 0:
+        steps.append(f"illumination flattened (sigma {config.flatten_px:g} px)")
+    if config.standardize:
+        steps.append(
+            "per-channel standardisation" if config.per_channel else "per-image standardisation"
+        )
+    return ", ".join(steps) or "none"
 
 
 @dataclass(frozen=True)
