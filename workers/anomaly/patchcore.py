@@ -81,6 +81,9 @@ class FeatureConfig:
     stats_weight: float = 0.5
     """> 0: append each cell's local colour mean and brightness spread (see
     :func:`local_statistics`), weighted by this relative to one backbone block."""
+    stats_cells: int = 5
+    """Window of the local statistics, in grid cells (odd): 5 = 40 px, more than one
+    period of a printed repeat, so a missing motif moves the mean colour."""
     border_cells: int = 1
     """Grid cells at each edge that take their nearest inner cell's distance: edge patches
     see the network's zero padding and the frame's darkest vignetting, so good images
@@ -267,13 +270,14 @@ def extract_pooled(
 
 def local_statistics(x: torch.Tensor, config: FeatureConfig) -> torch.Tensor:
     """N x 4 x G x G: each grid cell's neighbourhood mean colour (minus the image's mean)
-    and brightness spread, over 3 x 3 cells (24 px at the default grid): the colour and
+    and brightness spread, over ``stats_cells`` cells square (40 px by default): the colour and
     shading cues that ImageNet texture features barely register (stains, dents, faint
     burns, a missing print motif). Computed from per-cell sums, so it costs well under a
     millisecond."""
     luma = x.mean(dim=1, keepdim=True)
     cells = F.avg_pool2d(torch.cat([x, luma, luma * luma], dim=1), config.grid_stride)
-    near = F.avg_pool2d(cells, 3, 1, 1, count_include_pad=False)
+    k = config.stats_cells
+    near = F.avg_pool2d(cells, k, 1, k // 2, count_include_pad=False)
     mean, lmean, lsq = near[:, :3], near[:, 3:4], near[:, 4:5]
     spread = (lsq - lmean * lmean).clamp_min(0).sqrt()
     return torch.cat([mean - x.mean(dim=(2, 3), keepdim=True), spread], dim=1)

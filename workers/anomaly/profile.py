@@ -55,6 +55,7 @@ LEGACY_CONFIG: dict[str, Any] = {
     "knn": 1,
     "border_cells": 0,
     "stats_weight": 0.0,
+    "stats_cells": 3,
 }
 """What profiles written before these FeatureConfig fields existed were fitted with."""
 MIN_HOLDOUT_IMAGES = 3
