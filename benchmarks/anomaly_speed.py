@@ -51,10 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="{}", help="FeatureConfig overrides as JSON")
     args = parser.parse_args(argv)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    overrides: dict[str, Any] = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.config).items()
-    }
-    config = FeatureConfig(**overrides)
+    overrides: dict[str, Any] = json.loads(args.config)
+    config = FeatureConfig.from_json(overrides)
     split = family_split(args.family, n_fit=args.n_fit, n_good=max(sizes), n_bad=0)
     crops = split.good
     rows: list[dict[str, Any]] = []

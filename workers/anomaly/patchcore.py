@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -94,6 +95,14 @@ class FeatureConfig:
     """Local aggregation window (patch neighbourhood) on each block's own grid."""
     score_scales: tuple[int, ...] = (1, 3, 5)
     """Windows (in grid cells) the distance map is averaged over before fusion."""
+
+    @classmethod
+    def from_json(cls, fields: dict[str, Any]) -> FeatureConfig:
+        """A config from JSON fields (lists become the tuples the dataclass holds)."""
+        values: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()
+        }
+        return cls(**values)
 
     def validate(self) -> None:
         if not self.blocks or any(not 0 <= b < len(BLOCK_STRIDES) for b in self.blocks):

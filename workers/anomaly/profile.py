@@ -221,11 +221,7 @@ def _read(path: Path) -> Profile:
             f"{PROFILE_FORMAT!r} v{PROFILE_FORMAT_VERSION}; refit the profile with this version"
         )
     try:
-        kwargs: dict[str, Any] = {
-            k: tuple(v) if isinstance(v, list) else v
-            for k, v in {**LEGACY_CONFIG, **meta["config"]}.items()
-        }
-        config = FeatureConfig(**kwargs)
+        config = FeatureConfig.from_json({**LEGACY_CONFIG, **meta["config"]})
         config.validate()
         projection = arrays["projection"]
         return Profile(

@@ -126,10 +126,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--cache", type=Path, help="keep generated crops here between runs")
     args = parser.parse_args()
-    overrides: dict[str, Any] = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.config).items()
-    }
-    config = FeatureConfig(**overrides)
+    overrides: dict[str, Any] = json.loads(args.config)
+    config = FeatureConfig.from_json(overrides)
     header = {"config": asdict(config), "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine()}  # fmt: skip
     print(json.dumps(header), flush=True)
