@@ -23,16 +23,16 @@ together (``orchestrator.submit.submit_many``: one transaction for the batch):
   delivery count), then moved to ``imgpipe:submit:dead`` with the last error and rejected
   with reason ``dead_lettered``.
 - Acknowledged entries are trimmed (``XTRIM MINID ~``): image bytes do not pile up.
+
+The rejections and dead letters it queues are built in orchestrator/ingest_reject.py, its
+small types (``PollReport``, ``StreamEntry``) live in orchestrator/ingest_types.py.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -40,20 +40,14 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from db.engine import session_scope
-from imgpipe.contracts import (
-    EVENTS_STREAM,
-    SUBMIT_DEAD_STREAM,
-    SUBMIT_FAILURES_KEY,
-    SUBMIT_GROUP,
-    SUBMIT_STREAM,
-)
+from imgpipe.contracts import SUBMIT_FAILURES_KEY, SUBMIT_GROUP, SUBMIT_STREAM
 from imgpipe.errors import PermanentError, TransientError
-from imgpipe.events import EventType, encode_fields
 from imgpipe.retry import Backoff, outage_retry_policy
 from orchestrator.context import OrchestratorContext
-from orchestrator.ingest_dead import dead_letter_fields
 from orchestrator.ingest_entry import parse_entry, rejection_code, routing_of
+from orchestrator.ingest_reject import queue_dead_letter, queue_rejection
 from orchestrator.ingest_trimmed import TrimWatch
+from orchestrator.ingest_types import PollReport, StreamEntry, as_text, default_consumer_name
 from orchestrator.submit import SubmitRequest, submit_many
 
 __all__ = ["PollReport", "SubmitConsumer", "default_consumer_name"]
@@ -61,43 +55,6 @@ __all__ = ["PollReport", "SubmitConsumer", "default_consumer_name"]
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_INTERVAL_S = 30.0
-DEAD_FIELD_PREFIX = "_dead_"
-
-
-def default_consumer_name() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
-@dataclass
-class PollReport:
-    """What one ``poll_once`` did, entry by entry."""
-
-    read: int = 0
-    reclaimed: int = 0
-    jobs: int = 0
-    """Entries that ended as a job (new, a cache hit, or a rejected image)."""
-    duplicates: int = 0
-    """Of ``jobs``: the idempotency key matched an existing job."""
-    rejected: int = 0
-    """Malformed entries: a ``rejected`` event, no job."""
-    dead: int = 0
-    retrying: int = 0
-    """Failed transiently; left pending for a later delivery."""
-    held: int = 0
-    """Failed while the database is unreachable: held by this consumer until it is back."""
-    paused: bool = False
-    """The database is unreachable: nothing new was read."""
-
-
-@dataclass(frozen=True)
-class _Entry:
-    entry_id: str
-    fields: dict[bytes, bytes]
-    deliveries: int
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class SubmitConsumer:
@@ -121,7 +78,7 @@ class SubmitConsumer:
         self._group_ready = False
         self._claim_cursor = "0-0"
         self._last_housekeeping = 0.0
-        self._held: list[_Entry] = []
+        self._held: list[StreamEntry] = []
         """Entries waiting for the database to come back (see the module's docstring)."""
 
     # -- the loop -------------------------------------------------------------------------
@@ -191,7 +148,7 @@ class SubmitConsumer:
         return report
 
     # -- reading --------------------------------------------------------------------------
-    def _read_new(self, block_ms: int) -> list[_Entry]:
+    def _read_new(self, block_ms: int) -> list[StreamEntry]:
         # First without blocking, with the check for entries trimmed unread
         # (orchestrator/ingest_trimmed.py); then, if there was nothing, blocking.
         streams: list[Any] = self._trim_watch.read(self.name, self.settings.ingest_batch)
@@ -205,12 +162,12 @@ class SubmitConsumer:
             )
             streams = list(response or [])
         return [
-            _Entry(_text(entry_id), dict(fields), 1)
+            StreamEntry(as_text(entry_id), dict(fields), 1)
             for _stream, items in streams
             for entry_id, fields in items
         ]
 
-    def _reclaim(self) -> list[_Entry]:
+    def _reclaim(self) -> list[StreamEntry]:
         """Entries pending longer than ``ingest_claim_idle_ms`` (any consumer), with counts."""
         response = self.client.xautoclaim(
             SUBMIT_STREAM,
@@ -220,11 +177,11 @@ class SubmitConsumer:
             start_id=self._claim_cursor,
             count=self.settings.ingest_batch,
         )
-        self._claim_cursor = _text(response[0])
-        claimed = [(_text(i), f) for i, f in response[1] if i is not None]
+        self._claim_cursor = as_text(response[0])
+        claimed = [(as_text(i), f) for i, f in response[1] if i is not None]
         # Entries trimmed before anyone handled them: Redis 7 lists their ids in a third
         # element (already out of the PEL); Redis 6.2 returns them as nil entries.
-        trimmed = [_text(i) for i in response[2]] if len(response) > 2 else []
+        trimmed = [as_text(i) for i in response[2]] if len(response) > 2 else []
         if any(i is None for i, _ in response[1]):
             trimmed += self._trimmed_pending()
         if trimmed:
@@ -237,25 +194,26 @@ class SubmitConsumer:
         counts = {}
         for rows in pipe.execute():
             for row in rows:
-                counts[_text(row["message_id"])] = int(row["times_delivered"])
+                counts[as_text(row["message_id"])] = int(row["times_delivered"])
         log.warning("ingest: reclaimed %d idle pending entries", len(claimed))
-        return [_Entry(i, dict(f), counts.get(i, 2)) for i, f in claimed]
+        return [StreamEntry(i, dict(f), counts.get(i, 2)) for i, f in claimed]
 
     def _trimmed_pending(self) -> list[str]:
         rows = self.client.xpending_range(
             SUBMIT_STREAM, SUBMIT_GROUP, "-", "+", 1000, consumername=self.name
         )
-        ids = [_text(row["message_id"]) for row in rows]
+        ids = [as_text(row["message_id"]) for row in rows]
         return [i for i in ids if not self.client.xrange(SUBMIT_STREAM, i, i)]
 
     def _reject_trimmed(self, entry_ids: list[str]) -> None:
         pipe = self.client.pipeline(transaction=True)
         for entry_id in entry_ids:
             log.error("ingest: entry %s was trimmed before it was handled", entry_id)
-            self._queue_rejection(
+            queue_rejection(
                 pipe, entry_id, None, None, "entry_trimmed",
                 f"entry {entry_id} was trimmed from {SUBMIT_STREAM} (MAXLEN) before imgpipe "
                 "handled it; submit it again, and raise the MAXLEN cap or add consumers",
+                maxlen=self.settings.events_maxlen,
             )  # fmt: skip
             pipe.xack(SUBMIT_STREAM, SUBMIT_GROUP, entry_id)
         pipe.execute()
@@ -289,10 +247,10 @@ class SubmitConsumer:
         counting a delivery (JUSTID); drop any that are no longer pending here."""
         ids: list[Any] = [e.entry_id for e in self._held]
         kept = self.client.xclaim(SUBMIT_STREAM, SUBMIT_GROUP, self.name, 0, ids, justid=True)
-        still = {_text(i) for i in kept}
+        still = {as_text(i) for i in kept}
         self._held = [e for e in self._held if e.entry_id in still]
 
-    def _hold(self, entries: list[tuple[_Entry, Exception]], report: PollReport) -> bool:
+    def _hold(self, entries: list[tuple[StreamEntry, Exception]], report: PollReport) -> bool:
         """Entries that failed transiently: held if the database is unreachable (True)."""
         if not entries or self.database_reachable():
             return False
@@ -306,16 +264,16 @@ class SubmitConsumer:
         return True
 
     # -- handling -------------------------------------------------------------------------
-    def _handle(self, entries: list[_Entry], report: PollReport) -> None:
+    def _handle(self, entries: list[StreamEntry], report: PollReport) -> None:
         """Parse every entry, submit the valid ones as one batch (``submit_many``: one
         transaction), then one Redis transaction acks, rejects and dead-letters."""
         finish = self.client.pipeline(transaction=True)
         done: list[str] = []
-        parsed: list[tuple[_Entry, SubmitRequest]] = []
-        transient: list[tuple[_Entry, Exception]] = []
+        parsed: list[tuple[StreamEntry, SubmitRequest]] = []
+        transient: list[tuple[StreamEntry, Exception]] = []
         for entry in entries:
             if entry.deliveries > self.settings.ingest_max_deliveries:
-                self._dead_letter(finish, entry)
+                queue_dead_letter(finish, self.client, self.ctx, entry)
                 done.append(entry.entry_id)
                 report.dead += 1
                 continue
@@ -352,16 +310,17 @@ class SubmitConsumer:
         finish.execute()
 
     def _failed(
-        self, pipe: redis.client.Pipeline, entry: _Entry, exc: Exception, report: PollReport
+        self, pipe: redis.client.Pipeline, entry: StreamEntry, exc: Exception, report: PollReport
     ) -> bool:
         """Queue what an entry's error calls for; True if the entry is finished with (a
         rejection), False if it stays pending for another delivery."""
         if isinstance(exc, PermanentError):
             key, reply_to = routing_of(entry.fields, self.ctx.settings.reply_to_prefix)
             log.info("ingest: entry %s rejected: %s", entry.entry_id, exc)
-            self._queue_rejection(
-                pipe, entry.entry_id, key, reply_to, rejection_code(exc), str(exc)
-            )
+            queue_rejection(
+                pipe, entry.entry_id, key, reply_to, rejection_code(exc), str(exc),
+                maxlen=self.settings.events_maxlen,
+            )  # fmt: skip
             report.rejected += 1
             return True
         transient = isinstance(exc, TransientError)
@@ -374,69 +333,12 @@ class SubmitConsumer:
         report.retrying += 1
         return False
 
-    def _queue_rejection(
-        self,
-        pipe: redis.client.Pipeline,
-        entry_id: str,
-        idempotency_key: str | None,
-        reply_to: str | None,
-        code: str,
-        message: str,
-    ) -> None:
-        event = encode_fields(
-            {
-                "event": str(EventType.REJECTED),
-                "job_id": None,
-                "idempotency_key": idempotency_key or f"stream:{entry_id}",
-                "entry_id": entry_id,
-                "reason": code,
-                "error": message,
-                "at": time.time(),
-            }
-        )
-        maxlen = self.settings.events_maxlen
-        pipe.xadd(EVENTS_STREAM, event, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
-        if reply_to:
-            pipe.xadd(reply_to, event, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
-
-    def _dead_letter(self, pipe: redis.client.Pipeline, entry: _Entry) -> None:
-        last_error = self.client.hget(SUBMIT_FAILURES_KEY, entry.entry_id)
-        reason = (
-            _text(last_error)
-            if last_error
-            else "never acknowledged (the consumer handling it crashed each time)"
-        )
-        message = (
-            f"gave up after {entry.deliveries - 1} deliveries; last error: {reason}. The entry "
-            f"is kept in {SUBMIT_DEAD_STREAM}; fix the cause and submit it again"
-        )
-        log.error("ingest: entry %s dead-lettered: %s", entry.entry_id, message)
-        dead: dict[str | bytes, bytes | str] = dict(
-            dead_letter_fields(self.ctx.blobs, entry.entry_id, entry.fields).items()
-        )
-        dead.update(
-            {
-                f"{DEAD_FIELD_PREFIX}entry_id": entry.entry_id,
-                f"{DEAD_FIELD_PREFIX}reason": reason,
-                f"{DEAD_FIELD_PREFIX}deliveries": str(entry.deliveries - 1),
-                f"{DEAD_FIELD_PREFIX}at": str(time.time()),
-            }
-        )
-        pipe.xadd(
-            SUBMIT_DEAD_STREAM,
-            dead,  # type: ignore[arg-type]
-            maxlen=self.settings.submit_maxlen,
-            approximate=True,
-        )
-        key, reply_to = routing_of(entry.fields, self.ctx.settings.reply_to_prefix)
-        self._queue_rejection(pipe, entry.entry_id, key, reply_to, "dead_lettered", message)
-
     # -- housekeeping ---------------------------------------------------------------------
     def housekeeping(self) -> None:
         """Trim acknowledged entries; forget long-idle consumers that hold nothing."""
         self._last_housekeeping = time.monotonic()
         try:
-            groups = {_text(g["name"]): g for g in self.client.xinfo_groups(SUBMIT_STREAM)}
+            groups = {as_text(g["name"]): g for g in self.client.xinfo_groups(SUBMIT_STREAM)}
         except redis.ResponseError:  # the stream was deleted; poll_once recreates it
             self._group_ready = False
             return
@@ -445,13 +347,13 @@ class SubmitConsumer:
             return
         summary = self.client.xpending(SUBMIT_STREAM, SUBMIT_GROUP)
         if summary["pending"]:
-            min_id = _text(summary["min"])
+            min_id = as_text(summary["min"])
         else:
-            ms, _, seq = _text(group["last-delivered-id"]).partition("-")
+            ms, _, seq = as_text(group["last-delivered-id"]).partition("-")
             min_id = f"{ms}-{int(seq or 0) + 1}"
         self.client.xtrim(SUBMIT_STREAM, minid=min_id, approximate=True)
         forget_after_ms = max(10 * self.settings.ingest_claim_idle_ms, 3_600_000)
         for consumer in self.client.xinfo_consumers(SUBMIT_STREAM, SUBMIT_GROUP):
-            name = _text(consumer["name"])
+            name = as_text(consumer["name"])
             if name != self.name and not consumer["pending"] and consumer["idle"] > forget_after_ms:
                 self.client.xgroup_delconsumer(SUBMIT_STREAM, SUBMIT_GROUP, name)
