@@ -6,7 +6,8 @@ messages. A batch costs two transactions: one claims every row, one records ever
 result *and* runs the DAG step for each touched job
 (workers/persist.py), after which the next stages' messages and the events go out
 (imgpipe/aftercommit.py). Ready stages on the worker's own queues may be claimed in that
-persist transaction and run next (``continuations``), without a message.
+persist transaction and run next (``continuations``), without a message. The compute
+phase, one forward pass per stage kind, is workers/compute.py.
 
 Every step is written for at-least-once delivery: a duplicate message for a finished row
 is a no-op, results are updates of the (job, stage) row, detections are replaced, blobs
@@ -15,21 +16,13 @@ are content-addressed. One bad image fails only its own stage run.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import socket
-import sys
 import time
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
-from celery.exceptions import SoftTimeLimitExceeded
-from numpy.typing import NDArray
 
 from db.blobs import BlobStore, blob_store_for
 from db.dag import advance_in_session, mark_dispatched
@@ -43,8 +36,8 @@ from imgpipe.contracts import StageStatus
 from imgpipe.decode import DecodeLimits
 from imgpipe.errors import PermanentError, TransientError
 from imgpipe.events import EventPublisher
-from imgpipe.logs import StageRef, bound_stages
-from imgpipe.metrics import observe_batch, record_stage
+from imgpipe.logs import bound_stages
+from imgpipe.metrics import record_stage
 from imgpipe.retry import outage_retry_policy
 from imgpipe.settings import Settings
 from imgpipe.stagekinds import STAGE_KINDS
@@ -56,11 +49,13 @@ from workers.claims import (
     WorkerIdentity,
     claim_rows,
 )
+from workers.compute import BatchCompute, Work, failure_of, stage_ref
+from workers.compute import is_cuda_oom as _is_cuda_oom  # noqa: F401  (tests/unit/test_retry.py)
 from workers.outage import OnceSender, OutageWait, resend_uncertain
 from workers.persist import Failure, Finished, LocalContinuation, persist_finished
 from workers.pixels import PixelCache, encode_working_copy
-from workers.stagecontract import BatchRunner, StageInput, StageOutput, StageSkip
-from workers.timelimits import ComputeClock, soft_time_limit
+from workers.stagecontract import BatchRunner, StageOutput
+from workers.timelimits import ComputeClock
 from workers.version import code_version
 
 __all__ = ["Claim", "ClaimRequest", "Outcome", "StageExecutor"]
@@ -70,31 +65,10 @@ log = logging.getLogger(__name__)
 LOAD_THREADS = 4
 """Threads that load a batch's pixels (blob reads and decodes release the GIL)."""
 
-Result = StageOutput | StageSkip | Failure
-
-
-def _is_cuda_oom(exc: BaseException) -> bool:
-    """A device out-of-memory error, by type. torch is looked up, not imported: a process
-    that never loaded torch (a CPU stage worker) cannot have raised one."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
-
-
-def _ref(claim: Claim) -> StageRef:
-    return (claim.job_id, claim.stage, claim.attempt, claim.stage_run_id)
-
-
-@dataclass
-class _Work:
-    claim: Claim
-    pixels: NDArray[np.uint8] | None = None
-    load_ms: float = 0.0
-    result: Result | None = None
-    compute_ms: float = 0.0
-    batch_size: int = 1
-
 
 class StageExecutor:
+    _failure_of = staticmethod(failure_of)  # its old name (tests/unit/test_retry.py)
+
     def __init__(self, settings: Settings, device: str = "cpu") -> None:
         self.settings = settings
         self.device = device
@@ -112,7 +86,6 @@ class StageExecutor:
         self.acks = DeferredAcks(settings.effective_database_url)
         """Outbox rows this worker delivered; its next persist transaction removes them."""
         self._app: Any = None
-        self._runners: dict[str, BatchRunner] = {}
         self.local: LocalContinuation | None = None
         """Set by a consumer: ready stages on its own queues are claimed in the persist
         transaction and run here next, without a message (workers/persist.py)."""
@@ -120,6 +93,8 @@ class StageExecutor:
         self._recorded_models: set[tuple[str, str, str]] = set()
         self.compute_clock = ComputeClock()
         """The hard time limit of the forward pass in progress (the consumer's watchdog)."""
+        self._batch_compute = BatchCompute(device, self.compute_clock)
+        """The stage kinds' batch functions and the forward passes (workers/compute.py)."""
         self.outage = OutageWait(outage_retry_policy(settings))
         """How claims, persists and sends wait out a database or broker outage; a consumer
         gives it its stop event and watchdog (workers/batching.py)."""
@@ -159,12 +134,7 @@ class StageExecutor:
         self.local = LocalContinuation(frozenset(queues), self.identity, limit)
 
     def runner(self, kind: str) -> BatchRunner:
-        runner = self._runners.get(kind)
-        if runner is None:
-            spec = STAGE_KINDS[kind]
-            runner = getattr(importlib.import_module(spec.implementation), spec.entry)
-            self._runners[kind] = runner
-        return runner
+        return self._batch_compute.runner(kind)
 
     def record_model(self, info: Mapping[str, str]) -> None:
         """Write the ``models`` row the first time this process uses a model."""
@@ -257,15 +227,15 @@ class StageExecutor:
         self, claims: list[Claim], finished: list[Finished], started: float, dead_jobs: set[str]
     ) -> dict[int, Outcome]:
         # every log line while these stages are handled names them (imgpipe/logs.py)
-        with bound_stages([_ref(c) for c in claims]):
+        with bound_stages([stage_ref(c) for c in claims]):
             return self._run_bound(claims, finished, started, dead_jobs)
 
     def _run_bound(
         self, claims: list[Claim], finished: list[Finished], started: float, dead_jobs: set[str]
     ) -> dict[int, Outcome]:
-        work = [_Work(c) for c in claims]
+        work = [Work(c) for c in claims]
         self._load(work)
-        self._compute(work)
+        self._batch_compute.compute(work)
         finished = [*finished, *(self._finish(w, started) for w in work)]
         by_id: dict[int, Outcome] = {}
         after = AfterCommit()
@@ -283,7 +253,7 @@ class StageExecutor:
         )
         return by_id
 
-    def _record_metrics(self, work: Sequence[_Work], by_id: Mapping[int, Outcome]) -> None:
+    def _record_metrics(self, work: Sequence[Work], by_id: Mapping[int, Outcome]) -> None:
         """Prometheus: each run's outcome and phase durations (imgpipe/metrics.py)."""
         for w in work:
             outcome = by_id.get(w.claim.stage_run_id)
@@ -351,7 +321,7 @@ class StageExecutor:
         return after
 
     # -- load -----------------------------------------------------------------------------
-    def _load_one(self, w: _Work) -> None:
+    def _load_one(self, w: Work) -> None:
         t0 = time.perf_counter()
         try:
             side_px = STAGE_KINDS[w.claim.kind].input_side_px(w.claim.params)
@@ -362,7 +332,7 @@ class StageExecutor:
             w.result = Failure(f"could not load the stage's input image: {exc}", permanent=False)
         w.load_ms = (time.perf_counter() - t0) * 1000
 
-    def _load(self, work: Sequence[_Work]) -> None:
+    def _load(self, work: Sequence[Work]) -> None:
         if len(work) <= 1:
             for w in work:
                 self._load_one(w)
@@ -371,88 +341,8 @@ class StageExecutor:
             self._loader = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="imgpipe-load")
         list(self._loader.map(self._load_one, work))
 
-    # -- compute --------------------------------------------------------------------------
-    def _compute(self, work: Sequence[_Work]) -> None:
-        by_kind: dict[str, list[_Work]] = defaultdict(list)
-        for w in work:
-            if w.result is None:
-                by_kind[w.claim.kind].append(w)
-        for kind, group in by_kind.items():
-            self._compute_group(kind, group)
-
-    def _compute_group(self, kind: str, group: list[_Work]) -> None:
-        if len(group) == 1:  # alone (or split down to it): its lines name it
-            with bound_stages([_ref(group[0].claim)]):
-                self._compute_bound(kind, group)
-        else:
-            self._compute_bound(kind, group)
-
-    def _compute_bound(self, kind: str, group: list[_Work]) -> None:
-        """One forward pass for the whole group; on a failure that is not transient the
-        group is split so that one bad input fails only its own stage run. A CUDA
-        out-of-memory error halves the batch and tries again."""
-        assert all(w.pixels is not None for w in group)
-        inputs = [
-            StageInput(
-                image=w.pixels,  # type: ignore[arg-type]
-                original_size=w.claim.original_size,
-                params=w.claim.params,
-                upstream=w.claim.upstream,
-                device=self.device,
-                upstream_kinds=w.claim.upstream_kinds,
-            )
-            for w in group
-        ]
-        limits = [w.claim.time_limit_s for w in group if w.claim.time_limit_s]
-        limit_s = max(limits) if limits else None
-        t0 = time.perf_counter()
-        try:
-            run = self.runner(kind)  # importing the stage is not stage work
-            with self.compute_clock.running(limit_s), soft_time_limit(limit_s):
-                results = run(inputs)
-        except TransientError as exc:
-            if _is_cuda_oom(exc.__cause__ or exc) and len(group) > 1:
-                self._split(kind, group)
-                return
-            for w in group:
-                w.result = Failure(str(exc), permanent=False)
-            return
-        except Exception as exc:
-            if len(group) > 1:
-                self._split(kind, group)
-                return
-            for w in group:
-                w.result = self._failure_of(w.claim, exc)
-            return
-        compute_ms = (time.perf_counter() - t0) * 1000
-        observe_batch(kind, self.device, len(group))
-        for w, result in zip(group, results, strict=True):
-            w.result = result
-            w.compute_ms = compute_ms / len(group)
-            w.batch_size = len(group)
-
-    def _split(self, kind: str, group: list[_Work]) -> None:
-        half = len(group) // 2
-        self._compute_group(kind, group[:half])
-        self._compute_group(kind, group[half:])
-
-    @staticmethod
-    def _failure_of(claim: Claim, exc: BaseException) -> Failure:
-        if isinstance(exc, PermanentError):
-            return Failure(str(exc), permanent=True)
-        if _is_cuda_oom(exc):
-            return Failure(f"CUDA out of memory on one image: {exc}", permanent=False)
-        if isinstance(exc, SoftTimeLimitExceeded):
-            return Failure("stage exceeded its time limit", permanent=False)
-        log.exception("stage %s of job %s crashed", claim.stage, claim.job_id, exc_info=exc)
-        return Failure(
-            f"internal error in stage {claim.stage}: {type(exc).__name__}: {exc}; this is a "
-            "bug, please report it with the job id",
-            permanent=True,
-        )
-
     # -- prepare the record ---------------------------------------------------------------
-    def _finish(self, w: _Work, started: float) -> Finished:
+    def _finish(self, w: Work, started: float) -> Finished:
         claim, result = w.claim, w.result
         assert result is not None
         output: dict[str, Any] | None = None
