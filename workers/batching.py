@@ -22,9 +22,8 @@ do not apply to the batch. Our consumer is ~200 lines over kombu with exactly th
 rule we need; Flower still sees each message as a task (task-received/started/succeeded/
 failed/retried events, and worker heartbeats).
 
-A watchdog ends the process if one batch runs past the longest time limit of its stages
-(plus grace): the supervisor restarts the worker and the reaper re-runs the stage rows
-(a hung forward pass cannot be interrupted from Python).
+Remote control, the Flower events and the watchdog (which ends the process if one batch
+runs past the longest time limit of its stages, plus grace) are workers/batching_control.py.
 """
 
 from __future__ import annotations
@@ -48,8 +47,9 @@ from kombu.serialization import prepare_accept_content
 
 from imgpipe.contracts import STAGE_TASK_PREFIX, stage_task_name
 from imgpipe.errors import TransientError
+from workers.batching_control import CONTINUATION_BATCHES, ConsumerControl
 from workers.execute import ClaimRequest, Outcome, StageExecutor
-from workers.timelimits import on_pause_end, time_limits_are_paused
+from workers.timelimits import on_pause_end
 
 __all__ = ["BatchingConsumer", "Pending"]
 
@@ -57,11 +57,8 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0
 WATCHDOG_GRACE_S = 30.0
-WATCHDOG_TICK_S = 0.5
 DEFAULT_BATCH_LIMIT_S = 600.0
 """Time limit of a batch whose messages carry none (and of locally continued stages)."""
-CONTINUATION_BATCHES = 4
-"""A persist may claim up to this many batches' worth of its jobs' next stages locally."""
 MIN_DRAIN_S = 0.0005
 """Shortest wait for one more message: what "immediately available" means."""
 POLL_S = 1.0
@@ -93,7 +90,7 @@ def _eta_of(headers: dict[str, Any]) -> float | None:
     return (when - datetime.now(UTC)).total_seconds()
 
 
-class BatchingConsumer:
+class BatchingConsumer(ConsumerControl):
     def __init__(
         self,
         app: Celery,
@@ -180,55 +177,6 @@ class BatchingConsumer:
                     self._release_continuations()
                     dispatcher.flush(errors=False)
                     dispatcher.close()
-
-    def _listen_for_control(self, conn: Any) -> None:
-        """Answer Celery remote control (``celery inspect ping``, ``imgpipe up``'s
-        readiness check, Flower's worker list) like a Celery worker would."""
-        node = self.app.control.mailbox(conn).Node(
-            self.hostname,
-            state=None,
-            handlers={
-                "ping": lambda _state, **_kw: {"ok": "pong"},
-                "stats": lambda _state, **_kw: self.stats(),
-                "active_queues": lambda _state, **_kw: [
-                    {"name": name} for name in self.queue_names
-                ],
-                "cancel_consumer": lambda _state, queue, **_kw: self.cancel_queue(queue),
-                "add_consumer": lambda _state, queue, **_kw: self.add_queue(queue),
-            },
-        )
-        node.listen(conn.channel())
-
-    def cancel_queue(self, queue: str) -> dict[str, str]:
-        """Remote control ``cancel_consumer``: stop taking messages from ``queue``."""
-        if queue in self.queue_names:
-            self.queue_names.remove(queue)
-            if self._consumer is not None:
-                self._consumer.cancel_by_queue(queue)
-            self.executor.continue_locally(self.queue_names, CONTINUATION_BATCHES * self.batch_size)
-        return {"ok": f"no longer consuming from {queue}"}
-
-    def add_queue(self, queue: str) -> dict[str, str]:
-        """Remote control ``add_consumer``: take messages from ``queue`` too (after the
-        queues already consumed, so re-adding interactive then bulk keeps their order)."""
-        if queue not in self.queue_names:
-            self.queue_names.append(queue)
-            if self._consumer is not None:
-                self._consumer.add_queue(self.app.amqp.queues[queue])
-                self._consumer.consume()
-            self.executor.continue_locally(self.queue_names, CONTINUATION_BATCHES * self.batch_size)
-        return {"ok": f"consuming from {queue}"}
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "pid": os.getpid(),
-            "kind": "imgpipe micro-batching model worker",
-            "device": self.executor.device,
-            "batch_size": self.batch_size,
-            "batch_wait_ms": self.batch_wait_s * 1000,
-            "buffered": len(self._buffer),
-            "held_for_eta": len(self._held),
-        }
 
     def _loop(self, conn: Any) -> None:
         """Fill a batch: flush when it is full, or when ``batch_wait_ms`` has passed since
@@ -438,46 +386,3 @@ class BatchingConsumer:
         else:
             self._event("task-succeeded", uuid=p.task_id, result=outcome.status, runtime=runtime_s)
         p.message.ack()
-
-    # -- Flower events and the watchdog ---------------------------------------------------
-    def _flush_events(self) -> None:
-        if self._dispatcher is None:
-            return
-        try:
-            self._dispatcher.flush(errors=False)
-        except Exception as exc:
-            log.debug("task events not sent: %s", exc)
-
-    def _event(self, event_type: str, **fields: Any) -> None:
-        if self._dispatcher is None:
-            return
-        try:
-            self._dispatcher.send(event_type, **fields)
-        except Exception as exc:  # monitoring must never stop the work
-            log.debug("event %s not sent: %s", event_type, exc)
-
-    def _postpone_watchdog(self, seconds: float) -> None:
-        """Time spent waiting out an outage does not count against the batch's limit."""
-        deadline = self._batch_deadline
-        if deadline is not None:
-            self._batch_deadline = deadline + seconds
-
-    def _watchdog(self) -> None:
-        """Exit the process when a stage's compute runs past its hard time limit (the soft
-        limit could not stop it: stuck in native code), or a whole batch past the longest
-        limit of its stages + WATCHDOG_GRACE_S (a hung database call, say)."""
-        while not self._stop.wait(WATCHDOG_TICK_S):
-            now = time.monotonic()
-            overdue_s = self.executor.compute_clock.overdue_s(now)
-            deadline = self._batch_deadline
-            if time_limits_are_paused() or (
-                overdue_s is None and (deadline is None or now <= deadline)
-            ):
-                continue
-            what = "a stage's compute" if overdue_s is not None else "a batch"
-            log.critical(
-                "%s ran past its hard time limit; exiting so the supervisor restarts this "
-                "worker and the reaper re-runs its stage runs",
-                what,
-            )
-            os._exit(70)
