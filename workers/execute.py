@@ -49,8 +49,7 @@ from workers.claims import (
     WorkerIdentity,
     claim_rows,
 )
-from workers.compute import BatchCompute, Work, failure_of, stage_ref
-from workers.compute import is_cuda_oom as _is_cuda_oom  # noqa: F401  (tests/unit/test_retry.py)
+from workers.compute import BatchCompute, Work, stage_ref
 from workers.outage import OnceSender, OutageWait, resend_uncertain
 from workers.persist import Failure, Finished, LocalContinuation, persist_finished
 from workers.pixels import PixelCache, encode_working_copy
@@ -67,8 +66,6 @@ LOAD_THREADS = 4
 
 
 class StageExecutor:
-    _failure_of = staticmethod(failure_of)  # its old name (tests/unit/test_retry.py)
-
     def __init__(self, settings: Settings, device: str = "cpu") -> None:
         self.settings = settings
         self.device = device

@@ -13,7 +13,7 @@ from imgpipe.retry import RetryPolicy, outage_retry_policy, stage_retry_policy
 from imgpipe.settings import Settings
 from orchestrator.webhooks import webhook_retry_policy
 from workers.claims import Claim
-from workers.execute import StageExecutor, _is_cuda_oom
+from workers.compute import failure_of, is_cuda_oom
 
 
 def test_ceiling_doubles_from_the_base_up_to_the_cap() -> None:
@@ -59,14 +59,14 @@ def test_paths_take_their_policy_from_the_settings() -> None:
 
 def test_time_limit_and_device_oom_are_recognised_by_type() -> None:
     claim = Claim(1, "j", "detect", "detect", 1, {}, "k", (1, 1), {}, None)
-    limit = StageExecutor._failure_of(claim, SoftTimeLimitExceeded())
+    limit = failure_of(claim, SoftTimeLimitExceeded())
     assert not limit.permanent and "time limit" in limit.error
 
     class SoftTimeLimitExceededLookalike(Exception):
         pass
 
     SoftTimeLimitExceededLookalike.__name__ = "SoftTimeLimitExceeded"
-    lookalike = StageExecutor._failure_of(claim, SoftTimeLimitExceededLookalike())
+    lookalike = failure_of(claim, SoftTimeLimitExceededLookalike())
     assert lookalike.permanent and "internal error" in lookalike.error
-    assert _is_cuda_oom(torch.cuda.OutOfMemoryError("out of memory"))
-    assert not _is_cuda_oom(type("OutOfMemoryError", (Exception,), {})())
+    assert is_cuda_oom(torch.cuda.OutOfMemoryError("out of memory"))
+    assert not is_cuda_oom(type("OutOfMemoryError", (Exception,), {})())
