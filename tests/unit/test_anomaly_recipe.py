@@ -12,10 +12,12 @@ import torch
 
 from workers.anomaly import FeatureConfig, fit_profile, load_profile, score_images
 from workers.anomaly.patchcore import (
+    feature_scales,
     flatten_illumination,
     local_statistics,
     multiscale_maps,
     nearest_distances,
+    patch_features,
     preprocess,
 )
 from workers.anomaly.profile import LEGACY_CONFIG
@@ -56,8 +58,52 @@ def test_local_statistics_see_a_stain_the_mean_colour_moves() -> None:
     x[..., 100:140, 100:140] *= torch.tensor([0.6, 0.5, 0.4])[:, None, None]
     stats = local_statistics(x, config)
     assert stats.shape == (1, 4, 32, 32)
-    assert float(stats[0, :3, 15, 15].abs().sum()) > 0.3  # inside the stain
+    assert float(stats[0, :3, 15, 15].abs().sum()) > 0.25  # inside the stain
     assert float(stats[0, :3, 2, 2].abs().sum()) < 0.1  # far from it
+
+
+def _blotchy_grey(seed: int) -> torch.Tensor:
+    """1 x 3 x 256 x 256 grey material whose brightness wanders over tens of pixels."""
+    gen = torch.Generator().manual_seed(seed)
+    low = torch.nn.functional.interpolate(
+        torch.randn(1, 1, 16, 16, generator=gen), size=(256, 256), mode="bilinear"
+    )
+    grain = 0.05 * torch.randn(1, 3, 256, 256, generator=gen)  # sensor noise per channel
+    return (0.5 + 0.12 * low + grain).clamp(0, 1)
+
+
+def test_colour_gains_make_a_faint_tint_on_grey_material_stand_out() -> None:
+    config = FeatureConfig(blocks=(1,), stats_scaling="colour")
+    fit = torch.cat([_blotchy_grey(seed) for seed in range(6)])
+    block = torch.zeros(6, 2, config.grid_size, config.grid_size)  # a stand-in backbone block
+    pooled = [block, local_statistics(fit, config)]
+    scales = feature_scales(pooled, config)
+    assert scales.shape == (2 + 4,)  # block norm, statistics norm, then 4 statistic gains
+    gains = scales[2:]
+    assert float(gains[0]) == 1.0 and float(gains[3]) == 1.0  # brightness, spread: as they are
+    # only sensor noise moves the colour channels of grey material: raised to the floor
+    assert float(gains[1:3].min()) > 5
+
+    fit_stats = patch_features(pooled, scales, None, config)[..., 2:].reshape(-1, 4)
+    brightness_spread = float(fit_stats[:, 0].std())
+    stained = _blotchy_grey(99)
+    stained[..., 100:150, 100:150] *= torch.tensor([1.0, 0.97, 0.9])[:, None, None]
+    inside = patch_features([block[:1], local_statistics(stained, config)], scales, None, config)
+    deviation = (inside[0, 15, 15, 2:] - fit_stats.mean(dim=0)) / brightness_spread
+    assert abs(float(deviation[2])) > 8  # the 3-10 % yellow tint: far outside the fit set
+    assert abs(float(deviation[0])) < 4  # its brightness change hides in the blotches
+
+
+def test_whitened_statistics_have_one_fit_set_spread_each() -> None:
+    config = FeatureConfig(blocks=(1,), stats_scaling="whiten")
+    fit = torch.cat([_blotchy_grey(seed) for seed in range(6)])
+    pooled = [torch.zeros(6, 2, 32, 32), local_statistics(fit, config)]
+    scales = feature_scales(pooled, config)
+    assert scales.shape == (2 + 2 * 4,)  # two norms, then 4 means and 4 spreads
+    stats = patch_features(pooled, scales, None, config)[..., 2:].reshape(-1, 4)
+    spread = stats.std(dim=0) / (config.stats_weight / 2)
+    assert torch.allclose(spread[[0, 3]], torch.ones(2), rtol=0.05)
+    assert float(spread[1:3].max()) <= 1.0  # colour held at the floor instead
 
 
 def test_knn_distance_is_the_mean_of_the_k_nearest() -> None:

@@ -25,9 +25,9 @@ from workers.anomaly.patchcore import (
     FeatureConfig,
     ScoreScales,
     extract_pooled,
+    feature_scales,
     fuse_scales,
     greedy_coreset,
-    layer_norms,
     make_projection,
     patch_features,
 )
@@ -223,7 +223,7 @@ def _fit_bank(
             done += len(chunk)
             progress(done, total)
         pooled = [torch.cat(parts) for parts in zip(*pooled_chunks, strict=True)]
-        scales = layer_norms(pooled)
+        scales = feature_scales(pooled, config)
         projection = None
         if config.projection_dim:
             in_dim = sum(p.shape[1] for p in pooled)

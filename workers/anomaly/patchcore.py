@@ -46,6 +46,7 @@ __all__ = [
     "FeatureConfig",
     "ScoreScales",
     "extract_pooled",
+    "feature_scales",
     "fuse_scales",
     "greedy_coreset",
     "layer_norms",
@@ -57,6 +58,7 @@ __all__ = [
     "preprocess",
 ]
 
+STATS_SCALINGS = ("norm", "colour", "whiten")
 _STANDARD_MEAN = 0.5
 _STANDARD_STD = 0.2
 # query rows x bank rows per distance chunk: 4 MiB of float32 stays in a CPU's cache
@@ -83,8 +85,25 @@ class FeatureConfig:
     """> 0: append each cell's local colour mean and brightness spread (see
     :func:`local_statistics`), weighted by this relative to one backbone block."""
     stats_cells: int = 5
+    stats_fine_cells: int = 0
+    """> 0: the same statistics over this smaller window too (odd, in grid cells): a
+    bare patch a little smaller than ``stats_cells`` (missing grains) drops the
+    brightness spread there much more."""
     """Window of the local statistics, in grid cells (odd): 5 = 40 px, more than one
     period of a printed repeat, so a missing motif moves the mean colour."""
+    stats_scaling: str = "norm"
+    """How the statistics are weighted against each other. ``"norm"``: mean colour as R, G,
+    B, the block divided by its mean norm on the fit set. ``"colour"``: brightness, two
+    colour-opponent channels and brightness spread, each colour channel scaled to the
+    brightness's spread on the fit set, then as ``"norm"``: on a grey or single-hue
+    material the colour channels barely vary, so a faint tint (a stain) stands out as
+    much as a dark blotch would (stains on the grey photographs 0.66-0.85 -> 1.00, but
+    granular -0.02: not the default; docs/anomaly.md, runs s-w). ``"whiten"``: every
+    statistic centred and divided by its own spread (lost on wood and woven)."""
+    stats_floor: float = 0.05
+    """A colour channel's spread counts as at least this fraction of the brightness's
+    spread, so a channel that never varies on the fit set does not amplify sensor noise
+    by more than 1 / ``stats_floor``."""
     border_cells: int = 1
     """Grid cells at each edge that take their nearest inner cell's distance: edge patches
     see the network's zero padding and the frame's darkest vignetting, so good images
@@ -111,6 +130,10 @@ class FeatureConfig:
             raise ValueError(
                 f"resolution {self.resolution} must be >= 32 and a multiple of "
                 f"grid_stride {self.grid_stride}"
+            )
+        if self.stats_scaling not in STATS_SCALINGS:
+            raise ValueError(
+                f"stats_scaling must be one of {STATS_SCALINGS}, not {self.stats_scaling!r}"
             )
         if not self.score_scales or any(k < 1 or k % 2 == 0 for k in self.score_scales):
             raise ValueError(f"score_scales must be odd window sizes >= 1: {self.score_scales}")
@@ -190,6 +213,27 @@ def layer_norms(pooled: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([fmap.norm(dim=1).mean() for fmap in pooled])
 
 
+def feature_scales(pooled: Sequence[torch.Tensor], config: FeatureConfig) -> torch.Tensor:
+    """What the fit set fixes about feature scaling, stored as a profile's ``layer_scales``:
+    each pooled map's mean patch norm (the statistics' after their per-channel gains), then
+    for ``stats_scaling`` ``"colour"`` those gains, for ``"whiten"`` the statistics' means and
+    spreads."""
+    if not (config.stats_weight > 0 and config.stats_scaling != "norm"):
+        return layer_norms(pooled)
+    stats = pooled[-1].transpose(0, 1).reshape(pooled[-1].shape[1], -1)
+    spread = stats.std(dim=1).clamp_min(1e-6)
+    if config.stats_scaling == "whiten":
+        spread = spread.clamp_min(float(spread[0]) * config.stats_floor)
+        return torch.cat([layer_norms(pooled), stats.mean(dim=1), spread])
+    gains = torch.ones_like(spread)
+    for start in range(0, stats.shape[0], 4):  # per window: brightness, 2 colours, spread
+        brightness = spread[start]
+        colour = spread[start + 1 : start + 3].clamp_min(float(brightness) * config.stats_floor)
+        gains[start + 1 : start + 3] = brightness / colour
+    scaled = pooled[-1] * gains[None, :, None, None]
+    return torch.cat([layer_norms([*pooled[:-1], scaled]), gains])
+
+
 def patch_features(
     pooled: Sequence[torch.Tensor],
     layer_scales: torch.Tensor,
@@ -199,13 +243,17 @@ def patch_features(
     """Pooled block maps -> N x G x G x D patch features (blocks scaled to a mean norm of
     1, the local statistics to ``stats_weight``, concatenated)."""
     scales = layer_scales.to(pooled[0].device).clamp_min(1e-6)
-    weights = [1.0] * len(config.blocks) + [config.stats_weight] * (
-        len(pooled) - len(config.blocks)
-    )
-    feats = torch.cat(
-        [fmap * (w / scales[i]) for i, (fmap, w) in enumerate(zip(pooled, weights, strict=True))],
-        dim=1,
-    )
+    parts = [fmap / scales[i] for i, fmap in enumerate(pooled[: len(config.blocks)])]
+    if len(pooled) > len(config.blocks):
+        stats, count, n = pooled[-1], pooled[-1].shape[1], len(pooled)
+        if config.stats_scaling == "whiten":
+            centre, spread = scales[n:].reshape(2, count, 1, 1)
+            # unit spread per statistic; / sqrt(count) keeps the block's typical norm at 1
+            parts.append((stats - centre) / spread * (config.stats_weight / math.sqrt(count)))
+        else:
+            gains = scales[n:].reshape(count, 1, 1) if config.stats_scaling == "colour" else 1.0
+            parts.append(stats * gains * (config.stats_weight / scales[n - 1]))
+    feats = torch.cat(parts, dim=1)
     feats = feats.permute(0, 2, 3, 1)
     if projection is not None:
         feats = feats @ projection.to(feats.device)
@@ -285,11 +333,19 @@ def local_statistics(x: torch.Tensor, config: FeatureConfig) -> torch.Tensor:
     millisecond."""
     luma = x.mean(dim=1, keepdim=True)
     cells = F.avg_pool2d(torch.cat([x, luma, luma * luma], dim=1), config.grid_stride)
-    k = config.stats_cells
-    near = F.avg_pool2d(cells, k, 1, k // 2, count_include_pad=False)
-    mean, lmean, lsq = near[:, :3], near[:, 3:4], near[:, 4:5]
-    spread = (lsq - lmean * lmean).clamp_min(0).sqrt()
-    return torch.cat([mean - x.mean(dim=(2, 3), keepdim=True), spread], dim=1)
+    image_mean = x.mean(dim=(2, 3), keepdim=True)
+    out = []
+    for k in (config.stats_cells, config.stats_fine_cells):
+        if k <= 0:
+            continue
+        near = F.avg_pool2d(cells, k, 1, k // 2, count_include_pad=False)
+        mean, lmean, lsq = near[:, :3] - image_mean, near[:, 3:4], near[:, 4:5]
+        spread = (lsq - lmean * lmean).clamp_min(0).sqrt()
+        if config.stats_scaling != "norm":  # brightness, red-green, yellow-blue
+            r, g, b = mean[:, 0:1], mean[:, 1:2], mean[:, 2:3]
+            mean = torch.cat([(r + g + b) / 3, r - g, (r + g) / 2 - b], dim=1)
+        out += [mean, spread]
+    return torch.cat(out, dim=1)
 
 
 def multiscale_maps(

@@ -56,6 +56,7 @@ LEGACY_CONFIG: dict[str, Any] = {
     "border_cells": 0,
     "stats_weight": 0.0,
     "stats_cells": 3,
+    "stats_scaling": "norm",
 }
 """What profiles written before these FeatureConfig fields existed were fitted with."""
 MIN_HOLDOUT_IMAGES = 3
