@@ -51,8 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="{}", help="FeatureConfig overrides as JSON")
     args = parser.parse_args(argv)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    overrides: dict[str, Any] = json.loads(args.config)
-    config = FeatureConfig.from_json(overrides)
+    try:
+        config = FeatureConfig.from_overrides(args.config)
+    except ValueError as exc:
+        parser.error(f"--config: {exc}")
     split = family_split(args.family, n_fit=args.n_fit, n_good=max(sizes), n_bad=0)
     crops = split.good
     rows: list[dict[str, Any]] = []
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
-        "config": overrides,
+        "config": json.loads(args.config),
         "fit_images": args.n_fit,
         "fit_s": round(fit_s, 2),
         "memory_bank": info.memory_bank_size,

@@ -30,6 +30,7 @@ from imgpipe.errors import ImageRejectedError, PermanentError
 from imgpipe.face.cli_console import fail
 from imgpipe.settings import Settings
 from workers.anomaly.fit import fit_profile
+from workers.anomaly.patchcore import FeatureConfig
 from workers.anomaly.profile import evaluate_profile
 
 __all__ = ["eval_command", "fit_command", "load_image_files", "load_images", "load_masks"]
@@ -142,8 +143,17 @@ def load_masks(
 
 
 def fit_command(
-    profile: Path, inputs: list[Path], name: str, device: str, console: Console
+    profile: Path,
+    inputs: list[Path],
+    name: str,
+    device: str,
+    console: Console,
+    overrides: str | None = None,
 ) -> None:
+    try:
+        config = FeatureConfig.from_overrides(overrides) if overrides else FeatureConfig()
+    except ValueError as exc:
+        raise fail(f"--config: {exc}") from exc
     with progress_bar(console) as bar:
         images = load_images(inputs, console, bar)
         if len(images) < 4:
@@ -154,7 +164,7 @@ def fit_command(
         profile.parent.mkdir(parents=True, exist_ok=True)
         task = bar.add_task(f"fitting {name!r}", total=len(images))
         info = fit_profile(
-            images, profile, name=name, device=device,
+            images, profile, name=name, device=device, config=config,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )  # fmt: skip
     settings = Settings()

@@ -146,12 +146,19 @@ def anomaly_fit(
     images: Annotated[list[Path], typer.Argument(help="Good images (files or dirs).")],
     name: Annotated[str | None, typer.Option(help="Profile name.")] = None,
     device: Annotated[str, typer.Option()] = "cpu",
+    config: Annotated[
+        str | None,
+        typer.Option(
+            help="Recipe overrides as a JSON object, e.g. '{\"colour_map\": true}' "
+            "(FeatureConfig fields, docs/anomaly.md)."
+        ),
+    ] = None,
 ) -> None:
     """Fit an anomaly profile on good images."""
     require_model_extra("imgpipe anomaly fit")
     from imgpipe.face.cli_anomaly import fit_command
 
-    fit_command(profile, images, name or profile.stem, device, console)
+    fit_command(profile, images, name or profile.stem, device, console, config)
 
 
 @anomaly_app.command("eval")

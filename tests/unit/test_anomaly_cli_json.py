@@ -186,3 +186,45 @@ def test_pixel_auroc_needs_defect_and_clean_pixels() -> None:
         pixel_auroc([heat], [np.ones((2, 2), bool)])
     with pytest.raises(ValueError, match="masks"):
         pixel_auroc([heat], [])
+
+
+def _fit(tmp_path: Path, good: Path, *extra: str) -> Result:
+    """``imgpipe anomaly fit`` on the good images and their mirror images (8 in all)."""
+    images = tmp_path / "fit"
+    for path in sorted(good.glob("*.png")):
+        pixels = np.asarray(Image.open(path))
+        _save(pixels, images / path.name)
+        _save(np.ascontiguousarray(pixels[:, ::-1]), images / f"mirror_{path.name}")
+    env = {"COLUMNS": "200", "IMGPIPE_DATA_DIR": str(tmp_path / "data")}
+    args = ["anomaly", "fit", str(tmp_path / "p.npz"), str(images), *extra]
+    return CliRunner().invoke(app, args, env=env)
+
+
+def test_fit_config_overrides_the_recipe_and_the_profile_records_it(
+    dirs: EvalDirs, tmp_path: Path
+) -> None:
+    result = _fit(tmp_path, dirs.good, "--config", '{"colour_map": true, "stats_cells": 3}')
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "p.npz") as data:
+        meta = json.loads(data["meta"].tobytes().decode())
+    assert meta["config"]["colour_map"] is True and meta["config"]["stats_cells"] == 3
+    assert meta["config"]["knn"] == 1  # the fields not named keep the default recipe
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ('{"colour_maps": true}', "unknown recipe field(s) colour_maps"),
+        ('{"stats_scaling": "loud"}', "stats_scaling must be one of"),
+        ('{"colour_map": true, "stats_weight": 0}', "colour_map needs the local statistics"),
+        ("[1, 2]", "must be a JSON object"),
+        ("{colour_map: true}", "not valid JSON"),
+    ],
+)
+def test_fit_refuses_a_bad_config_naming_what_is_wrong(
+    dirs: EvalDirs, tmp_path: Path, overrides: str, named: str
+) -> None:
+    result = _fit(tmp_path, dirs.good, "--config", overrides)
+    assert result.exit_code == 2, result.output
+    assert named in _flat(result.output) or named in result.output, result.output
+    assert not (tmp_path / "p.npz").exists()

@@ -49,12 +49,12 @@ from workers.models.efficientnet_lite0 import EfficientNetLite0Features
 __all__ = ["fit_profile"]
 
 
-def _loo_scores(maps: torch.Tensor) -> list[float]:
+def _loo_scores(maps: torch.Tensor, config: FeatureConfig) -> list[float]:
     """Each held-out image's score with references from the other held-out images."""
     scores = []
     for i in range(maps.shape[0]):
         others = torch.cat([maps[:i], maps[i + 1 :]])
-        scales = ScoreScales.from_good_maps(others)
+        scales = ScoreScales.from_good_maps(others, config)
         scores.append(float(fuse_scales(maps[i : i + 1], scales).max()))
     return scores
 
@@ -240,5 +240,9 @@ def _fit_bank(
             progress(done, total)
         maps = torch.cat(map_chunks)
         return _Fitted(
-            bank, scales, projection, ScoreScales.from_good_maps(maps), _loo_scores(maps)
+            bank,
+            scales,
+            projection,
+            ScoreScales.from_good_maps(maps, config),
+            _loo_scores(maps, config),
         )

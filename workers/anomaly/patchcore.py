@@ -25,6 +25,8 @@ Pipeline for a batch of images (all steps on the worker's device, one forward pa
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +47,8 @@ from workers.models.efficientnet_lite0 import (
 __all__ = [
     "FeatureConfig",
     "ScoreScales",
+    "colour_deviation",
+    "colour_reference",
     "extract_pooled",
     "feature_scales",
     "fuse_scales",
@@ -59,6 +63,9 @@ __all__ = [
 ]
 
 STATS_SCALINGS = ("norm", "colour", "whiten")
+COLOUR_REFERENCE_FLOOR = 3.0
+"""Fit-set spreads: the least colour deviation a good image's worst cell is taken to reach
+(about the maximum of a thousand normal cells)."""
 _STANDARD_MEAN = 0.5
 _STANDARD_STD = 0.2
 # query rows x bank rows per distance chunk: 4 MiB of float32 stays in a CPU's cache
@@ -104,6 +111,12 @@ class FeatureConfig:
     """A colour channel's spread counts as at least this fraction of the brightness's
     spread, so a channel that never varies on the fit set does not amplify sensor noise
     by more than 1 / ``stats_floor``."""
+    colour_map: bool = False
+    """Also score each cell's local colour on its own (needs the local statistics): the
+    distance of its two colour-opponent means from the fit patches' mean, in fit-set
+    spreads (floored at ``stats_floor`` x the brightness spread), as one more map fused
+    like the distance scales. A tint on a grey or single-hue material then stands out
+    without adding colour noise to the patch search."""
     border_cells: int = 1
     """Grid cells at each edge that take their nearest inner cell's distance: edge patches
     see the network's zero padding and the frame's darkest vignetting, so good images
@@ -123,6 +136,32 @@ class FeatureConfig:
         }
         return cls(**values)
 
+    @classmethod
+    def from_overrides(cls, text: str) -> FeatureConfig:
+        """The default config with a JSON object's fields replaced, validated; the
+        ValueError names the wrong field or value."""
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"the recipe overrides are not valid JSON ({exc}): {text!r}") from exc
+        if not isinstance(fields, dict):
+            raise ValueError(
+                f'the recipe overrides must be a JSON object such as {{"colour_map": true}}, '
+                f"got {text!r}"
+            )
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(fields) - set(known))
+        if unknown:
+            raise ValueError(
+                f"unknown recipe field(s) {', '.join(unknown)}; known: {', '.join(known)}"
+            )
+        try:
+            config = cls.from_json(fields)
+            config.validate()
+        except TypeError as exc:
+            raise ValueError(f"a recipe field has the wrong type ({exc}): {text!r}") from exc
+        return config
+
     def validate(self) -> None:
         if not self.blocks or any(not 0 <= b < len(BLOCK_STRIDES) for b in self.blocks):
             raise ValueError(f"blocks must be indices 0..{len(BLOCK_STRIDES) - 1}: {self.blocks}")
@@ -131,6 +170,8 @@ class FeatureConfig:
                 f"resolution {self.resolution} must be >= 32 and a multiple of "
                 f"grid_stride {self.grid_stride}"
             )
+        if self.colour_map and self.stats_weight <= 0:
+            raise ValueError("colour_map needs the local statistics: set stats_weight > 0")
         if self.stats_scaling not in STATS_SCALINGS:
             raise ValueError(
                 f"stats_scaling must be one of {STATS_SCALINGS}, not {self.stats_scaling!r}"
@@ -217,21 +258,49 @@ def feature_scales(pooled: Sequence[torch.Tensor], config: FeatureConfig) -> tor
     """What the fit set fixes about feature scaling, stored as a profile's ``layer_scales``:
     each pooled map's mean patch norm (the statistics' after their per-channel gains), then
     for ``stats_scaling`` ``"colour"`` those gains, for ``"whiten"`` the statistics' means and
-    spreads."""
+    spreads, and last, with ``colour_map``, the :func:`colour_reference`."""
+    tail = [colour_reference(pooled[-1], config)] if config.colour_map else []
     if not (config.stats_weight > 0 and config.stats_scaling != "norm"):
-        return layer_norms(pooled)
+        return torch.cat([layer_norms(pooled), *tail])
     stats = pooled[-1].transpose(0, 1).reshape(pooled[-1].shape[1], -1)
     spread = stats.std(dim=1).clamp_min(1e-6)
     if config.stats_scaling == "whiten":
         spread = spread.clamp_min(float(spread[0]) * config.stats_floor)
-        return torch.cat([layer_norms(pooled), stats.mean(dim=1), spread])
+        return torch.cat([layer_norms(pooled), stats.mean(dim=1), spread, *tail])
     gains = torch.ones_like(spread)
     for start in range(0, stats.shape[0], 4):  # per window: brightness, 2 colours, spread
         brightness = spread[start]
         colour = spread[start + 1 : start + 3].clamp_min(float(brightness) * config.stats_floor)
         gains[start + 1 : start + 3] = brightness / colour
     scaled = pooled[-1] * gains[None, :, None, None]
-    return torch.cat([layer_norms([*pooled[:-1], scaled]), gains])
+    return torch.cat([layer_norms([*pooled[:-1], scaled]), gains, *tail])
+
+
+def _opponent(stats: torch.Tensor, config: FeatureConfig) -> torch.Tensor:
+    """N x 3 x G x G: brightness, red-green, yellow-blue of the statistics' mean colour."""
+    if config.stats_scaling != "norm":
+        return stats[:, :3]
+    r, g, b = stats[:, 0:1], stats[:, 1:2], stats[:, 2:3]
+    return torch.cat([(r + g + b) / 3, r - g, (r + g) / 2 - b], dim=1)
+
+
+def colour_reference(stats: torch.Tensor, config: FeatureConfig) -> torch.Tensor:
+    """[centre red-green, centre yellow-blue, spread red-green, spread yellow-blue] of the
+    fit patches' local colour (spreads floored at ``stats_floor`` x the brightness's)."""
+    opp = _opponent(stats, config).transpose(0, 1).reshape(3, -1)
+    spread = opp.std(dim=1)
+    floor = max(float(spread[0]) * config.stats_floor, 1e-6)
+    return torch.cat([opp[1:].mean(dim=1), spread[1:].clamp_min(floor)])
+
+
+def colour_deviation(
+    stats: torch.Tensor, config: FeatureConfig, reference: torch.Tensor
+) -> torch.Tensor:
+    """N x G x G: each cell's local colour's distance from the fit set's, in spreads."""
+    colour = _opponent(stats, config)[:, 1:]
+    centre, spread = reference.to(colour.device).reshape(2, 2, 1, 1)
+    z: torch.Tensor = (colour - centre) / spread
+    return z.square().sum(dim=1).sqrt()
 
 
 def patch_features(
@@ -247,11 +316,12 @@ def patch_features(
     if len(pooled) > len(config.blocks):
         stats, count, n = pooled[-1], pooled[-1].shape[1], len(pooled)
         if config.stats_scaling == "whiten":
-            centre, spread = scales[n:].reshape(2, count, 1, 1)
+            centre, spread = scales[n : n + 2 * count].reshape(2, count, 1, 1)
             # unit spread per statistic; / sqrt(count) keeps the block's typical norm at 1
             parts.append((stats - centre) / spread * (config.stats_weight / math.sqrt(count)))
         else:
-            gains = scales[n:].reshape(count, 1, 1) if config.stats_scaling == "colour" else 1.0
+            colour = config.stats_scaling == "colour"
+            gains = scales[n : n + count].reshape(count, 1, 1) if colour else 1.0
             parts.append(stats * gains * (config.stats_weight / scales[n - 1]))
     feats = torch.cat(parts, dim=1)
     feats = feats.permute(0, 2, 3, 1)
@@ -367,9 +437,16 @@ class ScoreScales:
     reference: torch.Tensor
 
     @classmethod
-    def from_good_maps(cls, maps: torch.Tensor) -> ScoreScales:
-        """``maps``: N x S x G x G multiscale maps of good images not in the memory bank."""
-        return cls(reference=maps.flatten(2).amax(dim=2).mean(dim=0).clamp_min(1e-6))
+    def from_good_maps(cls, maps: torch.Tensor, config: FeatureConfig) -> ScoreScales:
+        """``maps``: N x S x G x G multiscale maps of good images not in the memory bank.
+
+        The colour map's reference is at least ``COLOUR_REFERENCE_FLOOR`` spreads: on
+        images whose colour never varies (a greyscale source) the good maps are all 0,
+        and any tint would otherwise score without bound."""
+        reference = maps.flatten(2).amax(dim=2).mean(dim=0).clamp_min(1e-6)
+        if config.colour_map:
+            reference[-1] = reference[-1].clamp_min(COLOUR_REFERENCE_FLOOR)
+        return cls(reference=reference)
 
 
 def fuse_scales(maps: torch.Tensor, scales: ScoreScales) -> torch.Tensor:

@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from imgpipe.errors import PermanentError
 from workers.anomaly.patchcore import (
     FeatureConfig,
+    colour_deviation,
     extract_pooled,
     fuse_scales,
     multiscale_maps,
@@ -66,15 +67,18 @@ def distance_maps(
     bank_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """N x S x G x G multiscale nearest-neighbour distance maps (one forward pass)."""
-    feats = patch_features(
-        extract_pooled(backbone, images, config), layer_scales, projection, config
-    )
+    pooled = extract_pooled(backbone, images, config)
+    feats = patch_features(pooled, layer_scales, projection, config)
     b = config.border_cells
     if b > 0:  # edge cells are not searched: multiscale_maps copies their inner neighbours
         feats = feats[:, b:-b, b:-b]
     n, g, _, d = feats.shape
     dist = nearest_distances(feats.reshape(-1, d), bank, bank_sq, config.knn).reshape(n, g, g)
-    return multiscale_maps(F.pad(dist, (b, b, b, b)), config.score_scales, b)
+    maps = multiscale_maps(F.pad(dist, (b, b, b, b)), config.score_scales, b)
+    if config.colour_map:  # one more map: local colour against the fit set's (last 4 scales)
+        colour = colour_deviation(pooled[-1], config, layer_scales[-4:])
+        maps = torch.cat([maps, multiscale_maps(colour, (1,), b)], dim=1)
+    return maps
 
 
 def score_images(

@@ -126,8 +126,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--cache", type=Path, help="keep generated crops here between runs")
     args = parser.parse_args()
-    overrides: dict[str, Any] = json.loads(args.config)
-    config = FeatureConfig.from_json(overrides)
+    try:
+        config = FeatureConfig.from_overrides(args.config)
+    except ValueError as exc:
+        parser.error(f"--config: {exc}")
     header = {"config": asdict(config), "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine()}  # fmt: skip
     print(json.dumps(header), flush=True)
