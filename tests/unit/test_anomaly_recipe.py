@@ -13,11 +13,8 @@ import torch
 
 from workers.anomaly import FeatureConfig, fit_profile, load_profile, score_images
 from workers.anomaly.patchcore import (
-    colour_deviation,
-    colour_reference,
     feature_scales,
     flatten_illumination,
-    local_statistics,
     multiscale_maps,
     nearest_distances,
     patch_features,
@@ -25,6 +22,7 @@ from workers.anomaly.patchcore import (
 )
 from workers.anomaly.profile import LEGACY_CONFIG
 from workers.anomaly.scoring import backbone_for
+from workers.anomaly.statistics import colour_deviation, colour_reference, local_statistics
 from workers.anomaly.suite.dataset import family_split
 from workers.anomaly.synthetic import texture_split
 
@@ -77,7 +75,7 @@ def _blotchy_grey(seed: int) -> torch.Tensor:
 
 
 def test_colour_gains_make_a_faint_tint_on_grey_material_stand_out() -> None:
-    config = FeatureConfig(blocks=(1,), stats_scaling="colour")
+    config = FeatureConfig(blocks=(1,), stats_scaling="colour", colour_map=False)
     fit = torch.cat([_blotchy_grey(seed) for seed in range(6)])
     block = torch.zeros(6, 2, config.grid_size, config.grid_size)  # a stand-in backbone block
     pooled = [block, local_statistics(fit, config)]
@@ -99,7 +97,7 @@ def test_colour_gains_make_a_faint_tint_on_grey_material_stand_out() -> None:
 
 
 def test_whitened_statistics_have_one_fit_set_spread_each() -> None:
-    config = FeatureConfig(blocks=(1,), stats_scaling="whiten")
+    config = FeatureConfig(blocks=(1,), stats_scaling="whiten", colour_map=False)
     fit = torch.cat([_blotchy_grey(seed) for seed in range(6)])
     pooled = [torch.zeros(6, 2, 32, 32), local_statistics(fit, config)]
     scales = feature_scales(pooled, config)

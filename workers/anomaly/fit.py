@@ -44,17 +44,18 @@ from workers.anomaly.profile import (
     write_profile_file,
 )
 from workers.anomaly.scoring import backbone_for, distance_maps
+from workers.anomaly.statistics import colour_deviation, colour_map_reference
 from workers.models.efficientnet_lite0 import EfficientNetLite0Features
 
 __all__ = ["fit_profile"]
 
 
-def _loo_scores(maps: torch.Tensor, config: FeatureConfig) -> list[float]:
+def _loo_scores(maps: torch.Tensor, colour_reference: float | None) -> list[float]:
     """Each held-out image's score with references from the other held-out images."""
     scores = []
     for i in range(maps.shape[0]):
         others = torch.cat([maps[:i], maps[i + 1 :]])
-        scales = ScoreScales.from_good_maps(others, config)
+        scales = ScoreScales.from_good_maps(others, colour_reference)
         scores.append(float(fuse_scales(maps[i : i + 1], scales).max()))
     return scores
 
@@ -230,6 +231,10 @@ def _fit_bank(
             projection = make_projection(in_dim, config.projection_dim, seed).to(backbone.device)
         feats = patch_features(pooled, scales, projection, config)
         feats = feats.reshape(-1, feats.shape[-1])
+        colour_reference = None
+        if config.colour_map:
+            deviation = colour_deviation(pooled[-1], config, scales[-4:])
+            colour_reference = colour_map_reference(deviation, config.border_cells)
         count = max(1, round(feats.shape[0] * coreset_fraction))
         bank = feats[greedy_coreset(feats, count, seed)].contiguous()
         map_chunks = []
@@ -243,6 +248,6 @@ def _fit_bank(
             bank,
             scales,
             projection,
-            ScoreScales.from_good_maps(maps, config),
-            _loo_scores(maps, config),
+            ScoreScales.from_good_maps(maps, colour_reference),
+            _loo_scores(maps, colour_reference),
         )

@@ -20,17 +20,16 @@ Pipeline for a batch of images (all steps on the worker's device, one forward pa
    patches a little), each scale is divided by the mean maximum that held-out good
    images reach at that scale, and the maps are fused by a per-pixel max (minus 1). The
    fused map is the heat map; its maximum is the image score (0 = as far from the bank
-   as a typical good image's worst spot, 0.3 = 30% farther).
+   as a typical good image's worst spot, 0.3 = 30% farther). With ``colour_map`` one
+   more map joins the fusion: each cell's local colour against the fit set's (see
+   :func:`colour_deviation`), divided by the largest value a bank image reached.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import cv2
 import numpy as np
@@ -38,17 +37,13 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
-from workers.models.efficientnet_lite0 import (
-    BLOCK_STRIDES,
-    EfficientNetLite0Features,
-    FeatureRequest,
-)
+from workers.anomaly.config import FeatureConfig
+from workers.anomaly.statistics import colour_reference, local_statistics
+from workers.models.efficientnet_lite0 import EfficientNetLite0Features, FeatureRequest
 
 __all__ = [
     "FeatureConfig",
     "ScoreScales",
-    "colour_deviation",
-    "colour_reference",
     "extract_pooled",
     "feature_scales",
     "fuse_scales",
@@ -62,126 +57,11 @@ __all__ = [
     "preprocess",
 ]
 
-STATS_SCALINGS = ("norm", "colour", "whiten")
-COLOUR_REFERENCE_FLOOR = 3.0
-"""Fit-set spreads: the least colour deviation a good image's worst cell is taken to reach
-(about the maximum of a thousand normal cells)."""
 _STANDARD_MEAN = 0.5
 _STANDARD_STD = 0.2
 # query rows x bank rows per distance chunk: 4 MiB of float32 stays in a CPU's cache
 # (measured 6.3 vs 9.7 ms/image with 64 MiB chunks); a GPU wants big GEMMs.
 _CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
-
-
-@dataclass(frozen=True)
-class FeatureConfig:
-    """Everything that decides what a patch feature is; stored in every profile."""
-
-    blocks: tuple[int, ...] = (1, 2)
-    resolution: int = 256
-    grid_stride: int = 8
-    standardize: bool = True
-    per_channel: bool = True
-    """Standardise each colour channel on its own (removes colour casts)."""
-    flatten_px: float = 48.0
-    """> 0: divide each channel by its Gaussian blur of this sigma (px at ``resolution``)
-    first, which removes light gradients and vignetting; 0: off."""
-    knn: int = 1
-    """Patch distance = mean distance to this many nearest memory-bank patches."""
-    stats_weight: float = 0.5
-    """> 0: append each cell's local colour mean and brightness spread (see
-    :func:`local_statistics`), weighted by this relative to one backbone block."""
-    stats_cells: int = 5
-    stats_fine_cells: int = 0
-    """> 0: the same statistics over this smaller window too (odd, in grid cells): a
-    bare patch a little smaller than ``stats_cells`` (missing grains) drops the
-    brightness spread there much more."""
-    """Window of the local statistics, in grid cells (odd): 5 = 40 px, more than one
-    period of a printed repeat, so a missing motif moves the mean colour."""
-    stats_scaling: str = "norm"
-    """How the statistics are weighted against each other. ``"norm"``: mean colour as R, G,
-    B, the block divided by its mean norm on the fit set. ``"colour"``: brightness, two
-    colour-opponent channels and brightness spread, each colour channel scaled to the
-    brightness's spread on the fit set, then as ``"norm"``: on a grey or single-hue
-    material the colour channels barely vary, so a faint tint (a stain) stands out as
-    much as a dark blotch would (stains on the grey photographs 0.66-0.85 -> 1.00, but
-    granular -0.02: not the default; docs/anomaly.md, runs s-w). ``"whiten"``: every
-    statistic centred and divided by its own spread (lost on wood and woven)."""
-    stats_floor: float = 0.05
-    """A colour channel's spread counts as at least this fraction of the brightness's
-    spread, so a channel that never varies on the fit set does not amplify sensor noise
-    by more than 1 / ``stats_floor``."""
-    colour_map: bool = False
-    """Also score each cell's local colour on its own (needs the local statistics): the
-    distance of its two colour-opponent means from the fit patches' mean, in fit-set
-    spreads (floored at ``stats_floor`` x the brightness spread), as one more map fused
-    like the distance scales. A tint on a grey or single-hue material then stands out
-    without adding colour noise to the patch search."""
-    border_cells: int = 1
-    """Grid cells at each edge that take their nearest inner cell's distance: edge patches
-    see the network's zero padding and the frame's darkest vignetting, so good images
-    reach their largest distances there."""
-    projection_dim: int = 0
-    """0 keeps the concatenated channels as they are."""
-    smooth_px: int = 3
-    """Local aggregation window (patch neighbourhood) on each block's own grid."""
-    score_scales: tuple[int, ...] = (1, 3, 5)
-    """Windows (in grid cells) the distance map is averaged over before fusion."""
-
-    @classmethod
-    def from_json(cls, fields: dict[str, Any]) -> FeatureConfig:
-        """A config from JSON fields (lists become the tuples the dataclass holds)."""
-        values: dict[str, Any] = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()
-        }
-        return cls(**values)
-
-    @classmethod
-    def from_overrides(cls, text: str) -> FeatureConfig:
-        """The default config with a JSON object's fields replaced, validated; the
-        ValueError names the wrong field or value."""
-        try:
-            fields = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"the recipe overrides are not valid JSON ({exc}): {text!r}") from exc
-        if not isinstance(fields, dict):
-            raise ValueError(
-                f'the recipe overrides must be a JSON object such as {{"colour_map": true}}, '
-                f"got {text!r}"
-            )
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(fields) - set(known))
-        if unknown:
-            raise ValueError(
-                f"unknown recipe field(s) {', '.join(unknown)}; known: {', '.join(known)}"
-            )
-        try:
-            config = cls.from_json(fields)
-            config.validate()
-        except TypeError as exc:
-            raise ValueError(f"a recipe field has the wrong type ({exc}): {text!r}") from exc
-        return config
-
-    def validate(self) -> None:
-        if not self.blocks or any(not 0 <= b < len(BLOCK_STRIDES) for b in self.blocks):
-            raise ValueError(f"blocks must be indices 0..{len(BLOCK_STRIDES) - 1}: {self.blocks}")
-        if self.resolution % self.grid_stride or self.resolution < 32:
-            raise ValueError(
-                f"resolution {self.resolution} must be >= 32 and a multiple of "
-                f"grid_stride {self.grid_stride}"
-            )
-        if self.colour_map and self.stats_weight <= 0:
-            raise ValueError("colour_map needs the local statistics: set stats_weight > 0")
-        if self.stats_scaling not in STATS_SCALINGS:
-            raise ValueError(
-                f"stats_scaling must be one of {STATS_SCALINGS}, not {self.stats_scaling!r}"
-            )
-        if not self.score_scales or any(k < 1 or k % 2 == 0 for k in self.score_scales):
-            raise ValueError(f"score_scales must be odd window sizes >= 1: {self.score_scales}")
-
-    @property
-    def grid_size(self) -> int:
-        return self.resolution // self.grid_stride
 
 
 def preprocess(
@@ -276,33 +156,6 @@ def feature_scales(pooled: Sequence[torch.Tensor], config: FeatureConfig) -> tor
     return torch.cat([layer_norms([*pooled[:-1], scaled]), gains, *tail])
 
 
-def _opponent(stats: torch.Tensor, config: FeatureConfig) -> torch.Tensor:
-    """N x 3 x G x G: brightness, red-green, yellow-blue of the statistics' mean colour."""
-    if config.stats_scaling != "norm":
-        return stats[:, :3]
-    r, g, b = stats[:, 0:1], stats[:, 1:2], stats[:, 2:3]
-    return torch.cat([(r + g + b) / 3, r - g, (r + g) / 2 - b], dim=1)
-
-
-def colour_reference(stats: torch.Tensor, config: FeatureConfig) -> torch.Tensor:
-    """[centre red-green, centre yellow-blue, spread red-green, spread yellow-blue] of the
-    fit patches' local colour (spreads floored at ``stats_floor`` x the brightness's)."""
-    opp = _opponent(stats, config).transpose(0, 1).reshape(3, -1)
-    spread = opp.std(dim=1)
-    floor = max(float(spread[0]) * config.stats_floor, 1e-6)
-    return torch.cat([opp[1:].mean(dim=1), spread[1:].clamp_min(floor)])
-
-
-def colour_deviation(
-    stats: torch.Tensor, config: FeatureConfig, reference: torch.Tensor
-) -> torch.Tensor:
-    """N x G x G: each cell's local colour's distance from the fit set's, in spreads."""
-    colour = _opponent(stats, config)[:, 1:]
-    centre, spread = reference.to(colour.device).reshape(2, 2, 1, 1)
-    z: torch.Tensor = (colour - centre) / spread
-    return z.square().sum(dim=1).sqrt()
-
-
 def patch_features(
     pooled: Sequence[torch.Tensor],
     layer_scales: torch.Tensor,
@@ -395,29 +248,6 @@ def extract_pooled(
     return pooled
 
 
-def local_statistics(x: torch.Tensor, config: FeatureConfig) -> torch.Tensor:
-    """N x 4 x G x G: each grid cell's neighbourhood mean colour (minus the image's mean)
-    and brightness spread, over ``stats_cells`` cells square (40 px by default): the colour and
-    shading cues that ImageNet texture features barely register (stains, dents, faint
-    burns, a missing print motif). Computed from per-cell sums, so it costs well under a
-    millisecond."""
-    luma = x.mean(dim=1, keepdim=True)
-    cells = F.avg_pool2d(torch.cat([x, luma, luma * luma], dim=1), config.grid_stride)
-    image_mean = x.mean(dim=(2, 3), keepdim=True)
-    out = []
-    for k in (config.stats_cells, config.stats_fine_cells):
-        if k <= 0:
-            continue
-        near = F.avg_pool2d(cells, k, 1, k // 2, count_include_pad=False)
-        mean, lmean, lsq = near[:, :3] - image_mean, near[:, 3:4], near[:, 4:5]
-        spread = (lsq - lmean * lmean).clamp_min(0).sqrt()
-        if config.stats_scaling != "norm":  # brightness, red-green, yellow-blue
-            r, g, b = mean[:, 0:1], mean[:, 1:2], mean[:, 2:3]
-            mean = torch.cat([(r + g + b) / 3, r - g, (r + g) / 2 - b], dim=1)
-        out += [mean, spread]
-    return torch.cat(out, dim=1)
-
-
 def multiscale_maps(
     distances: torch.Tensor, scales: Sequence[int], border_cells: int = 0
 ) -> torch.Tensor:
@@ -437,15 +267,16 @@ class ScoreScales:
     reference: torch.Tensor
 
     @classmethod
-    def from_good_maps(cls, maps: torch.Tensor, config: FeatureConfig) -> ScoreScales:
+    def from_good_maps(
+        cls, maps: torch.Tensor, colour_reference: float | None = None
+    ) -> ScoreScales:
         """``maps``: N x S x G x G multiscale maps of good images not in the memory bank.
 
-        The colour map's reference is at least ``COLOUR_REFERENCE_FLOOR`` spreads: on
-        images whose colour never varies (a greyscale source) the good maps are all 0,
-        and any tint would otherwise score without bound."""
+        ``colour_reference`` (with ``colour_map``, the last map) replaces the held-out
+        images' mean maximum for that map: see :func:`colour_map_reference`."""
         reference = maps.flatten(2).amax(dim=2).mean(dim=0).clamp_min(1e-6)
-        if config.colour_map:
-            reference[-1] = reference[-1].clamp_min(COLOUR_REFERENCE_FLOOR)
+        if colour_reference is not None:
+            reference[-1] = colour_reference
         return cls(reference=reference)
 
 

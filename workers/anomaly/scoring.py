@@ -14,13 +14,13 @@ from numpy.typing import NDArray
 from imgpipe.errors import PermanentError
 from workers.anomaly.patchcore import (
     FeatureConfig,
-    colour_deviation,
     extract_pooled,
     fuse_scales,
     multiscale_maps,
     nearest_distances,
     patch_features,
 )
+from workers.anomaly.statistics import colour_deviation
 from workers.models.efficientnet_lite0 import EfficientNetLite0Features, default_weights_path
 from workers.models.registry import cached_model, model_precision
 

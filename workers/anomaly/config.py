@@ -1,0 +1,127 @@
+"""The anomaly recipe: everything that decides what a patch feature is and how it is
+scored, stored whole in every profile (``meta["config"]``). docs/anomaly.md "Recipe" says
+why each default was chosen."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from workers.models.efficientnet_lite0 import BLOCK_STRIDES
+
+__all__ = ["STATS_SCALINGS", "FeatureConfig"]
+
+STATS_SCALINGS = ("norm", "colour", "whiten")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Everything that decides what a patch feature is; stored in every profile."""
+
+    blocks: tuple[int, ...] = (1, 2)
+    resolution: int = 256
+    grid_stride: int = 8
+    standardize: bool = True
+    per_channel: bool = True
+    """Standardise each colour channel on its own (removes colour casts)."""
+    flatten_px: float = 48.0
+    """> 0: divide each channel by its Gaussian blur of this sigma (px at ``resolution``)
+    first, which removes light gradients and vignetting; 0: off."""
+    knn: int = 1
+    """Patch distance = mean distance to this many nearest memory-bank patches."""
+    stats_weight: float = 0.5
+    """> 0: append each cell's local colour mean and brightness spread (see
+    :func:`local_statistics`), weighted by this relative to one backbone block."""
+    stats_cells: int = 5
+    stats_fine_cells: int = 0
+    """> 0: the same statistics over this smaller window too (odd, in grid cells): a
+    bare patch a little smaller than ``stats_cells`` (missing grains) drops the
+    brightness spread there much more."""
+    """Window of the local statistics, in grid cells (odd): 5 = 40 px, more than one
+    period of a printed repeat, so a missing motif moves the mean colour."""
+    stats_scaling: str = "norm"
+    """How the statistics are weighted against each other. ``"norm"``: mean colour as R, G,
+    B, the block divided by its mean norm on the fit set. ``"colour"``: brightness, two
+    colour-opponent channels and brightness spread, each colour channel scaled to the
+    brightness's spread on the fit set, then as ``"norm"``: on a grey or single-hue
+    material the colour channels barely vary, so a faint tint (a stain) stands out as
+    much as a dark blotch would (stains on the grey photographs 0.66-0.85 -> 1.00, but
+    granular -0.02: not the default; docs/anomaly.md, runs s-w). ``"whiten"``: every
+    statistic centred and divided by its own spread (lost on wood and woven)."""
+    stats_floor: float = 0.05
+    """A colour channel's spread counts as at least this fraction of the brightness's
+    spread, so a channel that never varies on the fit set does not amplify sensor noise
+    by more than 1 / ``stats_floor``."""
+    colour_map: bool = True
+    """Also score each cell's local colour on its own (needs the local statistics): the
+    distance of its two colour-opponent means from the fit patches' mean, in fit-set
+    spreads (floored at ``stats_floor`` x the brightness spread), as one more map fused
+    like the distance scales. A tint on a grey or single-hue material then stands out
+    without adding colour noise to the patch search."""
+    border_cells: int = 1
+    """Grid cells at each edge that take their nearest inner cell's distance: edge patches
+    see the network's zero padding and the frame's darkest vignetting, so good images
+    reach their largest distances there."""
+    projection_dim: int = 0
+    """0 keeps the concatenated channels as they are."""
+    smooth_px: int = 3
+    """Local aggregation window (patch neighbourhood) on each block's own grid."""
+    score_scales: tuple[int, ...] = (1, 3, 5)
+    """Windows (in grid cells) the distance map is averaged over before fusion."""
+
+    @classmethod
+    def from_json(cls, fields: dict[str, Any]) -> FeatureConfig:
+        """A config from JSON fields (lists become the tuples the dataclass holds)."""
+        values: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()
+        }
+        return cls(**values)
+
+    @classmethod
+    def from_overrides(cls, text: str) -> FeatureConfig:
+        """The default config with a JSON object's fields replaced, validated; the
+        ValueError names the wrong field or value."""
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"the recipe overrides are not valid JSON ({exc}): {text!r}") from exc
+        if not isinstance(fields, dict):
+            raise ValueError(
+                f'the recipe overrides must be a JSON object such as {{"colour_map": true}}, '
+                f"got {text!r}"
+            )
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(fields) - set(known))
+        if unknown:
+            raise ValueError(
+                f"unknown recipe field(s) {', '.join(unknown)}; known: {', '.join(known)}"
+            )
+        try:
+            config = cls.from_json(fields)
+            config.validate()
+        except TypeError as exc:
+            raise ValueError(f"a recipe field has the wrong type ({exc}): {text!r}") from exc
+        return config
+
+    def validate(self) -> None:
+        if not self.blocks or any(not 0 <= b < len(BLOCK_STRIDES) for b in self.blocks):
+            raise ValueError(f"blocks must be indices 0..{len(BLOCK_STRIDES) - 1}: {self.blocks}")
+        if self.resolution % self.grid_stride or self.resolution < 32:
+            raise ValueError(
+                f"resolution {self.resolution} must be >= 32 and a multiple of "
+                f"grid_stride {self.grid_stride}"
+            )
+        if self.colour_map and self.stats_weight <= 0:
+            raise ValueError("colour_map needs the local statistics: set stats_weight > 0")
+        if self.stats_scaling not in STATS_SCALINGS:
+            raise ValueError(
+                f"stats_scaling must be one of {STATS_SCALINGS}, not {self.stats_scaling!r}"
+            )
+        if not self.score_scales or any(k < 1 or k % 2 == 0 for k in self.score_scales):
+            raise ValueError(f"score_scales must be odd window sizes >= 1: {self.score_scales}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.resolution // self.grid_stride
