@@ -7,24 +7,28 @@ import pytest
 
 from workers.anomaly.suite.camera import Nuisance, draw_shot, expose, rotate_crop
 from workers.anomaly.suite.dataset import (
+    ALL_STRUCTURAL,
+    ALL_SURFACES,
     DEFECTS,
     FAMILIES,
+    HELDOUT_FAMILIES,
     MAX_AREA,
     MIN_AREA,
     PHOTO_FAMILIES,
     family_split,
 )
-from workers.anomaly.suite.surfaces import STRUCTURAL, SURFACES
+from workers.anomaly.suite.surfaces import SURFACES
 
 pytest.importorskip("skimage", reason="the photographed families need scikit-image (test extra)")
 
 
-def test_there_are_eight_procedural_families_plus_the_photographs() -> None:
-    assert len(SURFACES) >= 8
-    assert set(FAMILIES) == set(SURFACES) | set(PHOTO_FAMILIES)
+def test_there_are_eight_procedural_families_plus_the_photographs_and_held_out_ones() -> None:
+    assert len(SURFACES) >= 8 and len(HELDOUT_FAMILIES) >= 3
+    assert not set(SURFACES) & set(HELDOUT_FAMILIES)  # held out: not a tuning family too
+    assert set(FAMILIES) == set(ALL_SURFACES) | set(PHOTO_FAMILIES)
     for family, kinds in DEFECTS.items():
         assert len(set(kinds)) >= 5, family
-        assert set(STRUCTURAL.get(family, ())) <= set(kinds)
+        assert set(ALL_STRUCTURAL.get(family, ())) <= set(kinds)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -47,11 +51,11 @@ def test_family_split_is_deterministic_and_masks_cover_the_defect(family: str) -
 def test_structural_defect_changes_only_its_region() -> None:
     from workers.anomaly.suite.surfaces import Structural
 
-    for family, kinds in STRUCTURAL.items():
+    for family, kinds in ALL_STRUCTURAL.items():
         for kind in kinds:
-            good = SURFACES[family](np.random.default_rng(1), 96, None)
+            good = ALL_SURFACES[family](np.random.default_rng(1), 96, None)
             flaw = Structural(kind, np.random.default_rng(2), (48.0, 48.0))
-            bad = SURFACES[family](np.random.default_rng(1), 96, flaw)
+            bad = ALL_SURFACES[family](np.random.default_rng(1), 96, flaw)
             changed = np.abs(bad - good).max(axis=2) > 0.03
             assert 0 < changed.mean() < 0.5, (family, kind)
 

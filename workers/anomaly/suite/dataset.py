@@ -27,9 +27,24 @@ from numpy.typing import NDArray
 from workers.anomaly.suite.camera import Nuisance, canvas_px, draw_shot, expose, rotate_crop
 from workers.anomaly.suite.canvas import Image
 from workers.anomaly.suite.flaws import PAINTERS
+from workers.anomaly.suite.heldout import HELDOUT_STRUCTURAL, HELDOUT_SURFACES
 from workers.anomaly.suite.surfaces import STRUCTURAL, SURFACES, Structural
 
-__all__ = ["DEFECTS", "FAMILIES", "PHOTO_FAMILIES", "FamilySplit", "family_split"]
+__all__ = [
+    "ALL_STRUCTURAL",
+    "ALL_SURFACES",
+    "DEFECTS",
+    "FAMILIES",
+    "HELDOUT_FAMILIES",
+    "PHOTO_FAMILIES",
+    "FamilySplit",
+    "family_split",
+]
+
+ALL_SURFACES = {**SURFACES, **HELDOUT_SURFACES}
+ALL_STRUCTURAL = {**STRUCTURAL, **HELDOUT_STRUCTURAL}
+HELDOUT_FAMILIES = tuple(HELDOUT_SURFACES)
+"""Written after the recipe was chosen (suite/heldout.py): a check, not a tuning set."""
 
 PHOTO_FAMILIES = ("brick", "grass", "gravel")
 DEFECTS: dict[str, tuple[str, ...]] = {
@@ -45,6 +60,9 @@ DEFECTS: dict[str, tuple[str, ...]] = {
         name: ("scratch", "stain", "hole", "crack", "colour_spot", "dent")
         for name in PHOTO_FAMILIES
     },
+    "twill": ("resin_gap", "scratch", "pit", "crack", "stain", "colour_spot"),
+    "leather": ("scar", "scratch", "cut", "hole", "stain", "burn"),
+    "perforated": ("blocked_hole", "scratch", "dent", "stain", "pit", "colour_spot"),
 }
 """Family -> the defect kinds its defective crops cycle through."""
 FAMILIES = tuple(DEFECTS)
@@ -88,7 +106,7 @@ class _Source:
         rng = np.random.default_rng(seed)
         if self.photo is None:
             n = canvas_px(self.crop_px, self.nuisance.max_rotation_deg)
-            return rotate_crop(SURFACES[self.family](rng, n, flaw), angle, self.crop_px)
+            return rotate_crop(ALL_SURFACES[self.family](rng, n, flaw), angle, self.crop_px)
         # the photo is cut into _PHOTO_TILE_PX tiles, checkerboarded: fit windows come from
         # the "white" tiles and test windows from the "black" ones, so nothing evaluated
         # was seen by the memory bank and both sets cover the whole photo
@@ -121,7 +139,7 @@ def _defective(
     """A defective crop whose mask area is within [MIN_AREA, MAX_AREA] (redrawn until so)."""
     good = source.render(seed, angle, 1, None)
     for _ in range(40):
-        if kind in STRUCTURAL.get(source.family, ()):
+        if kind in ALL_STRUCTURAL.get(source.family, ()):
             flaw = Structural(kind, rng, source.structural_at(rng))
             bad = source.render(seed, angle, 1, flaw)
         else:

@@ -31,7 +31,7 @@ from workers.anomaly.suite.canvas import (
     soft_blob,
 )
 
-__all__ = ["STRUCTURAL", "SURFACES", "Renderer", "Structural"]
+__all__ = ["STRUCTURAL", "SURFACES", "Renderer", "Structural", "cell_of"]
 
 _TABLE = 4096
 
@@ -48,7 +48,7 @@ class Structural:
 Renderer = Callable[[np.random.Generator, int, Structural | None], Image]
 
 
-def _cells(v: Plane, pitch: float) -> tuple[np.ndarray, Plane]:
+def cell_of(v: Plane, pitch: float) -> tuple[np.ndarray, Plane]:
     """Integer cell index and the 0..1 position inside the cell, along one axis."""
     scaled = v / np.float32(pitch)
     index = np.floor(scaled)
@@ -69,8 +69,8 @@ def woven(rng: np.random.Generator, n: int, flaw: Structural | None) -> Image:
     shades = [0.07 * rng.standard_normal(_TABLE).astype(np.float32) for _ in range(2)]
     slub_warp = 0.07 * aniso_noise(rng, n, 0.8, 10.0)
     slub_weft = 0.07 * aniso_noise(rng, n, 10.0, 0.8)
-    ix, fx = _cells(x, pitch)
-    iy, fy = _cells(y, pitch)
+    ix, fx = cell_of(x, pitch)
+    iy, fy = cell_of(y, pitch)
     if flaw is not None:
         axis = int(flaw.rng.integers(2))
         col, row = int(flaw.at[0]), int(flaw.at[1])
@@ -100,8 +100,8 @@ def knitted(rng: np.random.Generator, n: int, flaw: Structural | None) -> Image:
     """Stockinette: columns of V-shaped loops in a heathered yarn."""
     cw, ch = 10.0, 8.0
     x, y = coords(n, rng)
-    ix, fx = _cells(x, cw)
-    iy, fy = _cells(y, ch)
+    ix, fx = cell_of(x, cw)
+    iy, fy = cell_of(y, ch)
     key = (ix * 7919 + iy * 104729) % _TABLE
     jitter = 0.06 * rng.standard_normal(_TABLE).astype(np.float32)
     fibre = 0.07 * smooth_noise(rng, n, 0.7) + 0.04 * smooth_noise(rng, n, 3.0)
@@ -136,8 +136,8 @@ def pile(rng: np.random.Generator, n: int, flaw: Structural | None) -> Image:
     """Heathered loop-pile carpet: offset rows of yarn loops in four heather colours."""
     pitch = 5.0
     x, y = coords(n, rng)
-    iy, fy = _cells(y, pitch)
-    ix, fx = _cells(np.asarray(x + 0.5 * pitch * (iy % 2), np.float32), pitch)
+    iy, fy = cell_of(y, pitch)
+    ix, fx = cell_of(np.asarray(x + 0.5 * pitch * (iy % 2), np.float32), pitch)
     key = (ix * 7919 + iy * 104729) % _TABLE
     colours = rng.choice(4, _TABLE, p=[0.45, 0.3, 0.15, 0.1])
     jx, jy = (0.12 * rng.standard_normal((2, _TABLE))).astype(np.float32)
@@ -227,8 +227,8 @@ def printed(rng: np.random.Generator, n: int, flaw: Structural | None) -> Image:
     x, y = coords(n, rng)
     ink = 1 + 0.04 * smooth_noise(rng, n, 30.0) + 0.02 * smooth_noise(rng, n, 0.8)
     dx, dy = np.zeros_like(x), np.zeros_like(y)
-    ix, fx = _cells(x, period)
-    iy, fy = _cells(y, period)
+    ix, fx = cell_of(x, period)
+    iy, fy = cell_of(y, period)
     missing = np.zeros((n, n), bool)
     if flaw is not None:
         col, row = int(flaw.at[0]), int(flaw.at[1])
@@ -239,8 +239,8 @@ def printed(rng: np.random.Generator, n: int, flaw: Structural | None) -> Image:
             angle = flaw.rng.uniform(0, 2 * np.pi)
             shift = flaw.rng.uniform(3.0, 6.0) * np.array([np.cos(angle), np.sin(angle)])
             dx, dy = region * np.float32(shift[0]), region * np.float32(shift[1])
-    _, gx = _cells(x + dx, period)
-    _, gy = _cells(y + dy, period)
+    _, gx = cell_of(x + dx, period)
+    _, gy = cell_of(y + dy, period)
     dot = np.clip(6.5 - np.hypot(gx - 0.5, gy - 0.5) * period, 0, 1) * ~missing
     hx, hy = np.mod(fx + 0.5, 1.0) - 0.5, np.mod(fy + 0.5, 1.0) - 0.5
     diamond = np.clip((0.13 - (np.abs(hx) + np.abs(hy))) * period, 0, 1)
