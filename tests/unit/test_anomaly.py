@@ -137,7 +137,8 @@ def test_profile_round_trips_save_and_load_without_pickle(fitted: ProfileInfo) -
     assert profile.record() == {"name": "brick", "version": fitted.version, "sha256": fitted.sha256}
     assert profile.threshold == pytest.approx(fitted.threshold)
     assert profile.config == FeatureConfig()
-    assert profile.memory_bank.shape == (fitted.memory_bank_size, 24 + 24 + 4)  # blocks + stats
+    # blocks 1 and 2, extremes, statistics
+    assert profile.memory_bank.shape == (fitted.memory_bank_size, 24 + 24 + 2 + 4)
     assert torch.equal(profile.memory_bank, again.memory_bank)
     assert profile.backbone["weights_sha256"] == backbone_for("cpu").weights_sha256
     with np.load(fitted.path, allow_pickle=False) as data:

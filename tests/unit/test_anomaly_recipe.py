@@ -22,7 +22,12 @@ from workers.anomaly.patchcore import (
 )
 from workers.anomaly.profile import LEGACY_CONFIG
 from workers.anomaly.scoring import backbone_for
-from workers.anomaly.statistics import colour_deviation, colour_reference, local_statistics
+from workers.anomaly.statistics import (
+    colour_deviation,
+    colour_reference,
+    local_extremes,
+    local_statistics,
+)
 from workers.anomaly.suite.dataset import family_split
 from workers.anomaly.synthetic import texture_split
 
@@ -75,7 +80,7 @@ def _blotchy_grey(seed: int) -> torch.Tensor:
 
 
 def test_colour_gains_make_a_faint_tint_on_grey_material_stand_out() -> None:
-    config = FeatureConfig(blocks=(1,), stats_scaling="colour", colour_map=False)
+    config = FeatureConfig(blocks=(1,), stats_scaling="colour", colour_map=False, extremes_weight=0)
     fit = torch.cat([_blotchy_grey(seed) for seed in range(6)])
     block = torch.zeros(6, 2, config.grid_size, config.grid_size)  # a stand-in backbone block
     pooled = [block, local_statistics(fit, config)]
@@ -97,7 +102,7 @@ def test_colour_gains_make_a_faint_tint_on_grey_material_stand_out() -> None:
 
 
 def test_whitened_statistics_have_one_fit_set_spread_each() -> None:
-    config = FeatureConfig(blocks=(1,), stats_scaling="whiten", colour_map=False)
+    config = FeatureConfig(blocks=(1,), stats_scaling="whiten", colour_map=False, extremes_weight=0)
     fit = torch.cat([_blotchy_grey(seed) for seed in range(6)])
     pooled = [torch.zeros(6, 2, 32, 32), local_statistics(fit, config)]
     scales = feature_scales(pooled, config)
@@ -140,6 +145,21 @@ def test_colour_map_finds_a_tint_on_a_grey_photograph(tmp_path: Path) -> None:
     cell_px = 128 / stained.heatmap.shape[0]  # the crop is 128 px
     assert 40 - 2 * cell_px <= row * cell_px <= 80 + cell_px
     assert 60 - 2 * cell_px <= col * cell_px <= 100 + cell_px
+
+
+def test_local_extremes_mark_a_pit_that_the_cell_mean_hides() -> None:
+    config = FeatureConfig()
+    gen = torch.Generator().manual_seed(3)
+    x = 0.5 + 0.02 * torch.randn(1, 3, 256, 256, generator=gen)
+    x[..., 100:103, 60:63] = 0.15  # a 3 px pit in an 8 px cell
+    extremes = local_extremes(x, config)
+    assert extremes.shape == (1, 2, 32, 32)
+    deficit = extremes[0, 1]
+    pit_cell = float(deficit[12, 7])  # rows 96-103, columns 56-63
+    others = torch.cat([deficit[:10].flatten(), deficit[15:].flatten()])
+    assert pit_cell > 0.25 and float(others.max()) < 0.1
+    # the cell's mean, which the averaged features see, moves by a quarter as much
+    assert float(0.5 - x[0, 0, 96:104, 56:64].mean()) < pit_cell / 4
 
 
 def test_knn_distance_is_the_mean_of_the_k_nearest() -> None:

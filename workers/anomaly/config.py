@@ -35,12 +35,19 @@ class FeatureConfig:
     """> 0: append each cell's local colour mean and brightness spread (see
     :func:`local_statistics`), weighted by this relative to one backbone block."""
     stats_cells: int = 5
+    """Window of the local statistics, in grid cells (odd): 5 = 40 px, more than one
+    period of a printed repeat, so a missing motif moves the mean colour."""
     stats_fine_cells: int = 0
     """> 0: the same statistics over this smaller window too (odd, in grid cells): a
     bare patch a little smaller than ``stats_cells`` (missing grains) drops the
     brightness spread there much more."""
-    """Window of the local statistics, in grid cells (odd): 5 = 40 px, more than one
-    period of a printed repeat, so a missing motif moves the mean colour."""
+    extremes_weight: float = 0.5
+    """> 0: append each cell's darkest and brightest pixel relative to the mean of its
+    ``extremes_px`` neighbourhood (see :func:`local_extremes`), weighted by this relative
+    to one backbone block: a 3-7 px pit or a hairline scratch sets a cell's extreme
+    although it hardly moves the cell's averaged features."""
+    extremes_px: int = 9
+    """Neighbourhood (odd, px at ``resolution``) whose mean a pixel is compared with."""
     stats_scaling: str = "norm"
     """How the statistics are weighted against each other. ``"norm"``: mean colour as R, G,
     B, the block divided by its mean norm on the fit set. ``"colour"``: brightness, two
@@ -113,6 +120,8 @@ class FeatureConfig:
                 f"resolution {self.resolution} must be >= 32 and a multiple of "
                 f"grid_stride {self.grid_stride}"
             )
+        if self.extremes_px < 3 or self.extremes_px % 2 == 0:
+            raise ValueError(f"extremes_px must be odd and >= 3: {self.extremes_px}")
         if self.colour_map and self.stats_weight <= 0:
             raise ValueError("colour_map needs the local statistics: set stats_weight > 0")
         if self.stats_scaling not in STATS_SCALINGS:

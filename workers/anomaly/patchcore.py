@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 
 from workers.anomaly.config import FeatureConfig
-from workers.anomaly.statistics import colour_reference, local_statistics
+from workers.anomaly.statistics import colour_reference, local_extremes, local_statistics
 from workers.models.efficientnet_lite0 import EfficientNetLite0Features, FeatureRequest
 
 __all__ = [
@@ -162,11 +162,16 @@ def patch_features(
     projection: torch.Tensor | None,
     config: FeatureConfig,
 ) -> torch.Tensor:
-    """Pooled block maps -> N x G x G x D patch features (blocks scaled to a mean norm of
-    1, the local statistics to ``stats_weight``, concatenated)."""
+    """Pooled maps (backbone blocks, then the extremes and the statistics when on; see
+    :func:`extract_pooled`) -> N x G x G x D patch features: each block scaled to a mean
+    norm of 1, the extremes to ``extremes_weight``, the statistics to ``stats_weight``,
+    concatenated."""
     scales = layer_scales.to(pooled[0].device).clamp_min(1e-6)
     parts = [fmap / scales[i] for i, fmap in enumerate(pooled[: len(config.blocks)])]
-    if len(pooled) > len(config.blocks):
+    if config.extremes_weight > 0:
+        i = len(config.blocks)
+        parts.append(pooled[i] * (config.extremes_weight / scales[i]))
+    if config.stats_weight > 0:
         stats, count, n = pooled[-1], pooled[-1].shape[1], len(pooled)
         if config.stats_scaling == "whiten":
             centre, spread = scales[n : n + 2 * count].reshape(2, count, 1, 1)
@@ -243,6 +248,8 @@ def extract_pooled(
     per_image = backbone.predict([FeatureRequest(img, config.blocks) for img in x])
     block_maps = [torch.stack([maps[i] for maps in per_image]) for i in range(len(config.blocks))]
     pooled = pooled_blocks(block_maps, config)
+    if config.extremes_weight > 0:
+        pooled.append(local_extremes(x, config))
     if config.stats_weight > 0:
         pooled.append(local_statistics(x, config))
     return pooled

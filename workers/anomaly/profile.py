@@ -58,6 +58,7 @@ LEGACY_CONFIG: dict[str, Any] = {
     "stats_cells": 3,
     "stats_scaling": "norm",
     "colour_map": False,
+    "extremes_weight": 0.0,
 }
 """What profiles written before these FeatureConfig fields existed were fitted with."""
 MIN_HOLDOUT_IMAGES = 3

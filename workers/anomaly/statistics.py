@@ -16,6 +16,7 @@ __all__ = [
     "colour_deviation",
     "colour_map_reference",
     "colour_reference",
+    "local_extremes",
     "local_statistics",
     "opponent_colour",
 ]
@@ -86,3 +87,20 @@ def colour_map_reference(deviation: torch.Tensor, border_cells: int) -> float:
     b = border_cells
     inner = deviation[:, b:-b, b:-b] if b > 0 else deviation
     return max(float(inner.amax()), COLOUR_REFERENCE_FLOOR)
+
+
+def local_extremes(x: torch.Tensor, config: FeatureConfig) -> torch.Tensor:
+    """N x 2 x G x G: each grid cell's largest brightness excess and deficit of a pixel
+    over the mean of its ``extremes_px`` neighbourhood (max-pooled over the cell). Pits,
+    holes and hairline scratches set these although they cover a few pixels of a cell
+    whose averaged backbone features hardly move."""
+    luma = x.mean(dim=1, keepdim=True)
+    k = config.extremes_px
+    # the k x k mean as a row pass then a column pass: equal (the window is a rectangle
+    # even where it is cut by the border) and half the time of one 2-D pass on a CPU
+    mean = F.avg_pool2d(luma, (1, k), 1, (0, k // 2), count_include_pad=False)
+    mean = F.avg_pool2d(mean, (k, 1), 1, (k // 2, 0), count_include_pad=False)
+    residual = luma - mean
+    n, g, cell = x.shape[0], config.grid_size, config.grid_stride
+    by_cell = torch.cat([residual, -residual], dim=1).reshape(n, 2, g, cell, g, cell)
+    return by_cell.amax(dim=(3, 5))
