@@ -44,7 +44,7 @@ from workers.anomaly.profile import (
     write_profile_file,
 )
 from workers.anomaly.scoring import backbone_for, distance_maps
-from workers.anomaly.statistics import colour_deviation, colour_map_reference
+from workers.anomaly.statistics import COLOUR_REFERENCE_SIZE, colour_deviation, colour_map_reference
 from workers.models.efficientnet_lite0 import EfficientNetLite0Features
 
 __all__ = ["fit_profile"]
@@ -233,7 +233,7 @@ def _fit_bank(
         feats = feats.reshape(-1, feats.shape[-1])
         colour_reference = None
         if config.colour_map:
-            deviation = colour_deviation(pooled[-1], config, scales[-4:])
+            deviation = colour_deviation(pooled[-1], config, scales[-COLOUR_REFERENCE_SIZE:])
             colour_reference = colour_map_reference(deviation, config.border_cells)
         count = max(1, round(feats.shape[0] * coreset_fraction))
         bank = feats[greedy_coreset(feats, count, seed)].contiguous()

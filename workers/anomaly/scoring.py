@@ -20,7 +20,7 @@ from workers.anomaly.patchcore import (
     nearest_distances,
     patch_features,
 )
-from workers.anomaly.statistics import colour_deviation
+from workers.anomaly.statistics import COLOUR_REFERENCE_SIZE, colour_deviation
 from workers.models.efficientnet_lite0 import EfficientNetLite0Features, default_weights_path
 from workers.models.registry import cached_model, model_precision
 
@@ -75,8 +75,8 @@ def distance_maps(
     n, g, _, d = feats.shape
     dist = nearest_distances(feats.reshape(-1, d), bank, bank_sq, config.knn).reshape(n, g, g)
     maps = multiscale_maps(F.pad(dist, (b, b, b, b)), config.score_scales, b)
-    if config.colour_map:  # one more map: local colour against the fit set's (last 4 scales)
-        colour = colour_deviation(pooled[-1], config, layer_scales[-4:])
+    if config.colour_map:  # one more map: local colour against the fit set's
+        colour = colour_deviation(pooled[-1], config, layer_scales[-COLOUR_REFERENCE_SIZE:])
         maps = torch.cat([maps, multiscale_maps(colour, (1,), b)], dim=1)
     return maps
 

@@ -13,6 +13,7 @@ from workers.anomaly.config import FeatureConfig
 
 __all__ = [
     "COLOUR_REFERENCE_FLOOR",
+    "COLOUR_REFERENCE_SIZE",
     "colour_deviation",
     "colour_map_reference",
     "colour_reference",
@@ -21,6 +22,8 @@ __all__ = [
     "opponent_colour",
 ]
 
+COLOUR_REFERENCE_SIZE = 4
+"""Entries of :func:`colour_reference`; the last ones of a profile's ``layer_scales``."""
 COLOUR_REFERENCE_FLOOR = 3.0
 """Fit-set spreads: the least colour deviation a good image's worst cell is taken to reach
 (about the maximum of a thousand normal cells); on a greyscale source every good map is 0
@@ -43,19 +46,20 @@ def local_statistics(x: torch.Tensor, config: FeatureConfig) -> torch.Tensor:
         near = F.avg_pool2d(cells, k, 1, k // 2, count_include_pad=False)
         mean, lmean, lsq = near[:, :3] - image_mean, near[:, 3:4], near[:, 4:5]
         spread = (lsq - lmean * lmean).clamp_min(0).sqrt()
-        if config.stats_scaling != "norm":  # brightness, red-green, yellow-blue
-            r, g, b = mean[:, 0:1], mean[:, 1:2], mean[:, 2:3]
-            mean = torch.cat([(r + g + b) / 3, r - g, (r + g) / 2 - b], dim=1)
-        out += [mean, spread]
+        out += [_opponent(mean) if config.stats_scaling != "norm" else mean, spread]
     return torch.cat(out, dim=1)
 
 
-def opponent_colour(stats: torch.Tensor, config: FeatureConfig) -> torch.Tensor:
-    """N x 3 x G x G: brightness, red-green, yellow-blue of the statistics' mean colour."""
-    if config.stats_scaling != "norm":
-        return stats[:, :3]
-    r, g, b = stats[:, 0:1], stats[:, 1:2], stats[:, 2:3]
+def _opponent(rgb: torch.Tensor) -> torch.Tensor:
+    """N x 3 x ... RGB -> brightness, red-green, yellow-blue."""
+    r, g, b = rgb[:, 0:1], rgb[:, 1:2], rgb[:, 2:3]
     return torch.cat([(r + g + b) / 3, r - g, (r + g) / 2 - b], dim=1)
+
+
+def opponent_colour(stats: torch.Tensor, config: FeatureConfig) -> torch.Tensor:
+    """N x 3 x G x G: brightness, red-green, yellow-blue of the statistics' mean colour
+    (already in that form unless ``stats_scaling`` is ``"norm"``)."""
+    return stats[:, :3] if config.stats_scaling != "norm" else _opponent(stats[:, :3])
 
 
 def colour_reference(stats: torch.Tensor, config: FeatureConfig) -> torch.Tensor:
