@@ -4,6 +4,7 @@ they load torch through workers/anomaly)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,20 +38,44 @@ __all__ = ["eval_command", "fit_command", "load_image_files", "load_images", "lo
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 PROFILE_LICENSE = "derived from the operator's own images"
+MASK_ENDING = "_mask"
+"""MVTec AD names the mask of ``000.png`` ``000_mask.png``."""
 _MASK_RAW_MODES = frozenset({"1", "L", "P", "I", "F", "RGB"})
 
 
-def image_files(paths: list[Path]) -> list[Path]:
-    """Files given directly, plus the images inside given directories (sorted)."""
+def image_files(paths: list[Path], exclude: Sequence[Path] = ()) -> list[Path]:
+    """Files given directly, plus the images anywhere under given directories (sorted by
+    path; hidden files and folders, and folders in ``exclude``, are left out), so an
+    MVTec-style tree (``test/scratch/000.png``) can be passed as its top folder."""
+    skipped = {path.resolve() for path in exclude}
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+            files.extend(_images_under(path, skipped))
         elif path.is_file():
             files.append(path)
         else:
             raise PermanentError(f"{path} is neither an image file nor a directory")
     return files
+
+
+def _images_under(folder: Path, skipped: set[Path]) -> list[Path]:
+    found: list[Path] = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            if path.resolve() not in skipped:
+                found.extend(_images_under(path, skipped))
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            found.append(path)
+    return found
+
+
+def image_key(path: Path, root: Path) -> str:
+    """How a bad image and its mask are matched: the path below its folder without the
+    suffix (``bad/scratch/000.png`` -> ``scratch/000``)."""
+    return path.relative_to(root).with_suffix("").as_posix()
 
 
 def progress_bar(console: Console) -> Progress:
@@ -62,13 +87,16 @@ def progress_bar(console: Console) -> Progress:
 
 
 def load_image_files(
-    paths: list[Path], console: Console, bar: Progress | None = None
+    paths: list[Path],
+    console: Console,
+    bar: Progress | None = None,
+    exclude: Sequence[Path] = (),
 ) -> list[tuple[Path, NDArray[np.uint8]]]:
     """(file, pixels) of each image decoded with the same limits as submissions, in
     ``image_files`` order; unreadable files are reported on ``console`` and skipped."""
     limits = DecodeLimits.from_settings(Settings())
     images = []
-    files = image_files(paths)
+    files = image_files(paths, exclude)
     task = bar.add_task(f"decoding {len(files)} files", total=len(files)) if bar else None
     for path in files:
         try:
@@ -111,35 +139,50 @@ def load_masks(
     mask_dir: Path, bad: Path, kept: list[tuple[Path, NDArray[np.uint8]]]
 ) -> list[NDArray[np.bool_]]:
     """One defect mask per image of ``kept`` (the bad images that decoded), matched by
-    file stem: ``bad/abc.jpg`` <-> ``mask_dir/abc.png`` (any image suffix). A mask whose
-    bad image was skipped as unreadable is ignored; one with no bad image at all, or a
-    bad image without a mask, fails the command naming the file."""
+    path below its folder without the suffix (:func:`image_key`): ``bad/abc.jpg`` <->
+    ``mask_dir/abc.png``, ``bad/scratch/000.png`` <-> ``mask_dir/scratch/000.png``; a mask
+    may also carry MVTec's ``_mask`` ending (``mask_dir/scratch/000_mask.png``). A mask
+    whose bad image was skipped as unreadable is ignored; one with no bad image at all, or
+    a bad image without a mask, fails the command naming the file."""
     if not mask_dir.is_dir():
         raise fail(f"--masks {mask_dir} is not a directory; give the directory of defect masks")
-    by_stem: dict[str, Path] = {}
+    by_key: dict[str, Path] = {}
     for path in image_files([mask_dir]):
-        if path.stem in by_stem:
-            raise fail(f"defect masks {by_stem[path.stem]} and {path} are for one image; keep one")
-        by_stem[path.stem] = path
-    bad_stems = {path.stem for path in image_files([bad])}
-    orphans = [path for stem, path in by_stem.items() if stem not in bad_stems]
+        key = image_key(path, mask_dir)
+        if key in by_key:
+            raise fail(f"defect masks {by_key[key]} and {path} are for one image; keep one")
+        by_key[key] = path
+    bad_keys = {image_key(path, bad) for path in image_files([bad], [mask_dir])}
+    chosen = {key: _mask_for(key, by_key) for key in bad_keys}
+    used = {path for path in chosen.values() if path is not None}
+    orphans = [path for path in by_key.values() if path not in used]
     if orphans:
         more = f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""
+        wanted = image_key(orphans[0], mask_dir).removesuffix(MASK_ENDING)
         raise fail(
-            f"defect mask {orphans[0]} has no bad image named {orphans[0].stem}.* in {bad}"
-            f"{more}; remove the mask or add its image"
+            f"defect mask {orphans[0]} has no bad image named {bad / wanted}.*{more}; "
+            f"remove the mask or add its image"
         )
-    unmasked = [path for path, _ in kept if path.stem not in by_stem]
+    unmasked = [path for path, _ in kept if chosen.get(image_key(path, bad)) is None]
     if unmasked:
         more = f" (and {len(unmasked) - 1} more)" if len(unmasked) > 1 else ""
+        stem = mask_dir / image_key(unmasked[0], bad)
         raise fail(
-            f"bad image {unmasked[0]} has no defect mask {mask_dir / unmasked[0].stem}.png "
+            f"bad image {unmasked[0]} has no defect mask {stem}.png or {stem}{MASK_ENDING}.png "
             f"(any image suffix){more}; add one (nonzero pixels mark the defect) or move the "
             f"image out of {bad}"
         )
-    return [
-        read_mask(by_stem[path.stem], (pixels.shape[1], pixels.shape[0])) for path, pixels in kept
-    ]
+    masks = []
+    for path, pixels in kept:
+        mask_path = chosen[image_key(path, bad)]
+        assert mask_path is not None  # every kept image has one, checked above
+        masks.append(read_mask(mask_path, (pixels.shape[1], pixels.shape[0])))
+    return masks
+
+
+def _mask_for(key: str, by_key: dict[str, Path]) -> Path | None:
+    """The mask named like the image, else the one with MVTec's ``_mask`` ending."""
+    return by_key.get(key) or by_key.get(key + MASK_ENDING)
 
 
 def fit_command(
@@ -204,8 +247,9 @@ def eval_command(
     """Print the evaluation as a table, or with ``json_out`` as one JSON object (stdout
     then holds nothing else: progress and skipped files go to ``console``, stderr)."""
     with progress_bar(console) as bar:
+        # --bad may be the folder above --good and --masks (MVTec's test/): not bad images
         good_images = load_images([good], console, bar)
-        bad_files = load_image_files([bad], console, bar)
+        bad_files = load_image_files([bad], console, bar, [good, *([masks] if masks else [])])
         bad_masks = load_masks(masks, bad, bad_files) if masks is not None else None
         bad_images = [pixels for _, pixels in bad_files]
         task = bar.add_task("scoring", total=len(good_images) + len(bad_images))
