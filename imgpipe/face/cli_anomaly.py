@@ -30,7 +30,7 @@ from imgpipe.decode import DecodeLimits, decode_image
 from imgpipe.errors import ImageRejectedError, PermanentError
 from imgpipe.face.cli_console import fail
 from imgpipe.settings import Settings
-from workers.anomaly.fit import fit_profile
+from workers.anomaly.fit import DEFAULT_CORESET_FRACTION, fit_profile
 from workers.anomaly.patchcore import FeatureConfig
 from workers.anomaly.profile import evaluate_profile
 
@@ -192,11 +192,18 @@ def fit_command(
     device: str,
     console: Console,
     overrides: str | None = None,
+    coreset_fraction: float | None = None,
 ) -> None:
     try:
         config = FeatureConfig.from_overrides(overrides) if overrides else FeatureConfig()
     except ValueError as exc:
         raise fail(f"--config: {exc}") from exc
+    if coreset_fraction is not None and not 0.0 < coreset_fraction <= 1.0:
+        raise fail(
+            f"--coreset must be a fraction in (0, 1] of the fit patches to keep, got "
+            f"{coreset_fraction}; {DEFAULT_CORESET_FRACTION} is the default"
+        )
+
     with progress_bar(console) as bar:
         images = load_images(inputs, console, bar)
         if len(images) < 4:
@@ -208,6 +215,7 @@ def fit_command(
         task = bar.add_task(f"fitting {name!r}", total=len(images))
         info = fit_profile(
             images, profile, name=name, device=device, config=config,
+            coreset_fraction=coreset_fraction or DEFAULT_CORESET_FRACTION,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )  # fmt: skip
     settings = Settings()

@@ -153,12 +153,20 @@ def anomaly_fit(
             "(FeatureConfig fields, docs/anomaly.md)."
         ),
     ] = None,
+    coreset: Annotated[
+        float | None,
+        typer.Option(
+            help="Fraction of the fit patches kept in the memory bank, in (0, 1] (default "
+            "0.1); 0.05 halves the search time at about -0.003 mean AUROC on the suite "
+            "(docs/anomaly.md)."
+        ),
+    ] = None,
 ) -> None:
     """Fit an anomaly profile on good images."""
     require_model_extra("imgpipe anomaly fit")
     from imgpipe.face.cli_anomaly import fit_command
 
-    fit_command(profile, images, name or profile.stem, device, console, config)
+    fit_command(profile, images, name or profile.stem, device, console, config, coreset)
 
 
 @anomaly_app.command("eval")
@@ -170,8 +178,9 @@ def anomaly_eval(
     masks: Annotated[
         Path | None,
         typer.Option(
-            help="Directory of defect masks, one per bad image with the same file stem "
-            "(nonzero pixel = defect): adds the pixel AUROC of the heat maps."
+            help="Directory of defect masks, one per bad image at the same path below it "
+            "(any image suffix, or MVTec's NAME_mask.png; nonzero pixel = defect): adds the "
+            "pixel AUROC of the heat maps."
         ),
     ] = None,
     json_out: Annotated[

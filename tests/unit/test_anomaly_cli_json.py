@@ -228,3 +228,26 @@ def test_fit_refuses_a_bad_config_naming_what_is_wrong(
     assert result.exit_code == 2, result.output
     assert named in _flat(result.output) or named in result.output, result.output
     assert not (tmp_path / "p.npz").exists()
+
+
+def test_fit_coreset_sets_the_memory_bank_share(dirs: EvalDirs, tmp_path: Path) -> None:
+    result = _fit(tmp_path, dirs.good, "--coreset", "0.05")
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "p.npz") as data:
+        meta = json.loads(data["meta"].tobytes().decode())
+        bank_rows = data["memory_bank"].shape[0]
+    assert meta["coreset_fraction"] == 0.05 and bank_rows == meta["memory_bank_size"]
+    default = _fit(tmp_path / "default", dirs.good)
+    assert default.exit_code == 0, default.output
+    with np.load(tmp_path / "default" / "p.npz") as data:
+        assert data["memory_bank"].shape[0] == pytest.approx(2 * bank_rows, abs=1)
+
+
+@pytest.mark.parametrize("share", ["0", "1.5"])
+def test_fit_refuses_a_coreset_share_outside_0_1(
+    dirs: EvalDirs, tmp_path: Path, share: str
+) -> None:
+    result = _fit(tmp_path, dirs.good, "--coreset", share)
+    assert result.exit_code == 2, result.output
+    assert _flat("--coreset must be a fraction in (0, 1]") in _flat(result.output), result.output
+    assert not (tmp_path / "p.npz").exists()

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.anomaly.fit import fit_profile
+from workers.anomaly.fit import DEFAULT_CORESET_FRACTION, fit_profile
 from workers.anomaly.metrics import auroc
 from workers.anomaly.patchcore import FeatureConfig
 from workers.anomaly.profile import evaluate_profile
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--n-fit", type=int, default=50)
     parser.add_argument("--rotation", type=float, default=Nuisance().max_rotation_deg,
                         help="largest shot rotation, degrees")  # fmt: skip
-    parser.add_argument("--coreset", type=float, default=0.1)
+    parser.add_argument("--coreset", type=float, default=DEFAULT_CORESET_FRACTION)
     parser.add_argument("--config", default="{}", help="FeatureConfig overrides as JSON")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--cache", type=Path, help="keep generated crops here between runs")
