@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import skimage.data as skimage_data
 import torch
+import torch.nn.functional as F
 
 from workers.anomaly import FeatureConfig, fit_profile, load_profile, score_images
 from workers.anomaly.patchcore import (
@@ -27,6 +28,7 @@ from workers.anomaly.statistics import (
     colour_reference,
     local_extremes,
     local_statistics,
+    window_mean,
 )
 from workers.anomaly.suite.dataset import family_split
 from workers.anomaly.synthetic import texture_split
@@ -160,6 +162,17 @@ def test_local_extremes_mark_a_pit_that_the_cell_mean_hides() -> None:
     assert pit_cell > 0.25 and float(others.max()) < 0.1
     # the cell's mean, which the averaged features see, moves by a quarter as much
     assert float(0.5 - x[0, 0, 96:104, 56:64].mean()) < pit_cell / 4
+
+
+@pytest.mark.parametrize(("shape", "k"), [((1, 1, 64, 48), 9), ((2, 3, 7, 9), 5)])
+def test_window_means_are_avg_pool_with_windows_cut_at_the_border(
+    shape: tuple[int, ...], k: int
+) -> None:
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(4))
+    rows = F.avg_pool2d(x, (1, k), 1, (0, k // 2), count_include_pad=False)
+    both = F.avg_pool2d(rows, (k, 1), 1, (k // 2, 0), count_include_pad=False)
+    assert torch.allclose(window_mean(x, k, 3), rows, atol=1e-5)
+    assert torch.allclose(window_mean(window_mean(x, k, 3), k, 2), both, atol=1e-5)
 
 
 def test_knn_distance_is_the_mean_of_the_k_nearest() -> None:

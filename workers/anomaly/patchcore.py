@@ -38,7 +38,12 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 
 from workers.anomaly.config import FeatureConfig
-from workers.anomaly.statistics import colour_reference, local_extremes, local_statistics
+from workers.anomaly.statistics import (
+    colour_reference,
+    local_extremes,
+    local_statistics,
+    window_counts,
+)
 from workers.models.efficientnet_lite0 import EfficientNetLite0Features, FeatureRequest
 
 __all__ = [
@@ -139,12 +144,12 @@ def box_mean(x: torch.Tensor, k: int) -> torch.Tensor:
     """Each pixel's mean over the k x k window around it (odd k), the window clipped at the
     border: ``F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)``, as a depthwise
     convolution of ones divided by the window's pixel count (0.18 against 1.1 ms for a
-    24 x 64 x 64 map on a 2-core AVX2 VM, whose avg_pool2d kernel is slow at stride 1)."""
-    channels, pad = x.shape[1], k // 2
-    total = F.conv2d(x, x.new_ones(channels, 1, k, k), padding=pad, groups=channels)
-    ones = x.new_ones(1, 1, *x.shape[-2:])
-    count = F.conv2d(ones, x.new_ones(1, 1, k, k), padding=pad)
-    return total / count
+    24 x 64 x 64 map on a 2-core AVX2 VM, whose avg_pool2d kernel is slow at stride 1).
+    For small ``k``: the convolution's cost grows with k^2 (a 9 x 9 one over one 256 x 256
+    channel took 68 ms there; :func:`window_mean` is the one for that)."""
+    channels, (height, width) = x.shape[1], x.shape[-2:]
+    total = F.conv2d(x, x.new_ones(channels, 1, k, k), padding=k // 2, groups=channels)
+    return total / (window_counts(height, k, x)[:, None] * window_counts(width, k, x)[None, :])
 
 
 def layer_norms(pooled: Sequence[torch.Tensor]) -> torch.Tensor:
