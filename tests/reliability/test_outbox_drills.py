@@ -101,6 +101,55 @@ def test_process_killed_between_commit_and_publish_its_answer_is_relayed(
     wait_outbox_empty(db_url, 30)
 
 
+PAUSE_ATTEMPTS = 3
+"""Where the pause lands is chance: on a slow 2-vCPU VM, 2 of 3 single pauses (2026-11-30)
+saw no job complete within 90 s of it. An attempt that strands nothing resumes Redis,
+lets its jobs finish and tries again with new ones; only the stranded case is the drill."""
+
+
+def _submit_drill_jobs(ctx: OrchestratorContext, attempt: int) -> tuple[list[str], list[str]]:
+    keys = [f"paused-{attempt}-{i}" for i in range(8)]
+    job_ids = [
+        submit(
+            ctx,
+            SubmitRequest(
+                data=photo_jpeg(7100 + 10 * attempt + i, (1920, 1080)), pipeline="basic",
+                idempotency_key=key, reply_to=REPLY_TO,
+            ),
+        ).job_id
+        for i, key in enumerate(keys)
+    ]  # fmt: skip
+    return keys, job_ids
+
+
+def _a_stage_runs(db_url: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with session_scope(db_url) as session:
+            if session.execute(
+                select(StageRun.id).where(StageRun.status == StageStatus.RUNNING).limit(1)
+            ).first():
+                return True
+    return False
+
+
+def _stranded_completions(db_url: str, timeout_s: float) -> int:
+    """Completed events committed to the outbox and not yet published."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with session_scope(db_url) as session:
+            stranded = [
+                payload
+                for payload in session.execute(select(OutboxRow.payload)).scalars()
+                if json.loads(json.loads(payload)["event"]) == "completed"
+            ]
+        if stranded:
+            return len(stranded)
+        time.sleep(0.05)
+    return 0
+
+
+@pytest.mark.timeout(600)  # up to PAUSE_ATTEMPTS pauses
 def test_stage_worker_killed_while_redis_is_paused_its_completed_events_are_relayed(
     make_stack: Callable[..., Stack],
     short_deadline_settings: Settings,
@@ -110,52 +159,33 @@ def test_stage_worker_killed_while_redis_is_paused_its_completed_events_are_rela
     db_url = settings.effective_database_url
     stack = make_stack()
     ctx = OrchestratorContext(settings)
-    keys = [f"paused-{i}" for i in range(8)]
-    job_ids = [
-        submit(
-            ctx,
-            SubmitRequest(
-                data=photo_jpeg(7100 + i, (1920, 1080)), pipeline="basic",
-                idempotency_key=key, reply_to=REPLY_TO,
-            ),
-        ).job_id
-        for i, key in enumerate(keys)
-    ]  # fmt: skip
-    running = False
-    deadline = time.monotonic() + 60
-    while not running and time.monotonic() < deadline:
-        with session_scope(db_url) as session:
-            running = bool(
-                session.execute(
-                    select(StageRun.id).where(StageRun.status == StageStatus.RUNNING).limit(1)
-                ).first()
-            )
-    assert running, "no stage was seen running"
     assert own_broker.process is not None
     redis_pid = own_broker.process.pid
-    os.kill(redis_pid, signal.SIGSTOP)
-    try:
-        # A job completed while Redis cannot take its answer: the committed row waits.
-        stranded = 0
-        deadline = time.monotonic() + 90
-        while not stranded and time.monotonic() < deadline:
-            with session_scope(db_url) as session:
-                stranded = len(
-                    [
-                        payload
-                        for payload in session.execute(select(OutboxRow.payload)).scalars()
-                        if json.loads(json.loads(payload)["event"]) == "completed"
-                    ]
-                )
-            time.sleep(0.05)
-        assert stranded, "no job completed while Redis was paused"
-        stack.kill("cpu")  # kill -9 between commit and publish; the stack restarts it
-    finally:
-        os.kill(redis_pid, signal.SIGCONT)
-    statuses = wait_jobs(db_url, job_ids, 150)
+    all_keys: list[str] = []
+    all_ids: list[str] = []
+    stranded = 0
+    for attempt in range(PAUSE_ATTEMPTS):
+        keys, job_ids = _submit_drill_jobs(ctx, attempt)
+        all_keys += keys
+        all_ids += job_ids
+        assert _a_stage_runs(db_url, 60), "no stage was seen running"
+        os.kill(redis_pid, signal.SIGSTOP)
+        try:
+            # A job completed while Redis cannot take its answer: the committed row waits.
+            stranded = _stranded_completions(db_url, 90 if attempt == PAUSE_ATTEMPTS - 1 else 30)
+            if stranded:
+                stack.kill("cpu")  # kill -9 between commit and publish; the stack restarts it
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
+        if stranded:
+            break
+        wait_jobs(db_url, job_ids, 150)  # this attempt's jobs end; their events go out
+        wait_outbox_empty(db_url, 30)
+    assert stranded, f"no job completed while Redis was paused, in {PAUSE_ATTEMPTS} pauses"
+    statuses = wait_jobs(db_url, all_ids, 150)
     assert set(statuses.values()) == {JobStatus.SUCCEEDED}, statuses
-    finals = reply_client(settings).wait_final(REPLY_TO, keys, 60)
-    assert {k: e["event"] for k, e in finals.items()} == dict.fromkeys(keys, "completed")
+    finals = reply_client(settings).wait_final(REPLY_TO, all_keys, 60)
+    assert {k: e["event"] for k, e in finals.items()} == dict.fromkeys(all_keys, "completed")
     wait_outbox_empty(db_url, 30)
 
 

@@ -50,6 +50,15 @@ def _job_by_key(ctx: OrchestratorContext, key: str, timeout_s: float) -> Job:
     raise AssertionError(f"no job with idempotency key {key!r} after {timeout_s} s")
 
 
+def _no_crash_counters(ctx: OrchestratorContext, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while ctx.events.client.keys(f"{SUBMIT_CRASHES_PREFIX}*"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def _replies(ctx: OrchestratorContext, stream: str, count: int, timeout_s: float) -> list[dict]:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -78,7 +87,8 @@ def test_poison_celery_submission_ends_rejected_after_bounded_deliveries(
     assert (event["event"], event["job_id"], event["reason"]) == (
         "rejected", job.id, "crashed_worker",
     )  # fmt: skip
-    assert not ctx.events.client.keys(f"{SUBMIT_CRASHES_PREFIX}*"), "counters are cleared"
+    # the delivery clears its counter in a finally after publishing the reply: wait for it
+    assert _no_crash_counters(ctx, 10), "counters are cleared"
 
     # The same stack still takes work, and a malformed Celery submission is answered.
     _send(ctx, photo_jpeg(32), idempotency_key="after-poison")
