@@ -18,7 +18,10 @@ one request. A batch costs, whatever its size:
 4. after the commit, the stage messages through one producer and every event in one
    Redis round trip (imgpipe/aftercommit.py), then one DELETE of the delivered rows;
 5. duplicates (a key already taken) that name a ``reply_to`` are subscribed to their
-   job and answered in one more transaction (orchestrator/duplicates.py).
+   job and answered in one more transaction (orchestrator/duplicates.py);
+6. duplicates of a job still in flight re-send its stage messages that have waited
+   unclaimed for a while (orchestrator/resend.py): the duplicate may be the caller's
+   retry of a submission that committed but never sent them.
 
 If the batch transaction fails — a racing consumer took an idempotency key or inserted
 the same image first (IntegrityError), or one request holds something the database
@@ -51,6 +54,7 @@ from imgpipe.events import EventType
 from orchestrator.context import OrchestratorContext
 from orchestrator.duplicates import Duplicate, answer_duplicates
 from orchestrator.pipelines import PipelineSpec, load_pipeline, pipeline_hash
+from orchestrator.resend import resend_unclaimed
 from orchestrator.submit_rows import (
     StoredImage,
     cache_sources,
@@ -166,6 +170,8 @@ def submit_many(
             else original
         )
     _answer_duplicates(ctx, requests, results)
+    in_flight = {job for job, status in existing.values() if not JobStatus(status).terminal}
+    resend_unclaimed(ctx, in_flight)
     assert all(r is not None for r in results)
     return [r for r in results if r is not None]
 
