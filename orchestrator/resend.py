@@ -14,7 +14,9 @@ or finished). The row's ``dispatched_at`` moves to the re-send, so however many
 duplicates arrive, a row gets at most one extra message per ``RESEND_AFTER_S``; its
 ``dispatch_count`` and reaper deadline are left alone. Best effort: when the database or
 the broker is unreachable the duplicate is still answered, and the reaper stays the
-backstop.
+backstop. So does it for a retry that comes less than ``RESEND_AFTER_S`` after the lost
+commit (a single dropped connection, retried at once): the wait keeps a duplicate that
+races its original's sends from doubling them.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ __all__ = ["RESEND_AFTER_S", "resend_unclaimed"]
 
 log = logging.getLogger(__name__)
 
-RESEND_AFTER_S = 10.0
+RESEND_AFTER_S = 1.0
 """How long a stage row must have waited unclaimed since its last message before a
 duplicate submission sends it another."""
 
