@@ -11,15 +11,12 @@ stage worker.
 from __future__ import annotations
 
 import base64
-import io
 import shutil
 import time
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import pytest
 import redis
-from PIL import Image
 from sqlalchemy import select
 
 from db.engine import session_scope
@@ -35,6 +32,7 @@ from orchestrator.submit import SubmitRequest, submit
 from tests.clients.submit_client import SubmitClient
 from tests.integration.conftest import make_settings
 from tests.support.answers import wait_event, wait_outbox_empty
+from tests.support.images import noise_png
 from tests.support.jobs import wait_jobs
 from tests.support.services import own_database
 
@@ -45,15 +43,6 @@ BY_API = "imgpipe:reply:api"
 BY_STREAM = "imgpipe:reply:stream"
 BY_CELERY = "imgpipe:reply:celery"
 LATE = "imgpipe:reply:late"
-
-
-def noise_png(seed: int, side_px: int = 64) -> bytes:
-    rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (side_px, side_px, 3), dtype=np.uint8)).save(
-        buffer, format="PNG"
-    )
-    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -96,7 +85,7 @@ def test_duplicates_of_a_running_job_get_accepted_and_completed_on_their_own_rep
     start(("orchestrator",))  # no stage worker: the job cannot finish yet
     ctx = OrchestratorContext(settings)
     client = SubmitClient(redis.Redis.from_url(settings.effective_redis_url))
-    data, key = noise_png(901), "dup-running"
+    data, key = noise_png(901, side_px=64), "dup-running"
 
     def request(reply_to: str) -> SubmitRequest:
         return SubmitRequest(data=data, pipeline="basic", idempotency_key=key, reply_to=reply_to)

@@ -13,14 +13,11 @@ dispatch deadline.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from datetime import timedelta
 
-import numpy as np
 import pytest
-from PIL import Image
 from sqlalchemy import select, update
 
 from db.engine import session_scope
@@ -34,19 +31,11 @@ from orchestrator.context import OrchestratorContext
 from orchestrator.resend import RESEND_AFTER_S
 from orchestrator.submit import SubmitRequest, submit
 from tests.integration.conftest import make_settings
+from tests.support.images import noise_png
 from tests.support.jobs import wait_jobs
 from tests.support.services import own_database
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def noise_png(seed: int, side_px: int = 96) -> bytes:
-    rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (side_px, side_px, 3), dtype=np.uint8)).save(
-        buffer, format="PNG"
-    )
-    return buffer.getvalue()
 
 
 def dispatched_row(database_url: str, job_id: str) -> StageRun:
@@ -85,7 +74,7 @@ def test_duplicate_resends_a_lost_stage_message(
 
 def run(broker: EmbeddedRedis, url: str, settings: Settings) -> None:
     ctx = OrchestratorContext(settings)
-    request = SubmitRequest(noise_png(1), "basic", idempotency_key="lost-message")
+    request = SubmitRequest(noise_png(1, side_px=96), "basic", idempotency_key="lost-message")
     first = submit(ctx, request)
     row = dispatched_row(url, first.job_id)
     assert queued_stage_runs(broker, row.queue) == [f"[{row.id}]"]

@@ -27,6 +27,7 @@ from orchestrator.context import OrchestratorContext
 from orchestrator.reports import job_statuses
 from orchestrator.review import ReviewError, decide, pending_reviews
 from orchestrator.submit import SubmitRequest, submit
+from tests.support.images import noise_png
 from tests.support.jobs import wait_jobs
 
 pytestmark = pytest.mark.timeout(150)
@@ -49,19 +50,10 @@ verdict = "review"
 """
 
 
-def noise_png(seed: int, side_px: int = 64) -> bytes:
-    rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (side_px, side_px, 3), dtype=np.uint8)).save(
-        buffer, format="PNG"
-    )
-    return buffer.getvalue()
-
-
 def fresh_images(count: int) -> list[bytes]:
     """Never seen before by this database (random seeds), so first_seen is now."""
     base = uuid.uuid4().int % 10**9
-    return [noise_png(base + i) for i in range(count)]
+    return [noise_png(base + i, side_px=64) for i in range(count)]
 
 
 def run_cli(ctx: OrchestratorContext, *args: str) -> tuple[int, str]:

@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from sqlalchemy import func, select
 
 from db.blobs import LocalBlobStore, PendingPuts
@@ -19,18 +16,10 @@ from imgpipe.contracts import EVENTS_STREAM, JobStatus
 from imgpipe.errors import PermanentError
 from orchestrator.context import OrchestratorContext
 from orchestrator.submit import SubmitRequest, SubmitResult, submit, submit_many
+from tests.support.images import noise_png
 from tests.support.jobs import wait_jobs
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def noise_png(seed: int, side_px: int = 48) -> bytes:
-    rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (side_px, side_px, 3), dtype=np.uint8)).save(
-        buffer, format="PNG"
-    )
-    return buffer.getvalue()
 
 
 def jobs_with_key(ctx: OrchestratorContext, key: str) -> int:

@@ -3,18 +3,16 @@ the session's running stack, API keys, and review pipelines made per test."""
 
 from __future__ import annotations
 
-import io
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from db.apikeys import Scope
 from imgpipe.settings import Settings
+from tests.support.images import noise_png
 from tests.support.services import short_tmp_dir
 from tests.support.webserver import ApiServer, api_server, new_key
 
@@ -56,16 +54,6 @@ def review_pipeline(
     )
     (settings.pipelines_dir / f"{name}.toml").write_text(text)
     return name
-
-
-def noise_png(seed: int | None = None, side_px: int = 48) -> bytes:
-    """A PNG never seen before (random pixels)."""
-    rng = np.random.default_rng(seed if seed is not None else uuid.uuid4().int % 2**32)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (side_px, side_px, 3), dtype=np.uint8)).save(
-        buffer, format="PNG"
-    )
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="session")
