@@ -49,6 +49,7 @@ from imgpipe.contracts import STAGE_TASK_PREFIX, stage_task_name
 from imgpipe.errors import TransientError
 from workers.batching_control import CONTINUATION_BATCHES, ConsumerControl
 from workers.execute import ClaimRequest, Outcome, StageExecutor
+from workers.monitor_events import EventSender
 from workers.timelimits import on_pause_end
 
 __all__ = ["BatchingConsumer", "Pending"]
@@ -63,6 +64,8 @@ MIN_DRAIN_S = 0.0005
 """Shortest wait for one more message: what "immediately available" means."""
 POLL_S = 1.0
 """Longest idle wait for a message, so stop requests and held messages are seen."""
+EVENTS_CLOSE_S = 5.0
+"""How long a stopping consumer waits for its last Flower events to go out."""
 
 
 @dataclass
@@ -111,7 +114,7 @@ class BatchingConsumer(ConsumerControl):
         self._held: list[tuple[float, Pending]] = []
         self._stop = threading.Event()
         self._batch_deadline: float | None = None
-        self._dispatcher: Any = None
+        self._events: EventSender | None = None
         self._channel: Any = None
         self._consumer: Any = None
         self._accept = prepare_accept_content(["json"])  # type: ignore[no-untyped-call]
@@ -162,7 +165,7 @@ class BatchingConsumer(ConsumerControl):
                     buffer_group=["task"],
                     buffer_limit=max(3 * self.batch_size, 24),
                 )
-                self._dispatcher = dispatcher
+                self._events = EventSender(dispatcher)
                 self._event("worker-online")
                 log.info(
                     "worker %s on %s: queues %s, batch %d, wait %.1f ms",
@@ -175,8 +178,10 @@ class BatchingConsumer(ConsumerControl):
                     self._event("worker-offline")
                 finally:
                     self._release_continuations()
-                    dispatcher.flush(errors=False)
-                    dispatcher.close()
+                    if self._events.close(EVENTS_CLOSE_S):
+                        dispatcher.close()
+                    else:
+                        log.warning("Flower events not sent at exit: the broker did not take them")
 
     def _loop(self, conn: Any) -> None:
         """Fill a batch: flush when it is full, or when ``batch_wait_ms`` has passed since
@@ -312,10 +317,19 @@ class BatchingConsumer(ConsumerControl):
         finally:
             self._batch_deadline = None
         runtime_s = time.monotonic() - started
-        for p, outcome in zip(batch, outcomes, strict=True):
-            self._settle(p, outcome, runtime_s)
-        self._flush_events()
-        self._run_continuations()
+        settled: list[Pending] = []
+        try:
+            for p, outcome in zip(batch, outcomes, strict=True):
+                self._settle(p, outcome, runtime_s)
+                settled.append(p)  # a retry not re-sent is not acked away
+            self._flush_events()
+            # The continuations need no broker; the acks do. Acked after them, so a broker
+            # that hangs stops this loop only once the jobs' local work is done (a message
+            # re-delivered after a crash here finds its row finished: a no-op).
+            self._run_continuations()
+        finally:
+            for p in settled:
+                p.message.ack()
 
     def _release_continuations(self) -> None:
         try:
@@ -365,7 +379,8 @@ class BatchingConsumer(ConsumerControl):
             self._flush_events()
 
     def _settle(self, p: Pending, outcome: Outcome, runtime_s: float) -> None:
-        """Ack a message whose outcome is committed; a retry is re-sent first."""
+        """Report a message whose outcome is committed (a retry is re-sent first); the
+        ack follows in ``_flush``."""
         if outcome.retry_in_s is not None:
             retry_in_s = outcome.retry_in_s
             # the retry goes out before the ack: an outage is waited out, not acked away
@@ -385,4 +400,3 @@ class BatchingConsumer(ConsumerControl):
             self._event("task-failed", uuid=p.task_id, exception=outcome.error or outcome.status)
         else:
             self._event("task-succeeded", uuid=p.task_id, result=outcome.status, runtime=runtime_s)
-        p.message.ack()

@@ -5,7 +5,9 @@
   takes ``cancel_consumer`` / ``add_consumer`` for its queues.
 - **Flower events**: each message shows as a task (task-received/started/succeeded/
   failed/retried events, buffered and sent as one ``task.multi`` message per batch),
-  plus worker heartbeats; monitoring never stops the work.
+  plus worker heartbeats, published from a thread of their own
+  (workers/monitor_events.py): monitoring never stops the work, not even on a hung
+  broker.
 - **The watchdog**: it ends the process if one batch runs past the longest time limit of
   its stages (plus grace): the supervisor restarts the worker and the reaper re-runs the
   stage rows (a hung forward pass cannot be interrupted from Python).
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 
 from workers.execute import StageExecutor
+from workers.monitor_events import EventSender
 from workers.timelimits import time_limits_are_paused
 
 if TYPE_CHECKING:
@@ -52,7 +55,7 @@ class ConsumerControl:
     _held: list[tuple[float, Pending]]
     _stop: threading.Event
     _batch_deadline: float | None
-    _dispatcher: Any
+    _events: EventSender | None
     _consumer: Any
 
     # -- remote control -------------------------------------------------------------------
@@ -107,20 +110,14 @@ class ConsumerControl:
 
     # -- Flower events and the watchdog ---------------------------------------------------
     def _flush_events(self) -> None:
-        if self._dispatcher is None:
-            return
-        try:
-            self._dispatcher.flush(errors=False)
-        except Exception as exc:
-            log.debug("task events not sent: %s", exc)
+        """Send the buffered task events (from the events thread: never blocks)."""
+        if self._events is not None:
+            self._events.flush()
 
     def _event(self, event_type: str, **fields: Any) -> None:
-        if self._dispatcher is None:
-            return
-        try:
-            self._dispatcher.send(event_type, **fields)
-        except Exception as exc:  # monitoring must never stop the work
-            log.debug("event %s not sent: %s", event_type, exc)
+        """Queue one Flower event (workers/monitor_events.py: never blocks)."""
+        if self._events is not None:
+            self._events.send(event_type, **fields)
 
     def _postpone_watchdog(self, seconds: float) -> None:
         """Time spent waiting out an outage does not count against the batch's limit."""

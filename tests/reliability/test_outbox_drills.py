@@ -28,7 +28,7 @@ from db.engine import session_scope
 from db.models import Job, OutboxRow, StageRun
 from imgpipe.broker import EmbeddedRedis
 from imgpipe.celery_app import create_app
-from imgpipe.contracts import JobStatus, StageStatus
+from imgpipe.contracts import EVENTS_STREAM, JobStatus, StageStatus
 from imgpipe.face.stack import Stack
 from imgpipe.settings import Settings
 from orchestrator.context import OrchestratorContext
@@ -196,7 +196,13 @@ def wipe(broker: EmbeddedRedis, settings: Settings) -> None:
         if path.is_file() and (path.suffix in (".aof", ".rdb") or "appendonly" in path.name):
             path.unlink()
     broker.start()
-    assert broker.client().dbsize() == 0
+    # Nothing of the old data: no stage message of the jobs, no event. (Not dbsize() == 0:
+    # the orchestrator reconnects within milliseconds and declares its bindings again.)
+    client = broker.client()
+    with session_scope(settings.effective_database_url) as session:
+        queues = set(session.execute(select(StageRun.queue)).scalars())
+    assert queues and all(client.llen(queue) == 0 for queue in queues)
+    assert client.exists(EVENTS_STREAM) == 0
     # In this process, the first Celery broadcast after a broker restart fails once with
     # "Connection closed by server" (a pooled connection to the old server), even from a
     # new app; Stack.wait_ready does not retry it, so take that failure here.
