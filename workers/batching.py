@@ -9,7 +9,9 @@ from the same queues, interactive before bulk, and:
 2. hands them to ``StageExecutor.run_batch``: one transaction claims every row, inputs
    load on a few threads, one forward pass per model, one transaction records every
    result and steps every job; the next stages' messages go out after that commit;
-3. acks each message only after its result is committed. A database or broker outage is
+3. acks each message only after its result is committed and the stages it continued
+   locally have run (they need no broker; a hung broker holds the ack, not them). A
+   database or broker outage is
    waited out holding the batch (bounded backoff with jitter, workers/outage.py); a
    transient stage error re-sends that one message with its backoff delay.
 
