@@ -11,9 +11,9 @@ from the same queues, interactive before bulk, and:
    result and steps every job; the next stages' messages go out after that commit;
 3. acks each message only after its result is committed and the stages it continued
    locally have run (they need no broker; a hung broker holds the ack, not them). A
-   database or broker outage is
-   waited out holding the batch (bounded backoff with jitter, workers/outage.py); a
-   transient stage error re-sends that one message with its backoff delay.
+   database or broker outage is waited out holding the batch (bounded backoff with
+   jitter, workers/outage.py); a transient stage error re-sends that one message with its
+   backoff delay.
 
 Why not celery-batches: it buffers requests in the worker's main process and hands the
 pool a list, but it acks late-ack requests in the pool's *return* callback only, leaving
