@@ -40,6 +40,7 @@ __all__ = [
     "AdvanceOutcome",
     "advance_locked",
     "completed_payload",
+    "dispatch_of",
     "finalise",
     "mark_dispatched",
     "step",
@@ -65,6 +66,11 @@ def mark_dispatched(row: StageRun, now: datetime, dispatch_timeout_s: int) -> Di
     row.deadline_at = now + timedelta(
         seconds=_dispatch_deadlines(dispatch_timeout_s).ceiling_s(row.dispatch_count)
     )
+    return dispatch_of(row)
+
+
+def dispatch_of(row: StageRun) -> Dispatch:
+    """The message that runs ``row`` (sent after the commit, imgpipe/aftercommit.py)."""
     return Dispatch(row.task_name, row.id, row.queue, row.time_limit_s)
 
 

@@ -29,10 +29,11 @@ import kombu.exceptions
 import redis
 from sqlalchemy import select
 
+from db.dag import dispatch_of
 from db.engine import session_scope
 from db.models import StageRun, utcnow
 from db.repo import lock_jobs
-from imgpipe.aftercommit import AfterCommit, Dispatch
+from imgpipe.aftercommit import AfterCommit
 from imgpipe.contracts import JobStatus, StageStatus
 from imgpipe.errors import TransientError
 from orchestrator.advance import deliver_after_commit
@@ -94,5 +95,5 @@ def _mark_resent(ctx: OrchestratorContext, job_ids: Collection[str]) -> AfterCom
         ).scalars()
         for row in rows:
             row.dispatched_at = now
-            after.dispatches.append(Dispatch(row.task_name, row.id, row.queue, row.time_limit_s))
+            after.dispatches.append(dispatch_of(row))
     return after

@@ -24,9 +24,9 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.dag import mark_dispatched
+from db.dag import dispatch_of, mark_dispatched
 from db.models import StageRun
-from imgpipe.aftercommit import AfterCommit, Dispatch
+from imgpipe.aftercommit import AfterCommit
 from imgpipe.contracts import StageStatus
 from imgpipe.errors import TransientError
 from imgpipe.retry import Backoff, RetryPolicy
@@ -146,7 +146,7 @@ def resend_uncertain(
         if row.id in queued:
             continue
         if row.status == StageStatus.DISPATCHED:
-            after.dispatches.append(Dispatch(row.task_name, row.id, row.queue, row.time_limit_s))
+            after.dispatches.append(dispatch_of(row))
         elif (
             row.status == StageStatus.RUNNING
             and row.worker_pid == me.pid
