@@ -77,16 +77,16 @@ class EventSender:
         while True:
             item = self._queue.get()
             try:
-                if item is _FLUSH or item is _STOP:
-                    self.dispatcher.flush(errors=False)
-                else:
+                if item is not _FLUSH and item is not _STOP:  # _STOP only wakes the thread
                     event_type, fields = item
                     self.dispatcher.send(event_type, **fields)
+                if item is _FLUSH or self._finished():
+                    self.dispatcher.flush(errors=False)
             except Exception as exc:  # monitoring must never stop the work
                 log.debug("event not sent: %s", exc)
-            if self._closing.is_set() and self._queue.empty():
-                try:
-                    self.dispatcher.flush(errors=False)
-                except Exception as exc:
-                    log.debug("events not sent at exit: %s", exc)
+            if self._finished():
                 return
+
+    def _finished(self) -> bool:
+        """Closing, and nothing left to send."""
+        return self._closing.is_set() and self._queue.empty()
