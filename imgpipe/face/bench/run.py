@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BenchConfig", "default_images", "run_bench", "tiny_images"]
 
-SAMPLES_DIR = Path(__file__).resolve().parents[2] / "samples"
+SAMPLES_DIR = Path(__file__).resolve().parents[3] / "samples"  # imgpipe/face/bench -> repo
 DEFAULT_SIZE = (1920, 1080)
 NOOP_PIPELINE = "noop"
 NOOP_IMAGE_PX = 16
