@@ -1,11 +1,21 @@
-"""Pure helpers of `imgpipe bench`: percentiles, ratios and the canvas backend URL."""
+"""Helpers of `imgpipe bench`: percentiles, ratios, the canvas backend URL, the default
+images and the in-process baseline."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from imgpipe.face.bench.baselines import sequential_baseline
 from imgpipe.face.bench.canvas import redis_py_url, result_url
+from imgpipe.face.bench.run import SAMPLES_DIR, default_images
 from imgpipe.face.bench.stats import ratio, summary
+from imgpipe.settings import Settings
+from orchestrator.context import OrchestratorContext
+from orchestrator.pipelines import load_pipeline
+from orchestrator.submit import resolve_spec
+from tests.support.images import noise_png
 
 
 def test_summary_uses_nearest_rank_and_ignores_missing_values() -> None:
@@ -31,3 +41,23 @@ def test_canvas_results_go_to_another_database_of_the_same_redis() -> None:
     assert result_url("rediss://host:6380/15") == "rediss://host:6380/0"
     with pytest.raises(ValueError, match="needs a Redis broker"):
         result_url("amqp://guest@host//")
+
+
+def test_the_default_images_are_the_repository_samples() -> None:
+    """`imgpipe bench --pipeline ...` without --image reads samples/ (README command)."""
+    images = default_images()
+    assert images[0][0] == str(SAMPLES_DIR / "photo_1080p.jpg")
+    assert len(images) == len(
+        list(SAMPLES_DIR.glob("*.jpg")) + list(SAMPLES_DIR.glob("degraded/*.jpg"))
+    )
+
+
+def test_the_in_process_baseline_gives_each_stage_its_upstream_kinds(tmp_path: Path) -> None:
+    """enhance reads the quality result by its kind: the baseline must pass the kinds,
+    as the worker's claim does, or `imgpipe bench --pipeline basic` fails on enhance."""
+    settings = Settings(data_dir=tmp_path)
+    resolved = resolve_spec(OrchestratorContext(settings), load_pipeline("basic"), None)
+    figures, inputs = sequential_baseline([noise_png(3, side_px=96)], resolved, "cpu", 2)
+    assert figures["images"] == 2
+    needs = resolved["stages"]["enhance"]["needs"]
+    assert needs and dict(inputs["enhance"][0].upstream_kinds) == dict.fromkeys(needs, "quality")

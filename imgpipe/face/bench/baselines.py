@@ -46,7 +46,8 @@ def _run_image(data: bytes, spec: Mapping[str, Any], device: str, inputs: StageI
     for name, stage in spec["stages"].items():
         image = images.get(stage["reads"], decoded.pixels)
         upstream = {n: outputs[n] for n in stage["needs"] if n in outputs}
-        item = StageInput(image, size, stage["params"], upstream, device)
+        kinds = {n: spec["stages"][n]["kind"] for n in upstream}
+        item = StageInput(image, size, stage["params"], upstream, device, kinds)
         inputs.setdefault(name, []).append(item)
         result = _runner(stage["kind"])([item])[0]
         if isinstance(result, StageOutput):
