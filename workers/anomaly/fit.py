@@ -43,6 +43,7 @@ from workers.anomaly.profile import (
     no_progress,
     write_profile_file,
 )
+from workers.anomaly.region import region_descriptors
 from workers.anomaly.scoring import backbone_for, distance_maps
 from workers.anomaly.statistics import COLOUR_REFERENCE_SIZE, colour_deviation, colour_map_reference
 from workers.models.efficientnet_lite0 import EfficientNetLite0Features
@@ -54,12 +55,14 @@ DEFAULT_CORESET_FRACTION = 0.1
 the search at -0.003 mean AUROC on the suite)."""
 
 
-def _loo_scores(maps: torch.Tensor, colour_reference: float | None) -> list[float]:
+def _loo_scores(
+    maps: torch.Tensor, colour_reference: float | None, largest: Sequence[int]
+) -> list[float]:
     """Each held-out image's score with references from the other held-out images."""
     scores = []
     for i in range(maps.shape[0]):
         others = torch.cat([maps[:i], maps[i + 1 :]])
-        scales = ScoreScales.from_good_maps(others, colour_reference)
+        scales = ScoreScales.from_good_maps(others, colour_reference, largest)
         scores.append(float(fuse_scales(maps[i : i + 1], scales).max()))
     return scores
 
@@ -166,6 +169,7 @@ def _meta(
         "holdout_images": len(holdout),
         "coreset_fraction": coreset_fraction,
         "memory_bank_size": int(fitted.bank.shape[0]),
+        "region_bank_size": 0 if fitted.region_bank is None else int(fitted.region_bank.shape[0]),
         "seed": seed,
     }
 
@@ -187,6 +191,7 @@ class _Fitted:
     """What fitting computes: the tensors a profile file stores, and its threshold."""
 
     bank: torch.Tensor
+    region_bank: torch.Tensor | None
     scales: torch.Tensor
     projection: torch.Tensor | None
     score_scales: ScoreScales
@@ -205,7 +210,18 @@ class _Fitted:
                 projection.cpu().numpy() if projection is not None else np.zeros((0, 0), np.float32)
             ),
             "score_reference": self.score_scales.reference.cpu().numpy(),
+            "region_bank": (
+                self.region_bank.cpu().numpy().astype(np.float32)
+                if self.region_bank is not None
+                else np.zeros((0, 0), np.float32)
+            ),
         }
+
+
+def _coreset(rows: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """A greedy k-center coreset of ``fraction`` of ``rows`` (M x D), at least one row."""
+    count = max(1, round(rows.shape[0] * fraction))
+    return rows[greedy_coreset(rows, count, seed)].contiguous()
 
 
 def _fit_bank(
@@ -239,19 +255,27 @@ def _fit_bank(
         if config.colour_map:
             deviation = colour_deviation(pooled[-1], config, scales[-COLOUR_REFERENCE_SIZE:])
             colour_reference = colour_map_reference(deviation, config.border_cells)
-        count = max(1, round(feats.shape[0] * coreset_fraction))
-        bank = feats[greedy_coreset(feats, count, seed)].contiguous()
+        bank = _coreset(feats, coreset_fraction, seed)
+        region_bank = None
+        if config.region_cells:
+            regions = region_descriptors(pooled, scales, config)
+            region_bank = _coreset(regions.reshape(-1, regions.shape[-1]), coreset_fraction, seed)
+        region = None if region_bank is None else (region_bank, None)
         map_chunks = []
         for i in range(0, len(holdout), SCORE_BATCH):
             chunk = holdout[i : i + SCORE_BATCH]
-            map_chunks.append(distance_maps(backbone, chunk, config, scales, projection, bank))
+            maps = distance_maps(backbone, chunk, config, scales, projection, bank, None, region)
+            map_chunks.append(maps)
             done += len(chunk)
             progress(done, total)
-        maps = torch.cat(map_chunks)
+        maps = torch.cat(map_chunks)  # N x S x G x G
+        # the region map follows the distance scales (scoring.distance_maps)
+        largest = (len(config.score_scales),) if config.region_cells else ()
         return _Fitted(
             bank,
+            region_bank,
             scales,
             projection,
-            ScoreScales.from_good_maps(maps, colour_reference),
-            _loo_scores(maps, colour_reference),
+            ScoreScales.from_good_maps(maps, colour_reference, largest),
+            _loo_scores(maps, colour_reference, largest),
         )

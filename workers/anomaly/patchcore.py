@@ -298,13 +298,23 @@ class ScoreScales:
 
     @classmethod
     def from_good_maps(
-        cls, maps: torch.Tensor, colour_reference: float | None = None
+        cls,
+        maps: torch.Tensor,
+        colour_reference: float | None = None,
+        largest: Sequence[int] = (),
     ) -> ScoreScales:
         """``maps``: N x S x G x G multiscale maps of good images not in the memory bank.
 
         ``colour_reference`` (with ``colour_map``, the last map) replaces the held-out
-        images' mean maximum for that map: see :func:`colour_map_reference`."""
-        reference = maps.flatten(2).amax(dim=2).mean(dim=0).clamp_min(1e-6)
+        images' mean maximum for that map: see :func:`colour_map_reference`. The maps at
+        indices ``largest`` take the largest held-out maximum instead of the mean: a map
+        that only some defects raise (the region map) then adds to a good image's score
+        only where it goes beyond every held-out good image."""
+        maxima = maps.flatten(2).amax(dim=2)
+        reference = maxima.mean(dim=0)
+        for i in largest:
+            reference[i] = maxima[:, i].max()
+        reference = reference.clamp_min(1e-6)
         if colour_reference is not None:
             reference[-1] = colour_reference
         return cls(reference=reference)

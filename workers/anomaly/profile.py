@@ -59,6 +59,7 @@ LEGACY_CONFIG: dict[str, Any] = {
     "stats_scaling": "norm",
     "colour_map": False,
     "extremes_weight": 0.0,
+    "region_cells": 0,
 }
 """What profiles written before these FeatureConfig fields existed were fitted with."""
 MIN_HOLDOUT_IMAGES = 3
@@ -91,6 +92,8 @@ class Profile:
     projection: torch.Tensor | None
     score_scales: ScoreScales
     meta: dict[str, Any]
+    region_bank: torch.Tensor | None = None
+    """Memory bank of fit regions (``FeatureConfig.region_cells``); None when off."""
     _on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False, compare=False
     )
@@ -101,10 +104,21 @@ class Profile:
 
     def bank_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(memory bank, its squared row norms) on ``device``, copied once per device."""
-        key = str(device)
+        return self._cached_on(device, "patch", self.memory_bank)
+
+    def region_bank_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(region memory bank, its squared row norms) on ``device``; None when off."""
+        if self.region_bank is None:
+            return None
+        return self._cached_on(device, "region", self.region_bank)
+
+    def _cached_on(
+        self, device: torch.device, kind: str, bank: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = f"{kind}:{device}"
         if key not in self._on_device:
-            bank = self.memory_bank.to(device)
-            self._on_device[key] = (bank, (bank * bank).sum(dim=1))
+            moved = bank.to(device)
+            self._on_device[key] = (moved, (moved * moved).sum(dim=1))
         return self._on_device[key]
 
 
@@ -212,7 +226,7 @@ def _read(path: Path) -> Profile:
             missing = [k for k in _ARRAYS if k not in data.files]
             if missing:
                 raise PermanentError(f"{path} is not an anomaly profile (missing {missing})")
-            arrays = {k: np.array(data[k]) for k in _ARRAYS}
+            arrays = {k: np.array(data[k]) for k in (*_ARRAYS, "region_bank") if k in data.files}
         meta = json.loads(arrays["meta"].tobytes().decode())
     except PermanentError:
         raise
@@ -227,6 +241,9 @@ def _read(path: Path) -> Profile:
         config = FeatureConfig.from_json({**LEGACY_CONFIG, **meta["config"]})
         config.validate()
         projection = arrays["projection"]
+        region = arrays.get("region_bank", np.zeros((0, 0), np.float32))
+        if config.region_cells and not region.size:
+            raise ValueError("region_cells is set but the file has no region_bank")
         return Profile(
             path=path,
             sha256=sha256_file(path),
@@ -246,6 +263,7 @@ def _read(path: Path) -> Profile:
                 reference=torch.from_numpy(arrays["score_reference"].astype(np.float32))
             ),
             meta=meta,
+            region_bank=torch.from_numpy(region.astype(np.float32)) if region.size else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise PermanentError(f"anomaly profile {path} is malformed ({exc!r}); refit it") from exc

@@ -20,6 +20,7 @@ from workers.anomaly.patchcore import (
     nearest_distances,
     patch_features,
 )
+from workers.anomaly.region import region_distances
 from workers.anomaly.statistics import COLOUR_REFERENCE_SIZE, colour_deviation
 from workers.models.efficientnet_lite0 import EfficientNetLite0Features, default_weights_path
 from workers.models.registry import cached_model, model_precision
@@ -65,8 +66,11 @@ def distance_maps(
     projection: torch.Tensor | None,
     bank: torch.Tensor,
     bank_sq: torch.Tensor | None = None,
+    region_bank: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """N x S x G x G multiscale nearest-neighbour distance maps (one forward pass)."""
+    """N x S x G x G maps (one forward pass): the multiscale nearest-neighbour distances,
+    then with ``region_cells`` the region distances (``region_bank``: the bank and its
+    squared row norms or None), then with ``colour_map`` the colour deviation."""
     pooled = extract_pooled(backbone, images, config)
     feats = patch_features(pooled, layer_scales, projection, config)
     b = config.border_cells
@@ -75,6 +79,11 @@ def distance_maps(
     n, g, _, d = feats.shape
     dist = nearest_distances(feats.reshape(-1, d), bank, bank_sq, config.knn).reshape(n, g, g)
     maps = multiscale_maps(F.pad(dist, (b, b, b, b)), config.score_scales, b)
+    if config.region_cells:
+        if region_bank is None:
+            raise ValueError("region_cells is set: distance_maps needs the region bank")
+        region = region_distances(pooled, layer_scales, config, *region_bank)
+        maps = torch.cat([maps, region[:, None]], dim=1)
     if config.colour_map:  # one more map: local colour against the fit set's
         colour = colour_deviation(pooled[-1], config, layer_scales[-COLOUR_REFERENCE_SIZE:])
         maps = torch.cat([maps, multiscale_maps(colour, (1,), b)], dim=1)
@@ -89,6 +98,7 @@ def score_images(
         return []
     _check_backbone(profile, backbone)
     bank, bank_sq = profile.bank_on(backbone.device)
+    region_bank = profile.region_bank_on(backbone.device)
     with torch.inference_mode():
         maps = distance_maps(
             backbone,
@@ -98,6 +108,7 @@ def score_images(
             profile.projection,
             bank,
             bank_sq,
+            region_bank,
         )
         fused = fuse_scales(maps, profile.score_scales).cpu().numpy().astype(np.float32)
     return [ImageScore(score=float(m.max()), heatmap=m) for m in fused]
