@@ -44,7 +44,7 @@ from workers.anomaly.profile import (
     write_profile_file,
 )
 from workers.anomaly.region import region_descriptors
-from workers.anomaly.scoring import backbone_for, distance_maps
+from workers.anomaly.scoring import backbone_for, distance_maps, largest_reference_maps
 from workers.anomaly.statistics import COLOUR_REFERENCE_SIZE, colour_deviation, colour_map_reference
 from workers.models.efficientnet_lite0 import EfficientNetLite0Features
 
@@ -269,8 +269,7 @@ def _fit_bank(
             done += len(chunk)
             progress(done, total)
         maps = torch.cat(map_chunks)  # N x S x G x G
-        # the region map follows the distance scales (scoring.distance_maps)
-        largest = (len(config.score_scales),) if config.region_cells else ()
+        largest = largest_reference_maps(config)
         return _Fitted(
             bank,
             region_bank,

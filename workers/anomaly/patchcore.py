@@ -61,6 +61,7 @@ __all__ = [
     "patch_features",
     "pooled_blocks",
     "preprocess",
+    "scaled_blocks",
 ]
 
 _STANDARD_MEAN = 0.5
@@ -190,7 +191,7 @@ def patch_features(
     norm of 1, the extremes to ``extremes_weight``, the statistics to ``stats_weight``,
     concatenated."""
     scales = layer_scales.to(pooled[0].device).clamp_min(1e-6)
-    parts = [fmap / scales[i] for i, fmap in enumerate(pooled[: len(config.blocks)])]
+    parts = scaled_blocks(pooled, scales, config)
     if config.extremes_weight > 0:
         i = len(config.blocks)
         parts.append(pooled[i] * (config.extremes_weight / scales[i]))
@@ -209,6 +210,14 @@ def patch_features(
     if projection is not None:
         feats = feats @ projection.to(feats.device)
     return feats.contiguous()
+
+
+def scaled_blocks(
+    pooled: Sequence[torch.Tensor], scales: torch.Tensor, config: FeatureConfig
+) -> list[torch.Tensor]:
+    """The backbone blocks' pooled maps, each divided by its mean patch norm on the fit set
+    (``scales``: the profile's ``layer_scales`` on the maps' device, clamped above 0)."""
+    return [fmap / scales[i] for i, fmap in enumerate(pooled[: len(config.blocks)])]
 
 
 def greedy_coreset(features: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:

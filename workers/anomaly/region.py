@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.anomaly.config import FeatureConfig
-from workers.anomaly.patchcore import box_mean, nearest_distances
+from workers.anomaly.patchcore import box_mean, nearest_distances, scaled_blocks
 
 __all__ = ["region_border", "region_descriptors", "region_distances"]
 
@@ -37,7 +37,7 @@ def region_descriptors(
     features (each block scaled to a mean patch norm of 1, as in the patch search) over
     ``region_cells`` cells square. H = W = grid size minus twice :func:`region_border`."""
     scales = layer_scales.to(pooled[0].device).clamp_min(1e-6)
-    blocks = torch.cat([pooled[i] / scales[i] for i in range(len(config.blocks))], dim=1)
+    blocks = torch.cat(scaled_blocks(pooled, scales, config), dim=1)
     k = config.region_cells
     mean = box_mean(blocks, k)
     spread = (box_mean(blocks * blocks, k) - mean * mean).clamp_min(0).sqrt()

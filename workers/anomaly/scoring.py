@@ -28,7 +28,13 @@ from workers.models.registry import cached_model, model_precision
 if TYPE_CHECKING:
     from workers.anomaly.profile import Profile
 
-__all__ = ["ImageScore", "backbone_for", "distance_maps", "score_images"]
+__all__ = [
+    "ImageScore",
+    "backbone_for",
+    "distance_maps",
+    "largest_reference_maps",
+    "score_images",
+]
 
 
 def backbone_for(device: str) -> EfficientNetLite0Features:
@@ -56,6 +62,13 @@ def _check_backbone(profile: Profile, backbone: EfficientNetLite0Features) -> No
             f"{profile.backbone['weights_sha256']} but this worker has {backbone.weights_sha256}; "
             "refit the profile with the installed weights"
         )
+
+
+def largest_reference_maps(config: FeatureConfig) -> tuple[int, ...]:
+    """Indices of the :func:`distance_maps` maps whose score reference is the largest
+    held-out maximum (``ScoreScales.from_good_maps``): the region map, which follows the
+    distance scales."""
+    return (len(config.score_scales),) if config.region_cells else ()
 
 
 def distance_maps(
