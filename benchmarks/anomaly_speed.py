@@ -11,6 +11,11 @@ search and score fusion, all on ``--device``; the device is synchronised) at eac
 size: median of ``--repeat`` timed calls after one warm-up. Also times the
 nearest-neighbour search alone. Prints a Markdown table; ``--json`` adds machine, date
 and command.
+
+``--vs-config JSON`` fits a second profile with those overrides (the baseline) and times
+its scoring in the same loop, call for call alternating with the first, so a machine whose
+speed drifts slows both alike; the table then adds the baseline's ms/crop and the median
+of the paired ratios.
 """
 
 from __future__ import annotations
@@ -49,12 +54,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--config", default="{}", help="FeatureConfig overrides as JSON")
+    parser.add_argument("--vs-config", help="baseline FeatureConfig overrides, timed alongside")
     args = parser.parse_args(argv)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     try:
         config = FeatureConfig.from_overrides(args.config)
+        baseline = None if args.vs_config is None else FeatureConfig.from_overrides(args.vs_config)
     except ValueError as exc:
-        parser.error(f"--config: {exc}")
+        parser.error(f"--config / --vs-config: {exc}")
     split = family_split(args.family, n_fit=args.n_fit, n_good=max(sizes), n_bad=0)
     crops = split.good
     rows: list[dict[str, Any]] = []
@@ -65,26 +72,36 @@ def main(argv: list[str] | None = None) -> None:
         info = fit_profile(split.fit, path, name="speed", device=args.device, config=config)
         fit_s = time.perf_counter() - started
         profile = load_profile(path)
+        profiles = [profile]
+        if baseline is not None:
+            base_path = Path(tmp) / "baseline.npz"
+            fit_profile(split.fit, base_path, name="base", device=args.device, config=baseline)
+            profiles.append(load_profile(base_path))
     backbone = backbone_for(args.device)
     for size in sizes:
         batch = crops[:size]
-        score_images(profile, batch, backbone)
-        times = []
+        times: list[list[float]] = [[] for _ in profiles]
+        for p in profiles:
+            score_images(p, batch, backbone)
         for _ in range(args.repeat):
-            _sync(args.device)
-            t0 = time.perf_counter()
-            score_images(profile, batch, backbone)
-            _sync(args.device)
-            times.append(time.perf_counter() - t0)
-        ms = statistics.median(times) * 1000
-        rows.append(
-            {
-                "batch": size,
-                "ms_per_batch": round(ms, 2),
-                "ms_per_crop": round(ms / size, 2),
-                "crops_per_s": round(size * 1000 / ms, 1),
-            }
-        )
+            for p, timed in zip(profiles, times, strict=True):
+                _sync(args.device)
+                t0 = time.perf_counter()
+                score_images(p, batch, backbone)
+                _sync(args.device)
+                timed.append(time.perf_counter() - t0)
+        ms = statistics.median(times[0]) * 1000
+        row: dict[str, Any] = {
+            "batch": size,
+            "ms_per_batch": round(ms, 2),
+            "ms_per_crop": round(ms / size, 2),
+            "crops_per_s": round(size * 1000 / ms, 1),
+        }
+        if baseline is not None:
+            row["baseline_ms_per_crop"] = round(statistics.median(times[1]) * 1000 / size, 2)
+            ratios = [a / b for a, b in zip(times[0], times[1], strict=True)]
+            row["ratio"] = round(statistics.median(ratios), 3)
+        rows.append(row)
     bank, bank_sq = profile.bank_on(backbone.device)
     grid = profile.config.grid_size
     queries = bank[torch.randint(len(bank), (grid * grid,))] + 0.01
@@ -104,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "config": json.loads(args.config),
+        "vs_config": None if args.vs_config is None else json.loads(args.vs_config),
         "fit_images": args.n_fit,
         "fit_s": round(fit_s, 2),
         "memory_bank": info.memory_bank_size,
@@ -112,9 +130,14 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(f"fit {args.n_fit} crops: {fit_s:.1f} s (bank {info.memory_bank_size} patches); "
           f"nearest-neighbour search {result['nn_ms_per_crop']} ms/crop")  # fmt: skip
-    print("| batch | ms/batch | ms/crop | crops/s |\n|---|---|---|---|")
+    extra = " baseline ms/crop | ratio |" if baseline is not None else ""
+    print(f"| batch | ms/batch | ms/crop | crops/s |{extra}")
+    print("|---|---|---|---|" + ("---|---|" if baseline is not None else ""))
     for r in rows:
-        print(f"| {r['batch']} | {r['ms_per_batch']} | {r['ms_per_crop']} | {r['crops_per_s']} |")
+        line = f"| {r['batch']} | {r['ms_per_batch']} | {r['ms_per_crop']} | {r['crops_per_s']} |"
+        if baseline is not None:
+            line += f" {r['baseline_ms_per_crop']} | {r['ratio']} |"
+        print(line)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

@@ -200,7 +200,9 @@ def test_profile_without_the_newer_config_keys_loads_with_the_old_recipe(tmp_pat
     meta = json.loads(arrays["meta"].tobytes())
     for key in LEGACY_CONFIG:
         del meta["config"][key]
-    del arrays["region_bank"]  # files from before the region map have no such array
+    # files from before the region and fine maps have no such arrays
+    for name in ("region_bank", "fine_bank", "fine_scales"):
+        del arrays[name]
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     old = tmp_path / "old.npz"
     with old.open("wb") as fh:

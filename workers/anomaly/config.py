@@ -80,6 +80,21 @@ class FeatureConfig:
     a cell between them takes the distance of the searched region above and left of it.
     At 2 the 3-cell windows still cover every cell, for a quarter of the search (suite:
     equal mean AUROC, 16 against 19 ms/crop; docs/anomaly.md runs rg, rg1)."""
+    fine_blocks: tuple[int, ...] = ()
+    """Backbone blocks of the fine map; empty: off (the default), ``(0, 1)``: on. Their raw
+    outputs on a grid of half the cell size (4 px), without the 3 x 3 aggregation, searched
+    in a memory bank of their own and fused as one more map (``workers/anomaly/fine.py``):
+    a 1-2 px scratch or crack on a busy surface moves them far more than the patch
+    features. Off by default because it costs about 40 % more scoring time for +0.00-0.02
+    AUROC on most families (docs/anomaly.md, run fn)."""
+    fine_query_stride: int = 1
+    """1: every fine cell is searched and each grid cell takes the largest of its four;
+    2: one fine cell per grid cell (its first), a quarter of the search, but it lost most
+    of the gain (docs/anomaly.md, run fn-q2)."""
+    fine_coreset: float = 0.01
+    """Share of the fit images' fine descriptors kept in the fine memory bank: 1 % of the
+    144 000 descriptors of 40 bank crops is 1 440 rows (2 % scored alike and searched
+    three times slower on a 2-core VM: the bank no longer fits the CPU cache)."""
     projection_dim: int = 0
     """0 keeps the concatenated channels as they are."""
     smooth_px: int = 3
@@ -135,6 +150,16 @@ class FeatureConfig:
             raise ValueError(f"region_cells must be 0 (off) or odd and >= 3: {self.region_cells}")
         if self.region_stride < 1:
             raise ValueError(f"region_stride must be >= 1: {self.region_stride}")
+        if any(not 0 <= b < len(BLOCK_STRIDES) for b in self.fine_blocks):
+            raise ValueError(
+                f"fine_blocks must be indices 0..{len(BLOCK_STRIDES) - 1}: {self.fine_blocks}"
+            )
+        if self.fine_blocks and self.grid_stride % 2:
+            raise ValueError(f"the fine map needs an even grid_stride: {self.grid_stride}")
+        if self.fine_query_stride not in (1, 2):
+            raise ValueError(f"fine_query_stride must be 1 or 2: {self.fine_query_stride}")
+        if not 0.0 < self.fine_coreset <= 1.0:
+            raise ValueError(f"fine_coreset must be in (0, 1]: {self.fine_coreset}")
         if self.colour_map and self.stats_weight <= 0:
             raise ValueError("colour_map needs the local statistics: set stats_weight > 0")
         if self.stats_scaling not in STATS_SCALINGS:

@@ -21,10 +21,11 @@ import torch
 from numpy.typing import NDArray
 
 from imgpipe.errors import PermanentError
+from workers.anomaly.fine import fine_descriptors, fine_norms
 from workers.anomaly.patchcore import (
     FeatureConfig,
     ScoreScales,
-    extract_pooled,
+    extract_features,
     feature_scales,
     fuse_scales,
     greedy_coreset,
@@ -170,6 +171,7 @@ def _meta(
         "coreset_fraction": coreset_fraction,
         "memory_bank_size": int(fitted.bank.shape[0]),
         "region_bank_size": 0 if fitted.region_bank is None else int(fitted.region_bank.shape[0]),
+        "fine_bank_size": 0 if fitted.fine_bank is None else int(fitted.fine_bank.shape[0]),
         "seed": seed,
     }
 
@@ -192,6 +194,8 @@ class _Fitted:
 
     bank: torch.Tensor
     region_bank: torch.Tensor | None
+    fine_bank: torch.Tensor | None
+    fine_scales: torch.Tensor | None
     scales: torch.Tensor
     projection: torch.Tensor | None
     score_scales: ScoreScales
@@ -210,12 +214,17 @@ class _Fitted:
                 projection.cpu().numpy() if projection is not None else np.zeros((0, 0), np.float32)
             ),
             "score_reference": self.score_scales.reference.cpu().numpy(),
-            "region_bank": (
-                self.region_bank.cpu().numpy().astype(np.float32)
-                if self.region_bank is not None
-                else np.zeros((0, 0), np.float32)
-            ),
+            "region_bank": _array_or_empty(self.region_bank, 2),
+            "fine_bank": _array_or_empty(self.fine_bank, 2),
+            "fine_scales": _array_or_empty(self.fine_scales, 1),
         }
+
+
+def _array_or_empty(tensor: torch.Tensor | None, ndim: int) -> NDArray[np.float32]:
+    """``tensor`` as a float32 array, or an empty one of ``ndim`` dimensions."""
+    if tensor is None:
+        return np.zeros((0,) * ndim, np.float32)
+    return tensor.cpu().numpy().astype(np.float32)
 
 
 def _coreset(rows: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -237,13 +246,16 @@ def _fit_bank(
     images' leave-one-out scores against it."""
     total, done = len(bank_images) + len(holdout), 0
     with torch.inference_mode():
-        pooled_chunks = []
+        pooled_chunks, fine_chunks = [], []
         for i in range(0, len(bank_images), SCORE_BATCH):
             chunk = bank_images[i : i + SCORE_BATCH]
-            pooled_chunks.append(extract_pooled(backbone, chunk, config))
+            extracted = extract_features(backbone, chunk, config)
+            pooled_chunks.append(extracted.pooled)
+            fine_chunks.append(extracted.fine)
             done += len(chunk)
             progress(done, total)
         pooled = [torch.cat(parts) for parts in zip(*pooled_chunks, strict=True)]
+        fine = [torch.cat(parts) for parts in zip(*fine_chunks, strict=True)]
         scales = feature_scales(pooled, config)
         projection = None
         if config.projection_dim:
@@ -261,10 +273,19 @@ def _fit_bank(
             regions = region_descriptors(pooled, scales, config)
             region_bank = _coreset(regions.reshape(-1, regions.shape[-1]), coreset_fraction, seed)
         region = None if region_bank is None else (region_bank, None)
+        fine_bank, fine_scales, fine_search = None, None, None
+        if config.fine_blocks:
+            fine_scales = fine_norms(fine)
+            rows = fine_descriptors(fine, fine_scales, config)
+            fine_bank = _coreset(rows.reshape(-1, rows.shape[-1]), config.fine_coreset, seed)
+            fine_search = (fine_scales, fine_bank, None)
+        del fine, fine_chunks
         map_chunks = []
         for i in range(0, len(holdout), SCORE_BATCH):
             chunk = holdout[i : i + SCORE_BATCH]
-            maps = distance_maps(backbone, chunk, config, scales, projection, bank, None, region)
+            maps = distance_maps(
+                backbone, chunk, config, scales, projection, bank, None, region, fine_search
+            )
             map_chunks.append(maps)
             done += len(chunk)
             progress(done, total)
@@ -273,6 +294,8 @@ def _fit_bank(
         return _Fitted(
             bank,
             region_bank,
+            fine_bank,
+            fine_scales,
             scales,
             projection,
             ScoreScales.from_good_maps(maps, colour_reference, largest),

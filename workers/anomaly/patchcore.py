@@ -47,10 +47,11 @@ from workers.anomaly.statistics import (
 from workers.models.efficientnet_lite0 import EfficientNetLite0Features, FeatureRequest
 
 __all__ = [
+    "Extracted",
     "FeatureConfig",
     "ScoreScales",
     "box_mean",
-    "extract_pooled",
+    "extract_features",
     "feature_scales",
     "fuse_scales",
     "greedy_coreset",
@@ -61,6 +62,7 @@ __all__ = [
     "patch_features",
     "pooled_blocks",
     "preprocess",
+    "resample_grid",
     "scaled_blocks",
 ]
 
@@ -127,18 +129,23 @@ def make_projection(in_dim: int, out_dim: int, seed: int) -> torch.Tensor:
 
 def pooled_blocks(block_maps: Sequence[torch.Tensor], config: FeatureConfig) -> list[torch.Tensor]:
     """Block outputs (each N x C x h x w) -> 3x3-aggregated maps on the common G x G grid."""
-    grid = config.grid_size
     pooled = []
     for fmap in block_maps:
         fmap = fmap.float()
         if config.smooth_px > 1:
             fmap = box_mean(fmap, config.smooth_px)
-        if fmap.shape[-1] > grid:
-            fmap = F.adaptive_avg_pool2d(fmap, grid)
-        elif fmap.shape[-1] < grid:
-            fmap = F.interpolate(fmap, size=(grid, grid), mode="bilinear", align_corners=False)
-        pooled.append(fmap)
+        pooled.append(resample_grid(fmap, config.grid_size))
     return pooled
+
+
+def resample_grid(fmap: torch.Tensor, size: int) -> torch.Tensor:
+    """N x C x h x w -> N x C x size x size: area-averaged when larger, bilinear when
+    smaller."""
+    if fmap.shape[-1] > size:
+        return F.adaptive_avg_pool2d(fmap, size)
+    if fmap.shape[-1] < size:
+        return F.interpolate(fmap, size=(size, size), mode="bilinear", align_corners=False)
+    return fmap
 
 
 def box_mean(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -187,7 +194,7 @@ def patch_features(
     config: FeatureConfig,
 ) -> torch.Tensor:
     """Pooled maps (backbone blocks, then the extremes and the statistics when on; see
-    :func:`extract_pooled`) -> N x G x G x D patch features: each block scaled to a mean
+    :func:`extract_features`) -> N x G x G x D patch features: each block scaled to a mean
     norm of 1, the extremes to ``extremes_weight``, the statistics to ``stats_weight``,
     concatenated."""
     scales = layer_scales.to(pooled[0].device).clamp_min(1e-6)
@@ -270,21 +277,35 @@ def nearest_distances(
     return out
 
 
-def extract_pooled(
+@dataclass(frozen=True)
+class Extracted:
+    """What one backbone forward pass gives the scoring: see :func:`extract_features`."""
+
+    pooled: list[torch.Tensor]
+    """The pooled block maps, then the local extremes and statistics when on."""
+    fine: list[torch.Tensor]
+    """The ``fine_blocks`` outputs on the fine grid (2G x 2G), unscaled; empty when off."""
+
+
+def extract_features(
     backbone: EfficientNetLite0Features,
     images: Sequence[NDArray[np.uint8]],
     config: FeatureConfig,
-) -> list[torch.Tensor]:
-    """One backbone forward pass over ``images`` -> pooled block maps (see pooled_blocks)."""
+) -> Extracted:
+    """One backbone forward pass over ``images`` -> pooled block maps (see pooled_blocks)
+    and the fine map's block outputs."""
     x = preprocess(images, config, backbone.device)
-    per_image = backbone.predict([FeatureRequest(img, config.blocks) for img in x])
-    block_maps = [torch.stack([maps[i] for maps in per_image]) for i in range(len(config.blocks))]
-    pooled = pooled_blocks(block_maps, config)
+    wanted = tuple(dict.fromkeys((*config.blocks, *config.fine_blocks)))
+    per_image = backbone.predict([FeatureRequest(img, wanted) for img in x])
+    by_block = {b: torch.stack([maps[i] for maps in per_image]) for i, b in enumerate(wanted)}
+    pooled = pooled_blocks([by_block[b] for b in config.blocks], config)
     if config.extremes_weight > 0:
         pooled.append(local_extremes(x, config))
     if config.stats_weight > 0:
         pooled.append(local_statistics(x, config))
-    return pooled
+    size = 2 * config.grid_size
+    fine = [resample_grid(by_block[b].float(), size) for b in config.fine_blocks]
+    return Extracted(pooled, fine)
 
 
 def multiscale_maps(

@@ -60,12 +60,15 @@ LEGACY_CONFIG: dict[str, Any] = {
     "colour_map": False,
     "extremes_weight": 0.0,
     "region_cells": 0,
+    "fine_blocks": (),
 }
 """What profiles written before these FeatureConfig fields existed were fitted with."""
 MIN_HOLDOUT_IMAGES = 3
 MIN_BANK_IMAGES = 2
 SCORE_BATCH = 8
 _ARRAYS = ("memory_bank", "layer_scales", "projection", "score_reference", "meta")
+_OPTIONAL_ARRAYS = ("region_bank", "fine_bank", "fine_scales")
+"""Arrays a profile has only with the recipe part that needs them (absent in older files)."""
 
 
 ProgressFn = Callable[[int, int], None]
@@ -94,6 +97,10 @@ class Profile:
     meta: dict[str, Any]
     region_bank: torch.Tensor | None = None
     """Memory bank of fit regions (``FeatureConfig.region_cells``); None when off."""
+    fine_bank: torch.Tensor | None = None
+    """Memory bank of fit fine descriptors (``FeatureConfig.fine_blocks``); None when off."""
+    fine_scales: torch.Tensor | None = None
+    """Mean norm of each fine block on the fit set; None when off."""
     _on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False, compare=False
     )
@@ -111,6 +118,16 @@ class Profile:
         if self.region_bank is None:
             return None
         return self._cached_on(device, "region", self.region_bank)
+
+    def fine_bank_on(
+        self, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(fine block scales, fine memory bank, its squared row norms) on ``device``; None
+        when off."""
+        if self.fine_bank is None or self.fine_scales is None:
+            return None
+        bank, sq = self._cached_on(device, "fine", self.fine_bank)
+        return self.fine_scales.to(device), bank, sq
 
     def _cached_on(
         self, device: torch.device, kind: str, bank: torch.Tensor
@@ -220,13 +237,19 @@ def load_profile(path: Path | str, *, use_cache: bool = True) -> Profile:
     return profile
 
 
+def _tensor_or_none(array: NDArray[Any]) -> torch.Tensor | None:
+    return torch.from_numpy(array.astype(np.float32)) if array.size else None
+
+
 def _read(path: Path) -> Profile:
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in _ARRAYS if k not in data.files]
             if missing:
                 raise PermanentError(f"{path} is not an anomaly profile (missing {missing})")
-            arrays = {k: np.array(data[k]) for k in (*_ARRAYS, "region_bank") if k in data.files}
+            arrays = {
+                k: np.array(data[k]) for k in (*_ARRAYS, *_OPTIONAL_ARRAYS) if k in data.files
+            }
         meta = json.loads(arrays["meta"].tobytes().decode())
     except PermanentError:
         raise
@@ -244,6 +267,12 @@ def _read(path: Path) -> Profile:
         region = arrays.get("region_bank", np.zeros((0, 0), np.float32))
         if config.region_cells and not region.size:
             raise ValueError("region_cells is set but the file has no region_bank")
+        fine_bank = arrays.get("fine_bank", np.zeros((0, 0), np.float32))
+        fine_scales = arrays.get("fine_scales", np.zeros(0, np.float32))
+        if config.fine_blocks and (
+            not fine_bank.size or fine_scales.size != len(config.fine_blocks)
+        ):
+            raise ValueError("fine_blocks is set but the file has no fine_bank or fine_scales")
         return Profile(
             path=path,
             sha256=sha256_file(path),
@@ -263,7 +292,9 @@ def _read(path: Path) -> Profile:
                 reference=torch.from_numpy(arrays["score_reference"].astype(np.float32))
             ),
             meta=meta,
-            region_bank=torch.from_numpy(region.astype(np.float32)) if region.size else None,
+            region_bank=_tensor_or_none(region),
+            fine_bank=_tensor_or_none(fine_bank),
+            fine_scales=_tensor_or_none(fine_scales),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise PermanentError(f"anomaly profile {path} is malformed ({exc!r}); refit it") from exc

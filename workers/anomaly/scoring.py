@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 
 from imgpipe.errors import PermanentError
+from workers.anomaly.fine import fine_distances
 from workers.anomaly.patchcore import (
     FeatureConfig,
-    extract_pooled,
+    extract_features,
     fuse_scales,
     multiscale_maps,
     nearest_distances,
@@ -80,11 +81,15 @@ def distance_maps(
     bank: torch.Tensor,
     bank_sq: torch.Tensor | None = None,
     region_bank: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    fine_bank: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """N x S x G x G maps (one forward pass): the multiscale nearest-neighbour distances,
     then with ``region_cells`` the region distances (``region_bank``: the bank and its
-    squared row norms or None), then with ``colour_map`` the colour deviation."""
-    pooled = extract_pooled(backbone, images, config)
+    squared row norms or None), with ``fine_blocks`` the fine distances (``fine_bank``:
+    the fine blocks' scales, the bank and its squared row norms or None), then with
+    ``colour_map`` the colour deviation."""
+    extracted = extract_features(backbone, images, config)
+    pooled = extracted.pooled
     feats = patch_features(pooled, layer_scales, projection, config)
     b = config.border_cells
     if b > 0:  # edge cells are not searched: multiscale_maps copies their inner neighbours
@@ -97,6 +102,12 @@ def distance_maps(
             raise ValueError("region_cells is set: distance_maps needs the region bank")
         region = region_distances(pooled, layer_scales, config, *region_bank)
         maps = torch.cat([maps, region[:, None]], dim=1)
+    if config.fine_blocks:
+        if fine_bank is None:
+            raise ValueError("fine_blocks is set: distance_maps needs the fine bank")
+        scales, bank_rows, rows_sq = fine_bank
+        fine = fine_distances(extracted.fine, scales, config, bank_rows, rows_sq)
+        maps = torch.cat([maps, fine[:, None]], dim=1)
     if config.colour_map:  # one more map: local colour against the fit set's
         colour = colour_deviation(pooled[-1], config, layer_scales[-COLOUR_REFERENCE_SIZE:])
         maps = torch.cat([maps, multiscale_maps(colour, (1,), b)], dim=1)
@@ -112,6 +123,7 @@ def score_images(
     _check_backbone(profile, backbone)
     bank, bank_sq = profile.bank_on(backbone.device)
     region_bank = profile.region_bank_on(backbone.device)
+    fine_bank = profile.fine_bank_on(backbone.device)
     with torch.inference_mode():
         maps = distance_maps(
             backbone,
@@ -122,6 +134,7 @@ def score_images(
             bank,
             bank_sq,
             region_bank,
+            fine_bank,
         )
         fused = fuse_scales(maps, profile.score_scales).cpu().numpy().astype(np.float32)
     return [ImageScore(score=float(m.max()), heatmap=m) for m in fused]
