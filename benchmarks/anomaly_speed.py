@@ -73,9 +73,12 @@ def main(argv: list[str] | None = None) -> None:
         fit_s = time.perf_counter() - started
         profile = load_profile(path)
         profiles = [profile]
+        base_fit_s = None
         if baseline is not None:
             base_path = Path(tmp) / "baseline.npz"
+            started = time.perf_counter()
             fit_profile(split.fit, base_path, name="base", device=args.device, config=baseline)
+            base_fit_s = round(time.perf_counter() - started, 2)
             profiles.append(load_profile(base_path))
     backbone = backbone_for(args.device)
     for size in sizes:
@@ -124,12 +127,14 @@ def main(argv: list[str] | None = None) -> None:
         "vs_config": None if args.vs_config is None else json.loads(args.vs_config),
         "fit_images": args.n_fit,
         "fit_s": round(fit_s, 2),
+        "baseline_fit_s": base_fit_s,
         "memory_bank": info.memory_bank_size,
         "nn_ms_per_crop": round(statistics.median(nn) * 1000, 2),
         "rows": rows,
     }
     print(f"fit {args.n_fit} crops: {fit_s:.1f} s (bank {info.memory_bank_size} patches); "
-          f"nearest-neighbour search {result['nn_ms_per_crop']} ms/crop")  # fmt: skip
+          f"nearest-neighbour search {result['nn_ms_per_crop']} ms/crop"
+          + (f"; baseline fit {base_fit_s} s" if base_fit_s is not None else ""))  # fmt: skip
     extra = " baseline ms/crop | ratio |" if baseline is not None else ""
     print(f"| batch | ms/batch | ms/crop | crops/s |{extra}")
     print("|---|---|---|---|" + ("---|---|" if baseline is not None else ""))
