@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 
 from imgpipe.errors import PermanentError
+from tests.support.profiles import read_profile_arrays, write_profile_arrays
 from workers.anomaly import (
     FeatureConfig,
     ProfileInfo,
@@ -185,14 +186,9 @@ def test_fit_with_random_holdout_and_too_few_images(brick: TextureSplit, tmp_pat
 def test_profile_fitted_with_other_backbone_weights_is_refused(
     fitted: ProfileInfo, brick: TextureSplit, tmp_path: Path
 ) -> None:
-    with np.load(fitted.path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    meta = json.loads(arrays["meta"].tobytes())
+    arrays, meta = read_profile_arrays(fitted.path)
     meta["backbone"]["weights_sha256"] = "0" * 64
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-    other = tmp_path / "other.npz"
-    with other.open("wb") as fh:
-        np.savez(fh, **arrays)
+    other = write_profile_arrays(tmp_path / "other.npz", arrays, meta)
     with pytest.raises(PermanentError, match="refit the profile"):
         score_images(load_profile(other), brick.good[:1], backbone_for("cpu"))
 

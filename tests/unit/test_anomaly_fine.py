@@ -3,7 +3,6 @@ memory bank's round trip through a profile file."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from imgpipe.errors import PermanentError
+from tests.support.profiles import read_profile_arrays, write_profile_arrays
 from workers.anomaly import FeatureConfig, fit_profile, load_profile, score_images
 from workers.anomaly.fine import fine_descriptors, fine_distances, fine_norms
 from workers.anomaly.patchcore import resample_grid
@@ -95,9 +95,7 @@ def test_fine_bank_round_trips_through_the_profile_file(tmp_path: Path) -> None:
     # 5 bank crops (3 of 8 held out) x 60 x 60 inner fine cells, 1 % kept; 16 + 24 channels
     assert profile.fine_bank.shape == (round(5 * 60 * 60 * 0.01), 40)
     assert profile.fine_scales.shape == (2,)
-    with np.load(path, allow_pickle=False) as data:
-        meta = json.loads(data["meta"].tobytes())
-        arrays = {k: data[k] for k in data.files}
+    arrays, meta = read_profile_arrays(path)
     assert meta["fine_bank_size"] == profile.fine_bank.shape[0]
     scores = score_images(profile, split.good + split.bad, backbone_for("cpu"))
     assert all(np.isfinite(s.score) and s.heatmap.shape == (32, 32) for s in scores)
@@ -109,8 +107,6 @@ def test_fine_bank_round_trips_through_the_profile_file(tmp_path: Path) -> None:
     assert plain.score_scales.reference.shape[0] == profile.score_scales.reference.shape[0] - 1
     # a file that asks for the fine map but has no fine bank is refused, not scored
     del arrays["fine_bank"]
-    broken = tmp_path / "broken.npz"
-    with broken.open("wb") as fh:
-        np.savez(fh, **arrays)
+    broken = write_profile_arrays(tmp_path / "broken.npz", arrays)
     with pytest.raises(PermanentError, match="fine_bank"):
         load_profile(broken, use_cache=False)

@@ -3,7 +3,6 @@ distances, border handling, and reading profiles written before these options ex
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import skimage.data as skimage_data
 import torch
 import torch.nn.functional as F
 
+from tests.support.profiles import read_profile_arrays, write_profile_arrays
 from workers.anomaly import FeatureConfig, fit_profile, load_profile, score_images
 from workers.anomaly.patchcore import (
     feature_scales,
@@ -195,18 +195,13 @@ def test_profile_without_the_newer_config_keys_loads_with_the_old_recipe(tmp_pat
     split = family_split("coated", n_fit=8, n_good=2, n_bad=0, crop_px=128)
     path = tmp_path / "p.npz"
     fit_profile(split.fit, path, name="old", config=FeatureConfig(**LEGACY_CONFIG))
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    meta = json.loads(arrays["meta"].tobytes())
+    arrays, meta = read_profile_arrays(path)
     for key in LEGACY_CONFIG:
         del meta["config"][key]
     # files from before the region and fine maps have no such arrays
     for name in ("region_bank", "fine_bank", "fine_scales"):
         del arrays[name]
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-    old = tmp_path / "old.npz"
-    with old.open("wb") as fh:
-        np.savez(fh, **arrays)
+    old = write_profile_arrays(tmp_path / "old.npz", arrays, meta)
     profile = load_profile(old)
     assert profile.config == FeatureConfig(**LEGACY_CONFIG)
     scores = score_images(profile, split.good, backbone_for("cpu"))

@@ -3,7 +3,6 @@ memory bank's round trip through a profile file."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from imgpipe.errors import PermanentError
+from tests.support.profiles import read_profile_arrays, write_profile_arrays
 from workers.anomaly import FeatureConfig, fit_profile, load_profile, score_images
 from workers.anomaly.region import region_border, region_descriptors, region_distances
 from workers.anomaly.scoring import backbone_for
@@ -83,9 +83,7 @@ def test_region_bank_round_trips_through_the_profile_file(tmp_path: Path) -> Non
     profile = load_profile(path, use_cache=False)
     assert profile.config.region_cells == 3
     assert profile.region_bank is not None
-    with np.load(path, allow_pickle=False) as data:
-        meta = json.loads(data["meta"].tobytes())
-        arrays = {k: data[k] for k in data.files}
+    arrays, meta = read_profile_arrays(path)
     # 5 bank crops (3 of 8 held out) x 30 x 30 inner regions of the 32 x 32 grid, 10 % kept
     assert profile.region_bank.shape == (round(5 * 30 * 30 * 0.1), 96)
     assert meta["region_bank_size"] == profile.region_bank.shape[0]
@@ -96,8 +94,6 @@ def test_region_bank_round_trips_through_the_profile_file(tmp_path: Path) -> Non
     assert info.threshold > 0
     # a file that asks for the region map but has no region bank is refused, not scored
     del arrays["region_bank"]
-    broken = tmp_path / "broken.npz"
-    with broken.open("wb") as fh:
-        np.savez(fh, **arrays)
+    broken = write_profile_arrays(tmp_path / "broken.npz", arrays)
     with pytest.raises(PermanentError, match="region_bank"):
         load_profile(broken, use_cache=False)
