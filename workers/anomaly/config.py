@@ -85,8 +85,8 @@ class FeatureConfig:
     outputs on a grid of half the cell size (4 px), without the 3 x 3 aggregation, searched
     in a memory bank of their own and fused as one more map (``workers/anomaly/fine.py``):
     a 1-2 px scratch or crack on a busy surface moves them far more than the patch
-    features. Off by default: 1.33x the scoring time for +0.006 mean AUROC on the suite
-    (twill +0.04; docs/anomaly.md, run fn)."""
+    features. Off by default: 1.33x the scoring time for +0.005 mean AUROC on the suite
+    (twill +0.03; docs/anomaly.md, run fn)."""
     fine_query_stride: int = 1
     """1: every fine cell is searched and each grid cell takes the largest of its four;
     2: one fine cell per grid cell (its first), a quarter of the search, but it lost most
