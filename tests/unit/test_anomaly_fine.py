@@ -13,8 +13,8 @@ import torch
 from imgpipe.errors import PermanentError
 from tests.support.profiles import read_profile_arrays, write_profile_arrays
 from workers.anomaly import FeatureConfig, fit_profile, load_profile, score_images
-from workers.anomaly.fine import fine_descriptors, fine_distances, fine_norms
-from workers.anomaly.patchcore import resample_grid
+from workers.anomaly.fine import fine_descriptors, fine_distances
+from workers.anomaly.patchcore import layer_norms, resample_grid
 from workers.anomaly.scoring import backbone_for
 from workers.anomaly.suite.dataset import family_split
 
@@ -40,7 +40,7 @@ def test_fine_descriptors_are_the_scaled_inner_cells() -> None:
     assert torch.allclose(every[0, 3, 5, :16], maps[0][0, :, 5, 7] / 2.0)
     assert torch.allclose(every[0, 3, 5, 16:], maps[1][0, :, 5, 7] / 4.0)
     assert torch.equal(fine_descriptors(maps, scales, config, step=2), every[:, ::2, ::2])
-    norms = fine_norms(maps)
+    norms = layer_norms(maps)
     assert torch.allclose(norms[0], maps[0].norm(dim=1).mean())
 
 

@@ -22,13 +22,7 @@ import torch.nn.functional as F
 from workers.anomaly.config import FeatureConfig
 from workers.anomaly.patchcore import nearest_distances
 
-__all__ = ["fine_descriptors", "fine_distances", "fine_norms"]
-
-
-def fine_norms(maps: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean L2 norm of each fine block's vectors over ``maps`` (fit images): the profile's
-    ``fine_scales``."""
-    return torch.stack([fmap.norm(dim=1).mean() for fmap in maps])
+__all__ = ["fine_descriptors", "fine_distances"]
 
 
 def fine_descriptors(
@@ -36,7 +30,8 @@ def fine_descriptors(
 ) -> torch.Tensor:
     """N x H x W x C descriptors of the inner fine cells (the ``border_cells`` frame, in
     grid cells, left out), taken every ``step`` fine cells; each block divided by its
-    ``scales`` entry."""
+    ``scales`` entry (the profile's ``fine_scales``: ``patchcore.layer_norms`` of the fit
+    images' fine maps)."""
     scales = scales.to(maps[0].device).clamp_min(1e-6)
     joined = torch.cat([fmap / scales[i] for i, fmap in enumerate(maps)], dim=1)
     b = 2 * config.border_cells

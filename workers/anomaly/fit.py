@@ -21,7 +21,7 @@ import torch
 from numpy.typing import NDArray
 
 from imgpipe.errors import PermanentError
-from workers.anomaly.fine import fine_descriptors, fine_norms
+from workers.anomaly.fine import fine_descriptors
 from workers.anomaly.patchcore import (
     FeatureConfig,
     ScoreScales,
@@ -29,6 +29,7 @@ from workers.anomaly.patchcore import (
     feature_scales,
     fuse_scales,
     greedy_coreset,
+    layer_norms,
     make_projection,
     patch_features,
 )
@@ -275,7 +276,7 @@ def _fit_bank(
         region = None if region_bank is None else (region_bank, None)
         fine_bank, fine_scales, fine_search = None, None, None
         if config.fine_blocks:
-            fine_scales = fine_norms(fine)
+            fine_scales = layer_norms(fine)
             rows = fine_descriptors(fine, fine_scales, config)
             fine_bank = _coreset(rows.reshape(-1, rows.shape[-1]), config.fine_coreset, seed)
             fine_search = (fine_scales, fine_bank, None)
