@@ -105,14 +105,14 @@ def main(argv: list[str] | None = None) -> None:
             ratios = [a / b for a, b in zip(times[0], times[1], strict=True)]
             row["ratio"] = round(statistics.median(ratios), 3)
         rows.append(row)
-    bank, bank_sq = profile.bank_on(backbone.device)
+    bank, search = profile.bank_on(backbone.device)
     grid = profile.config.grid_size
     queries = bank[torch.randint(len(bank), (grid * grid,))] + 0.01
     nn = []
     for _ in range(args.repeat):
         _sync(args.device)
         t0 = time.perf_counter()
-        nearest_distances(queries, bank, bank_sq, profile.config.knn)
+        nearest_distances(queries, bank, search, profile.config.knn)
         _sync(args.device)
         nn.append(time.perf_counter() - t0)
     cuda = args.device.startswith("cuda")

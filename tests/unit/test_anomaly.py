@@ -31,7 +31,7 @@ from workers.anomaly import (
     load_profile,
     score_images,
 )
-from workers.anomaly.patchcore import box_mean, greedy_coreset, nearest_distances
+from workers.anomaly.patchcore import box_mean, greedy_coreset, nearest_distances, search_matrix
 from workers.anomaly.synthetic import TextureSplit, texture_split
 from workers.models.efficientnet_lite0 import (
     FeatureRequest,
@@ -108,6 +108,11 @@ def test_nearest_distances_match_cdist_in_chunks() -> None:
     assert torch.allclose(nearest_distances(queries, bank), expected, atol=1e-4)
     near3 = torch.cdist(queries, bank).topk(3, dim=1, largest=False).values.mean(dim=1)
     assert torch.allclose(nearest_distances(queries, bank, k=3), near3, atol=1e-4)
+    search = search_matrix(bank)  # what a profile keeps: (D + 1) x B
+    assert search.shape == (17, 8000)
+    assert torch.allclose(nearest_distances(queries, bank, search), expected, atol=1e-4)
+    assert torch.allclose(nearest_distances(queries, bank, search, k=3), near3, atol=1e-4)
+    assert float(nearest_distances(bank[:5], bank, search).max()) < 1e-2  # own rows: 0
 
 
 @pytest.mark.parametrize(("shape", "k"), [((2, 24, 64, 64), 3), ((1, 40, 9, 7), 5)])

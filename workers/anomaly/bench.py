@@ -50,14 +50,14 @@ def _time_scoring(profile_path: Path, images: list[Any], device: str, batch: int
 def _time_nn(profile_path: Path, device: str) -> float:
     """Median ms of the nearest-neighbour search alone for one image's patches."""
     profile = load_profile(profile_path)
-    bank, bank_sq = profile.bank_on(torch.device(device))
+    bank, search = profile.bank_on(torch.device(device))
     grid = profile.config.grid_size
     queries = bank[torch.randint(len(bank), (grid * grid,), generator=torch.Generator())]
     queries = queries + 0.01 * torch.randn_like(queries)
     times = []
     for _ in range(7):
         started = time.perf_counter()
-        nearest_distances(queries, bank, bank_sq)
+        nearest_distances(queries, bank, search)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append((time.perf_counter() - started) * 1000)

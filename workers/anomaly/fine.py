@@ -45,7 +45,7 @@ def fine_distances(
     scales: torch.Tensor,
     config: FeatureConfig,
     bank: torch.Tensor,
-    bank_sq: torch.Tensor | None = None,
+    search: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """N x G x G: each grid cell's largest fine distance to the nearest ``bank`` row (at
     ``fine_query_stride`` 2, the distance of the cell's first fine cell); the border cells
@@ -53,7 +53,7 @@ def fine_distances(
     step = config.fine_query_stride
     queries = fine_descriptors(maps, scales, config, step)
     n, h, w, d = queries.shape
-    dist = nearest_distances(queries.reshape(-1, d), bank, bank_sq).reshape(n, 1, h, w)
+    dist = nearest_distances(queries.reshape(-1, d), bank, search).reshape(n, 1, h, w)
     if step == 1:  # 2 x 2 fine cells per grid cell
         dist = F.max_pool2d(dist, 2)
     b = config.border_cells

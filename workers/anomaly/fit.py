@@ -32,6 +32,7 @@ from workers.anomaly.patchcore import (
     layer_norms,
     make_projection,
     patch_features,
+    search_matrix,
 )
 from workers.anomaly.profile import (
     MIN_BANK_IMAGES,
@@ -273,19 +274,19 @@ def _fit_bank(
         if config.region_cells:
             regions = region_descriptors(pooled, scales, config)
             region_bank = _coreset(regions.reshape(-1, regions.shape[-1]), coreset_fraction, seed)
-        region = None if region_bank is None else (region_bank, None)
+        region = None if region_bank is None else (region_bank, search_matrix(region_bank))
         fine_bank, fine_scales, fine_search = None, None, None
         if config.fine_blocks:
             fine_scales = layer_norms(fine)
             rows = fine_descriptors(fine, fine_scales, config)
             fine_bank = _coreset(rows.reshape(-1, rows.shape[-1]), config.fine_coreset, seed)
-            fine_search = (fine_scales, fine_bank, None)
+            fine_search = (fine_scales, fine_bank, search_matrix(fine_bank))
         del fine, fine_chunks
-        map_chunks = []
+        map_chunks, search = [], search_matrix(bank)
         for i in range(0, len(holdout), SCORE_BATCH):
             chunk = holdout[i : i + SCORE_BATCH]
             maps = distance_maps(
-                backbone, chunk, config, scales, projection, bank, None, region, fine_search
+                backbone, chunk, config, scales, projection, bank, search, region, fine_search
             )
             map_chunks.append(maps)
             done += len(chunk)

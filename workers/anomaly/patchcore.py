@@ -64,6 +64,7 @@ __all__ = [
     "preprocess",
     "resample_grid",
     "scaled_blocks",
+    "search_matrix",
 ]
 
 _STANDARD_MEAN = 0.5
@@ -251,29 +252,45 @@ def greedy_coreset(features: torch.Tensor, count: int, seed: int = 0) -> torch.T
     return chosen
 
 
+def search_matrix(bank: torch.Tensor) -> torch.Tensor:
+    """The memory ``bank`` (B x D) as :func:`nearest_distances` multiplies it: a
+    (D + 1) x B matrix, ``-2 m`` over ``|m|^2`` per bank row ``m``, so that one GEMM with a
+    query row and a trailing 1 gives ``|m|^2 - 2 q.m`` (a profile keeps one per device)."""
+    sq = (bank * bank).sum(dim=1, keepdim=True)
+    return torch.cat([bank * -2.0, sq], dim=1).T.contiguous()
+
+
 def nearest_distances(
     queries: torch.Tensor,
     bank: torch.Tensor,
-    bank_sq_norms: torch.Tensor | None = None,
+    search: torch.Tensor | None = None,
     k: int = 1,
 ) -> torch.Tensor:
     """Euclidean distance of each query row (Q x D) to its nearest ``bank`` row (B x D);
-    with ``k`` > 1 the mean distance to the ``k`` nearest rows."""
-    if bank_sq_norms is None:
-        bank_sq_norms = (bank * bank).sum(dim=1)
+    with ``k`` > 1 the mean distance to the ``k`` nearest rows. ``search`` is
+    :func:`search_matrix` of ``bank`` (computed here when None).
+
+    |q - m|^2 = |q|^2 + (|m|^2 - 2 q.m): the bracket is one plain GEMM per chunk of
+    queries (an ``addmm`` with the norms as its bias first copies them into every row of
+    the output: 4.6 against 2.6 ms for 900 queries and a 4 096 x 54 bank on a 2-core
+    Xeon VM), |q|^2 is added after the minimum."""
+    if search is None:
+        search = search_matrix(bank)
+    augmented = torch.cat([queries, queries.new_ones(queries.shape[0], 1)], dim=1)
     chunk = _CHUNK_ELEMENTS.get(queries.device.type, 1 << 24)
-    rows = max(1, chunk // max(1, bank.shape[0]))
+    rows = max(1, chunk // max(1, search.shape[1]))
     out = torch.empty(queries.shape[0], device=queries.device, dtype=queries.dtype)
     for start in range(0, queries.shape[0], rows):
-        q = queries[start : start + rows]
-        # |q - m|^2 = |q|^2 + |m|^2 - 2 q.m: one GEMM per chunk; |q|^2 added after the min
-        d2 = torch.addmm(bank_sq_norms[None, :], q, bank.T, beta=1.0, alpha=-2.0)
-        qq = (q * q).sum(dim=1)
+        d2 = torch.mm(augmented[start : start + rows], search)
         if k == 1:
-            out[start : start + rows] = (d2.amin(dim=1) + qq).clamp_min_(0).sqrt_()
+            torch.amin(d2, dim=1, out=out[start : start + rows])
         else:
-            near = d2.topk(k, dim=1, largest=False).values + qq[:, None]
+            near = d2.topk(k, dim=1, largest=False).values
+            near += (queries[start : start + rows] ** 2).sum(dim=1, keepdim=True)
             out[start : start + rows] = near.clamp_min_(0).sqrt_().mean(dim=1)
+    if k == 1:
+        out += (queries * queries).sum(dim=1)
+        out.clamp_min_(0).sqrt_()
     return out
 
 

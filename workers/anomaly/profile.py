@@ -30,6 +30,7 @@ from workers.anomaly.metrics import Confusion, auroc, confusion_at, pixel_auroc
 from workers.anomaly.patchcore import (
     FeatureConfig,
     ScoreScales,
+    search_matrix,
 )
 from workers.anomaly.scoring import backbone_for, score_images
 from workers.models.base import sha256_file
@@ -110,11 +111,11 @@ class Profile:
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
 
     def bank_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(memory bank, its squared row norms) on ``device``, copied once per device."""
+        """(memory bank, its ``patchcore.search_matrix``) on ``device``, made once per device."""
         return self._cached_on(device, "patch", self.memory_bank)
 
     def region_bank_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(region memory bank, its squared row norms) on ``device``; None when off."""
+        """(region memory bank, its search matrix) on ``device``; None when off."""
         if self.region_bank is None:
             return None
         return self._cached_on(device, "region", self.region_bank)
@@ -122,12 +123,12 @@ class Profile:
     def fine_bank_on(
         self, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(fine block scales, fine memory bank, its squared row norms) on ``device``; None
-        when off."""
+        """(fine block scales, fine memory bank, its search matrix) on ``device``; None when
+        off."""
         if self.fine_bank is None or self.fine_scales is None:
             return None
-        bank, sq = self._cached_on(device, "fine", self.fine_bank)
-        return self.fine_scales.to(device), bank, sq
+        bank, search = self._cached_on(device, "fine", self.fine_bank)
+        return self.fine_scales.to(device), bank, search
 
     def _cached_on(
         self, device: torch.device, kind: str, bank: torch.Tensor
@@ -135,7 +136,7 @@ class Profile:
         key = f"{kind}:{device}"
         if key not in self._on_device:
             moved = bank.to(device)
-            self._on_device[key] = (moved, (moved * moved).sum(dim=1))
+            self._on_device[key] = (moved, search_matrix(moved))
         return self._on_device[key]
 
 

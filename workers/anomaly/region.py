@@ -51,7 +51,7 @@ def region_distances(
     layer_scales: torch.Tensor,
     config: FeatureConfig,
     bank: torch.Tensor,
-    bank_sq: torch.Tensor | None = None,
+    search: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """N x G x G: each region's distance to its nearest ``bank`` region (rows of
     :func:`region_descriptors` of fit images); the border cells take their inner
@@ -61,7 +61,7 @@ def region_distances(
     step = config.region_stride
     searched = regions[:, ::step, ::step]
     rows, cols = searched.shape[1:3]
-    dist = nearest_distances(searched.reshape(-1, d), bank, bank_sq).reshape(n, 1, rows, cols)
+    dist = nearest_distances(searched.reshape(-1, d), bank, search).reshape(n, 1, rows, cols)
     if step > 1:
         dist = dist.repeat_interleave(step, dim=2).repeat_interleave(step, dim=3)[..., :h, :w]
     b = region_border(config)

@@ -79,15 +79,16 @@ def distance_maps(
     layer_scales: torch.Tensor,
     projection: torch.Tensor | None,
     bank: torch.Tensor,
-    bank_sq: torch.Tensor | None = None,
+    search: torch.Tensor | None = None,
     region_bank: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     fine_bank: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """N x S x G x G maps (one forward pass): the multiscale nearest-neighbour distances,
     then with ``region_cells`` the region distances (``region_bank``: the bank and its
-    squared row norms or None), with ``fine_blocks`` the fine distances (``fine_bank``:
-    the fine blocks' scales, the bank and its squared row norms or None), then with
-    ``colour_map`` the colour deviation."""
+    ``patchcore.search_matrix`` or None), with ``fine_blocks`` the fine distances
+    (``fine_bank``: the fine blocks' scales, the bank and its search matrix or None), then
+    with ``colour_map`` the colour deviation. ``search``: the patch bank's search matrix
+    or None."""
     extracted = extract_features(backbone, images, config)
     pooled = extracted.pooled
     feats = patch_features(pooled, layer_scales, projection, config)
@@ -95,7 +96,7 @@ def distance_maps(
     if b > 0:  # edge cells are not searched: multiscale_maps copies their inner neighbours
         feats = feats[:, b:-b, b:-b]
     n, g, _, d = feats.shape
-    dist = nearest_distances(feats.reshape(-1, d), bank, bank_sq, config.knn).reshape(n, g, g)
+    dist = nearest_distances(feats.reshape(-1, d), bank, search, config.knn).reshape(n, g, g)
     maps = multiscale_maps(F.pad(dist, (b, b, b, b)), config.score_scales, b)
     if config.region_cells:
         if region_bank is None:
@@ -105,8 +106,8 @@ def distance_maps(
     if config.fine_blocks:
         if fine_bank is None:
             raise ValueError("fine_blocks is set: distance_maps needs the fine bank")
-        scales, bank_rows, rows_sq = fine_bank
-        fine = fine_distances(extracted.fine, scales, config, bank_rows, rows_sq)
+        scales, bank_rows, rows_search = fine_bank
+        fine = fine_distances(extracted.fine, scales, config, bank_rows, rows_search)
         maps = torch.cat([maps, fine[:, None]], dim=1)
     if config.colour_map:  # one more map: local colour against the fit set's
         colour = colour_deviation(pooled[-1], config, layer_scales[-COLOUR_REFERENCE_SIZE:])
@@ -121,7 +122,7 @@ def score_images(
     if not images:
         return []
     _check_backbone(profile, backbone)
-    bank, bank_sq = profile.bank_on(backbone.device)
+    bank, search = profile.bank_on(backbone.device)
     region_bank = profile.region_bank_on(backbone.device)
     fine_bank = profile.fine_bank_on(backbone.device)
     with torch.inference_mode():
@@ -132,7 +133,7 @@ def score_images(
             profile.layer_scales,
             profile.projection,
             bank,
-            bank_sq,
+            search,
             region_bank,
             fine_bank,
         )

@@ -10,8 +10,9 @@ It also owns the numeric format, the only thing that differs between the CPU and
 CUDA path: the parameter dtype (:data:`Precision`; a model lists in
 ``reduced_precisions`` the ones a test showed within tolerance of fp32, every other
 request runs fp32) and the memory format (``channels_last`` by default on CUDA in a
-reduced precision). :meth:`InferenceModel.to_model_input` gives an input the module's
-dtype and memory format; models return float32 whatever ran inside.
+reduced precision, and on the CPU for a model that sets ``channels_last_cpu``).
+:meth:`InferenceModel.to_model_input` gives an input the module's dtype and memory format;
+models return float32 whatever ran inside.
 """
 
 from __future__ import annotations
@@ -128,6 +129,9 @@ class InferenceModel(ABC, Generic[InputT, OutputT]):
     """Precisions below fp32 whose outputs a test showed within tolerance of fp32."""
     auto_precision_cuda: ClassVar[str] = "fp32"
     """What ``precision="auto"`` means on CUDA (fp32 everywhere else)."""
+    channels_last_cpu: ClassVar[bool] = False
+    """Whether ``channels_last=None`` means channels_last on the CPU too (a model sets it
+    where a benchmark showed it faster there)."""
 
     def __init__(
         self,
@@ -152,7 +156,8 @@ class InferenceModel(ABC, Generic[InputT, OutputT]):
         )
         self.dtype = PRECISION_DTYPES[self.precision]
         if channels_last is None:
-            channels_last = self.device.type == "cuda" and self.precision != "fp32"
+            on_cuda = self.device.type == "cuda" and self.precision != "fp32"
+            channels_last = on_cuda or (self.device.type == "cpu" and self.channels_last_cpu)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._lock = threading.Lock()
         self._module: torch.nn.Module | None = None

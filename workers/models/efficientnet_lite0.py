@@ -225,6 +225,10 @@ class EfficientNetLite0Features(InferenceModel[FeatureRequest, list[torch.Tensor
     """fp16: features 0.7 % off fp32 on the samples, anomaly scores within 2 % of the
     threshold; bf16: 5.4 %, out of tolerance (tests/unit/test_gpu_path_anomaly.py)."""
     auto_precision_cuda: ClassVar[str] = "fp16"
+    channels_last_cpu: ClassVar[bool] = True
+    """The depthwise convolutions run oneDNN's NHWC kernels: blocks 0-2 at 256 px took 9.5
+    against 12.5 ms per image on a 2-core Xeon VM, features equal to 1e-6 (docs/anomaly.md
+    "Speed")."""
 
     def _load(self, weights_path: Path, device: torch.device) -> nn.Module:
         return fold_batchnorms(load_efficientnet_lite0(weights_path, "cpu")).to(device)
