@@ -51,6 +51,31 @@ def test_flattening_removes_a_light_gradient_and_vignetting_but_keeps_detail() -
     assert float((a @ b) / (a.norm() * b.norm())) > 0.95
 
 
+def test_flattening_light_equals_the_blur_and_enlargement_it_stands_for() -> None:
+    """The per-axis matrices reproduce a reflect-padded separable Gaussian blur at 1/8
+    resolution followed by a bilinear enlargement, on square and non-square images."""
+    gen = torch.Generator().manual_seed(1)
+    for height, width, sigma_px in ((256, 256, 48.0), (256, 192, 48.0), (96, 320, 24.0)):
+        x = 0.2 + torch.rand(2, 3, height, width, generator=gen)
+        low = F.avg_pool2d(x, 8)
+        sigma = sigma_px / 8
+        radius_h = max(1, min(int(3 * sigma), low.shape[-2] - 1))
+        radius_w = max(1, min(int(3 * sigma), low.shape[-1] - 1))
+        blurred = low
+        for radius, dim in ((radius_w, -1), (radius_h, -2)):
+            taps = torch.arange(-radius, radius + 1, dtype=x.dtype)
+            kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+            kernel = kernel / kernel.sum()
+            shape = (1, 1, 1, -1) if dim == -1 else (1, 1, -1, 1)
+            pad = (radius, radius, 0, 0) if dim == -1 else (0, 0, radius, radius)
+            weight = kernel.reshape(shape).repeat(3, 1, 1, 1)
+            blurred = F.conv2d(F.pad(blurred, pad, mode="reflect"), weight, groups=3)
+        light = F.interpolate(blurred, size=(height, width), mode="bilinear", align_corners=False)
+        want = x / light * light.mean(dim=(1, 2, 3), keepdim=True)
+        got = flatten_illumination(x, sigma_px)
+        assert torch.allclose(got, want, atol=1e-5), (height, width)
+
+
 def test_per_channel_standardisation_removes_a_colour_cast() -> None:
     rng = np.random.default_rng(0)
     grey = rng.integers(60, 200, (64, 64, 1)).astype(np.float32)

@@ -27,6 +27,7 @@ Pipeline for a batch of images (all steps on the worker's device, one forward pa
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -105,21 +106,38 @@ def preprocess(
 
 def flatten_illumination(x: torch.Tensor, sigma_px: float) -> torch.Tensor:
     """Divide each channel by its Gaussian blur (computed at 1/8 resolution, then enlarged),
-    keeping the image's mean level."""
+    keeping the image's mean level.
+
+    The blur (reflect-padded, separable) and the bilinear enlargement are both linear along
+    each axis, so they are applied as one matrix per axis (:func:`_light_matrix`):
+    ``light = M_h @ low @ M_w^T``. Equal to the convolutions and ``F.interpolate`` to float
+    rounding, 0.3 against 1.0 ms at 256 px on a 2-core Xeon VM (four small oneDNN calls)."""
     factor = 8
     low = F.avg_pool2d(x, factor)
-    sigma = sigma_px / factor
-    radius = max(1, min(int(3 * sigma), low.shape[-1] - 1))
-    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    channels = x.shape[1]
-    row = kernel.reshape(1, 1, 1, -1).repeat(channels, 1, 1, 1)
-    low = F.conv2d(F.pad(low, (radius, radius, 0, 0), mode="reflect"), row, groups=channels)
-    col = kernel.reshape(1, 1, -1, 1).repeat(channels, 1, 1, 1)
-    low = F.conv2d(F.pad(low, (0, 0, radius, radius), mode="reflect"), col, groups=channels)
-    light = F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    rows = _light_matrix(x.shape[-2], low.shape[-2], sigma_px / factor, x.device, x.dtype)
+    cols = _light_matrix(x.shape[-1], low.shape[-1], sigma_px / factor, x.device, x.dtype)
+    light = rows @ low @ cols.T
     return x / light.clamp_min(1e-3) * light.mean(dim=(1, 2, 3), keepdim=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _light_matrix(
+    size: int, low_size: int, sigma: float, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``size`` x ``low_size``: one axis of a signal of ``low_size`` samples blurred by a
+    Gaussian of ``sigma`` samples (reflect padding, radius 3 sigma, at most ``low_size`` -
+    1), then enlarged to ``size`` samples (linear, half-pixel centres as ``F.interpolate``
+    with ``align_corners=False``), as a matrix: the operators applied to unit impulses."""
+    radius = max(1, min(int(3 * sigma), low_size - 1))
+    # a normal tensor even when first called under inference_mode: it is cached
+    with torch.inference_mode(False), torch.no_grad():
+        taps = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
+        kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+        kernel = (kernel / kernel.sum()).reshape(1, 1, -1)
+        impulses = torch.eye(low_size, device=device, dtype=dtype)[:, None, :]
+        blurred = F.conv1d(F.pad(impulses, (radius, radius), mode="reflect"), kernel)
+        enlarged = F.interpolate(blurred, size=size, mode="linear", align_corners=False)
+        return enlarged[:, 0, :].T.contiguous()
 
 
 def make_projection(in_dim: int, out_dim: int, seed: int) -> torch.Tensor:
