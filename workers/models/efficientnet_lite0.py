@@ -95,10 +95,12 @@ class _MBConv(nn.Module):
         self.skip = stride == 1 and c_in == c_out
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        # ReLU6 in place on each convolution's fresh output: no second activation tensor
+        # (3 % of the anomaly scoring time at batch 1 and 8 on a 2-core Xeon VM)
         x = inputs
         if self._expand_conv is not None and self._bn0 is not None:
-            x = F.relu6(self._bn0(self._expand_conv(x)))
-        x = F.relu6(self._bn1(self._depthwise_conv(x)))
+            x = F.relu6(self._bn0(self._expand_conv(x)), inplace=True)
+        x = F.relu6(self._bn1(self._depthwise_conv(x)), inplace=True)
         out: torch.Tensor = self._bn2(self._project_conv(x))
         return out + inputs if self.skip else out
 
@@ -125,7 +127,7 @@ class EfficientNetLite0(nn.Module):
         if not wanted or wanted[0] < 0 or wanted[-1] >= len(self._blocks):
             raise ValueError(f"block indices must be in 0..{len(self._blocks) - 1}, got {blocks}")
         found: dict[int, torch.Tensor] = {}
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
         for idx, block in enumerate(self._blocks):
             x = block(x)
             if idx in wanted:
@@ -136,10 +138,10 @@ class EfficientNetLite0(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits for normalized input ``x`` (N x 3 x H x W)."""
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
         for block in self._blocks:
             x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
+        x = F.relu6(self._bn1(self._conv_head(x)), inplace=True)
         logits: torch.Tensor = self._fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
         return logits
 
