@@ -88,7 +88,7 @@ def test_fine_config_is_validated() -> None:
 def test_fine_bank_round_trips_through_the_profile_file(tmp_path: Path) -> None:
     split = family_split("woven", seed=2, n_fit=8, n_good=2, n_bad=2, crop_px=128)
     path = tmp_path / "p.npz"
-    fit_profile(split.fit, path, name="woven", config=FeatureConfig(fine_blocks=(0, 1)))
+    fit_profile(split.fit, path, name="woven")  # the fine map is on by default
     profile = load_profile(path, use_cache=False)
     assert profile.config.fine_blocks == (0, 1)
     assert profile.fine_bank is not None and profile.fine_scales is not None
@@ -99,9 +99,9 @@ def test_fine_bank_round_trips_through_the_profile_file(tmp_path: Path) -> None:
     assert meta["fine_bank_size"] == profile.fine_bank.shape[0]
     scores = score_images(profile, split.good + split.bad, backbone_for("cpu"))
     assert all(np.isfinite(s.score) and s.heatmap.shape == (32, 32) for s in scores)
-    # off (the default), the fine arrays are empty and there is one map fewer
+    # off, the fine arrays are empty and there is one map fewer
     off = tmp_path / "off.npz"
-    fit_profile(split.fit, off, name="woven")
+    fit_profile(split.fit, off, name="woven", config=FeatureConfig(fine_blocks=()))
     plain = load_profile(off, use_cache=False)
     assert plain.fine_bank is None
     assert plain.score_scales.reference.shape[0] == profile.score_scales.reference.shape[0] - 1

@@ -158,8 +158,8 @@ def test_colour_map_finds_a_tint_on_a_grey_photograph(tmp_path: Path) -> None:
     config = FeatureConfig(colour_map=True)
     fit_profile(split.fit, path, name="brick", config=config, holdout_images=split.holdout)
     profile = load_profile(path)
-    # the distance scales, the region map, the colour map
-    assert profile.score_scales.reference.shape == (len(config.score_scales) + 2,)
+    # the distance scales, the region map, the fine map, the colour map
+    assert profile.score_scales.reference.shape == (len(config.score_scales) + 3,)
     tinted = split.good[0].astype(np.float32)
     tinted[40:80, 60:100] *= np.array([1.0, 0.96, 0.86], np.float32)  # a faint yellow stain
     clean, stained = score_images(

@@ -87,8 +87,8 @@ def test_region_bank_round_trips_through_the_profile_file(tmp_path: Path) -> Non
     # 5 bank crops (3 of 8 held out) x 30 x 30 inner regions of the 32 x 32 grid, 10 % kept
     assert profile.region_bank.shape == (round(5 * 30 * 30 * 0.1), 96)
     assert meta["region_bank_size"] == profile.region_bank.shape[0]
-    # the score reference has one entry per map: 3 distance scales, region, colour
-    assert profile.score_scales.reference.shape == (5,)
+    # the score reference has one entry per map: 3 distance scales, region, fine, colour
+    assert profile.score_scales.reference.shape == (6,)
     scores = score_images(profile, split.good + split.bad, backbone_for("cpu"))
     assert all(np.isfinite(s.score) and s.heatmap.shape == (32, 32) for s in scores)
     assert info.threshold > 0

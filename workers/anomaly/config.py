@@ -80,13 +80,13 @@ class FeatureConfig:
     a cell between them takes the distance of the searched region above and left of it.
     At 2 the 3-cell windows still cover every cell, for a quarter of the search (suite:
     equal mean AUROC, 16 against 19 ms/crop; docs/anomaly.md runs rg, rg1)."""
-    fine_blocks: tuple[int, ...] = ()
-    """Backbone blocks of the fine map; empty: off (the default), ``(0, 1)``: on. Their raw
+    fine_blocks: tuple[int, ...] = (0, 1)
+    """Backbone blocks of the fine map (the default ``(0, 1)``); empty: off. Their raw
     outputs on a grid of half the cell size (4 px), without the 3 x 3 aggregation, searched
     in a memory bank of their own and fused as one more map (``workers/anomaly/fine.py``):
     a 1-2 px scratch or crack on a busy surface moves them far more than the patch
-    features. Off by default: 1.33x the scoring time for +0.005 mean AUROC on the suite
-    (twill +0.03; docs/anomaly.md, run fn)."""
+    features. On the suite +0.005 mean AUROC, +0.014 on the held-out families (twill
+    +0.03), for about 1.3x the scoring time (docs/anomaly.md, run fn and "Speed")."""
     fine_query_stride: int = 1
     """1: every fine cell is searched and each grid cell takes the largest of its four;
     2: one fine cell per grid cell (its first), a quarter of the search, but it lost most
