@@ -102,7 +102,7 @@ def test_backbone_model_reports_provenance_and_returns_multilevel_maps() -> None
 # -- patchcore pieces ------------------------------------------------------------------------
 def test_nearest_distances_match_cdist_in_chunks() -> None:
     gen = torch.Generator().manual_seed(0)
-    # 700 x 8000 distances: two chunks of the CPU's 4 Mi elements
+    # 700 x 8000 distances: six chunks of the CPU's 1 Mi elements
     queries, bank = torch.randn(700, 16, generator=gen), torch.randn(8000, 16, generator=gen)
     expected = torch.cdist(queries, bank).min(dim=1).values
     assert torch.allclose(nearest_distances(queries, bank), expected, atol=1e-4)
