@@ -148,14 +148,22 @@ def make_projection(in_dim: int, out_dim: int, seed: int) -> torch.Tensor:
 
 
 def pooled_blocks(block_maps: Sequence[torch.Tensor], config: FeatureConfig) -> list[torch.Tensor]:
-    """Block outputs (each N x C x h x w) -> 3x3-aggregated maps on the common G x G grid."""
+    """Block outputs (each N x C x h x w) -> 3x3-aggregated maps on the common G x G grid,
+    channels_last (see :func:`_channels_last`)."""
     pooled = []
     for fmap in block_maps:
-        fmap = fmap.float()
+        fmap = _channels_last(fmap)
         if config.smooth_px > 1:
             fmap = box_mean(fmap, config.smooth_px)
         pooled.append(resample_grid(fmap, config.grid_size))
     return pooled
+
+
+def _channels_last(fmap: torch.Tensor) -> torch.Tensor:
+    """``fmap`` as float32 in channels_last memory order (a copy only if it is not): the
+    CPU's depthwise box mean and adaptive pooling run NHWC kernels there, 0.58 against
+    1.16 ms for two 24 x 64 x 64 block maps on a 2-core Xeon VM (values equal)."""
+    return fmap.float().contiguous(memory_format=torch.channels_last)
 
 
 def resample_grid(fmap: torch.Tensor, size: int) -> torch.Tensor:
@@ -340,7 +348,7 @@ def extract_features(
     if config.stats_weight > 0:
         pooled.append(local_statistics(x, config))
     size = 2 * config.grid_size
-    fine = [resample_grid(by_block[b].float(), size) for b in config.fine_blocks]
+    fine = [resample_grid(_channels_last(by_block[b]), size) for b in config.fine_blocks]
     return Extracted(pooled, fine)
 
 
