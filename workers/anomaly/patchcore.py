@@ -304,6 +304,7 @@ def nearest_distances(
     if search is None:
         search = search_matrix(bank)
     augmented = torch.cat([queries, queries.new_ones(queries.shape[0], 1)], dim=1)
+    query_sq = (queries * queries).sum(dim=1)
     chunk = _CHUNK_ELEMENTS.get(queries.device.type, 1 << 24)
     rows = max(1, chunk // max(1, search.shape[1]))
     out = torch.empty(queries.shape[0], device=queries.device, dtype=queries.dtype)
@@ -312,11 +313,10 @@ def nearest_distances(
         if k == 1:
             torch.amin(d2, dim=1, out=out[start : start + rows])
         else:
-            near = d2.topk(k, dim=1, largest=False).values
-            near += (queries[start : start + rows] ** 2).sum(dim=1, keepdim=True)
+            near = d2.topk(k, dim=1, largest=False).values + query_sq[start : start + rows, None]
             out[start : start + rows] = near.clamp_min_(0).sqrt_().mean(dim=1)
     if k == 1:
-        out += (queries * queries).sum(dim=1)
+        out += query_sq
         out.clamp_min_(0).sqrt_()
     return out
 
