@@ -35,6 +35,7 @@ from workers.anomaly.patchcore import box_mean, greedy_coreset, nearest_distance
 from workers.anomaly.synthetic import TextureSplit, texture_split
 from workers.models.efficientnet_lite0 import (
     FeatureRequest,
+    _SameConv2d,
     default_weights_path,
     fold_batchnorms,
     load_efficientnet_lite0,
@@ -135,6 +136,31 @@ def test_folded_batchnorms_give_the_same_features_and_logits() -> None:
         ):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-3)
         assert torch.allclose(reference(x), folded(x), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize(("height", "width"), [(128, 128), (64, 33), (9, 10), (5, 5)])
+def test_strided_depthwise_conv_pads_like_tensorflow_same(
+    kernel: int, height: int, width: int
+) -> None:
+    """The depthwise convolution's zero-tap form equals TF SAME done with an explicit pad
+    (before = total // 2, the rest after) on odd and even sizes, NCHW and channels_last."""
+    gen = torch.Generator().manual_seed(3)
+    conv = _SameConv2d(6, 6, kernel, stride=2, groups=6, bias=True)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+        conv.bias.copy_(torch.randn(6, generator=gen))  # type: ignore[union-attr]
+    x = torch.randn(2, 6, height, width, generator=gen)
+    pads = []
+    for size in (width, height):
+        total = max((-(-size // 2) - 1) * 2 + kernel - size, 0)
+        pads += [total // 2, total - total // 2]
+    expected = F.conv2d(F.pad(x, pads), conv.weight, conv.bias, 2, 0, 1, 6)
+    with torch.no_grad():
+        for layout in (torch.contiguous_format, torch.channels_last):
+            got = conv(x.contiguous(memory_format=layout))
+            assert got.shape == expected.shape == (2, 6, -(-height // 2), -(-width // 2))
+            assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_greedy_coreset_keeps_the_rare_outlier() -> None:

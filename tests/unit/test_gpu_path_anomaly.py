@@ -87,7 +87,9 @@ def test_backbone_features_fp32_channels_last_equal_contiguous(
     backbone = _backbone()  # channels_last is the CPU default for this model
     assert backbone.memory_format == torch.channels_last
     got = _features(backbone)
-    assert all(f.dtype == torch.float32 and f.is_contiguous() for fs in got for f in fs)
+    # float32, left in the network's layout (each map is one image of an NHWC batch):
+    # the anomaly stage stacks them channels_last without a second copy
+    assert all(f.dtype == torch.float32 and f.stride()[0] == 1 for fs in got for f in fs)
     assert _max_relative_error(got, fp32_features) < 1e-5
 
 

@@ -341,7 +341,7 @@ def extract_features(
     x = preprocess(images, config, backbone.device)
     wanted = tuple(dict.fromkeys((*config.blocks, *config.fine_blocks)))
     per_image = backbone.predict([FeatureRequest(img, wanted) for img in x])
-    by_block = {b: torch.stack([maps[i] for maps in per_image]) for i, b in enumerate(wanted)}
+    by_block = {b: _stack([maps[i] for maps in per_image]) for i, b in enumerate(wanted)}
     pooled = pooled_blocks([by_block[b] for b in config.blocks], config)
     if config.extremes_weight > 0:
         pooled.append(local_extremes(x, config))
@@ -350,6 +350,21 @@ def extract_features(
     size = 2 * config.grid_size
     fine = [resample_grid(_channels_last(by_block[b]), size) for b in config.fine_blocks]
     return Extracted(pooled, fine)
+
+
+def _stack(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-image C x h x w maps -> N x C x h x w float32, channels_last: one copy each,
+    whatever layout the backbone returned (``torch.stack`` would give NCHW, and
+    :func:`_channels_last` a second copy)."""
+    out = torch.empty(
+        (len(maps), *maps[0].shape),
+        dtype=torch.float32,
+        device=maps[0].device,
+        memory_format=torch.channels_last,
+    )
+    for i, fmap in enumerate(maps):
+        out[i].copy_(fmap)
+    return out
 
 
 def multiscale_maps(
