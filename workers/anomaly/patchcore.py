@@ -90,7 +90,12 @@ def preprocess(
         shrink = image.shape[0] > size[1] or image.shape[1] > size[0]
         interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
         resized.append(cv2.resize(image, size, interpolation=interp))
-    x = torch.from_numpy(np.stack(resized)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    # NCHW memory order, not the channels_last strides the permuted HWC array has: the
+    # 3-channel ops below (flattening, channel means, extremes, statistics) took 1.5 ms
+    # more per crop on channels_last on a 2-core EPYC VM; converting the uint8 copy on
+    # the device is the cheap place for it
+    x = torch.from_numpy(np.stack(resized)).to(device).permute(0, 3, 1, 2).contiguous()
+    x = x.float() / 255.0
     if config.flatten_px > 0:
         x = flatten_illumination(x, config.flatten_px)
     if config.standardize:
