@@ -64,7 +64,9 @@ class _SameConv2d(nn.Conv2d):
     outputs, the same values to the last bit (block 1's 96 x 128 x 128 depthwise
     convolution: 0.27 against 1.5 ms with the copy on a 2-core EPYC VM, most of it the
     fresh padded tensor). The dense stem keeps the explicit pad: its 4 x 4 kernel was
-    slower than the copy of three channels.
+    slower than the copy of three channels. On CUDA every strided convolution keeps the
+    explicit pad, the path the GPU figures were measured on (cuDNN's depthwise kernels for
+    even sizes are not measured here).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +77,7 @@ class _SameConv2d(nn.Conv2d):
             _same_padding(size, k, s)
             for size, k, s in zip(x.shape[-2:], self.kernel_size, self.stride, strict=True)
         ]
-        if self.groups > 1 and self.groups == self.in_channels:
+        if x.device.type == "cpu" and self.groups > 1 and self.groups == self.in_channels:
             shifted = [int(after > before) for before, after in axes]
             weight = F.pad(self.weight, [shifted[1], 0, shifted[0], 0])
             padding = (axes[0][1], axes[1][1])
