@@ -358,9 +358,12 @@ def extract_features(
 
 
 def _stack(maps: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-image C x h x w maps -> N x C x h x w float32, channels_last: one copy each,
-    whatever layout the backbone returned (``torch.stack`` would give NCHW, and
-    :func:`_channels_last` a second copy)."""
+    """Per-image C x h x w maps -> N x C x h x w float32, channels_last. On the CPU one copy
+    per map, whatever layout the backbone returned (``torch.stack`` would give NCHW, and
+    :func:`_channels_last` a second copy); on a GPU one stacking kernel for the batch
+    rather than one launch per image."""
+    if maps[0].device.type != "cpu":
+        return _channels_last(torch.stack(list(maps)))
     out = torch.empty(
         (len(maps), *maps[0].shape),
         dtype=torch.float32,

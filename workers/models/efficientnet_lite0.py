@@ -267,8 +267,8 @@ class EfficientNetLite0Features(InferenceModel[FeatureRequest, list[torch.Tensor
         out: list[list[torch.Tensor]] = []
         for start in range(0, len(batch), step):
             chunk = self.to_model_input(normalize(x[start : start + step]))
-            # float32 in the network's memory format: a consumer that wants another
-            # layout converts once (the anomaly stage wants channels_last, as on the CPU)
+            # float32, left in the network's memory format: a consumer that wants another
+            # layout converts once (the anomaly stage stacks them channels_last)
             maps = [fmap.float() for fmap in module.block_features(chunk, blocks)]
             out += [[fmap[i] for fmap in maps] for i in range(maps[0].shape[0])]
         return out
