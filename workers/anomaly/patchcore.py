@@ -353,7 +353,7 @@ def extract_features(
     if config.stats_weight > 0:
         pooled.append(local_statistics(x, config))
     size = 2 * config.grid_size
-    fine = [resample_grid(_channels_last(by_block[b]), size) for b in config.fine_blocks]
+    fine = [resample_grid(by_block[b], size) for b in config.fine_blocks]
     return Extracted(pooled, fine)
 
 
