@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +98,15 @@ class FeatureConfig:
     three times slower on a 2-core VM: the bank no longer fits the CPU cache)."""
     projection_dim: int = 0
     """0 keeps the concatenated channels as they are."""
+    whiten: float = 0.1
+    """> 0 (the default 0.1): the patch features are whitened before the memory bank and
+    the search. Each is multiplied by ``W``, ``W W^T = (C + whiten * mean(diag C) * I)^-1``
+    for ``C`` the covariance of the bank images' inner patch features (fit.py
+    ``whitening_matrix``), so a patch distance counts every direction in units of how much
+    good patches vary along it (a regularised Mahalanobis distance). A defect that moves a
+    feature combination good patches keep tight then stands out; the ``whiten`` term keeps
+    directions with almost no variance from amplifying noise. Stored as the profile's
+    ``projection``. 0: off. On the suite: docs/anomaly.md, run wh."""
     smooth_px: int = 3
     """Local aggregation window (patch neighbourhood) on each block's own grid."""
     score_scales: tuple[int, ...] = (1, 3, 5)
@@ -158,6 +168,8 @@ class FeatureConfig:
             raise ValueError(f"the fine map needs an even grid_stride: {self.grid_stride}")
         if self.fine_query_stride not in (1, 2):
             raise ValueError(f"fine_query_stride must be 1 or 2: {self.fine_query_stride}")
+        if not math.isfinite(self.whiten) or self.whiten < 0:
+            raise ValueError(f"whiten must be 0 (off) or a positive number: {self.whiten}")
         if not 0.0 < self.fine_coreset <= 1.0:
             raise ValueError(f"fine_coreset must be in (0, 1]: {self.fine_coreset}")
         if self.colour_map and self.stats_weight <= 0:

@@ -51,7 +51,7 @@ from workers.anomaly.scoring import backbone_for, distance_maps, largest_referen
 from workers.anomaly.statistics import COLOUR_REFERENCE_SIZE, colour_deviation, colour_map_reference
 from workers.models.efficientnet_lite0 import EfficientNetLite0Features
 
-__all__ = ["DEFAULT_CORESET_FRACTION", "fit_profile"]
+__all__ = ["DEFAULT_CORESET_FRACTION", "fit_profile", "whitening_matrix"]
 
 DEFAULT_CORESET_FRACTION = 0.1
 """Share of the fit patches kept in the memory bank (docs/anomaly.md "Recipe": 5 % halves
@@ -229,6 +229,20 @@ def _array_or_empty(tensor: torch.Tensor | None, ndim: int) -> NDArray[np.float3
     return tensor.cpu().numpy().astype(np.float32)
 
 
+def whitening_matrix(rows: torch.Tensor, regularisation: float) -> torch.Tensor:
+    """D x D matrix ``W`` with ``W W^T = (C + regularisation * mean(diag C) * I)^-1`` for
+    the covariance ``C`` of ``rows`` (M x D): ``|(x - y) W|`` is the regularised
+    Mahalanobis distance between rows ``x`` and ``y`` (FeatureConfig ``whiten``). Computed
+    in float64, returned in the rows' dtype and device."""
+    x = rows.double()
+    centred = x - x.mean(dim=0)
+    cov = centred.T @ centred / max(1, x.shape[0] - 1)
+    ridge = regularisation * cov.diagonal().mean().clamp_min(1e-12)
+    cov = cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    factor: torch.Tensor = torch.linalg.cholesky(torch.linalg.inv(cov))
+    return factor.to(rows.dtype)
+
+
 def _coreset(rows: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
     """A greedy k-center coreset of ``fraction`` of ``rows`` (M x D), at least one row."""
     count = max(1, round(rows.shape[0] * fraction))
@@ -264,6 +278,12 @@ def _fit_bank(
             in_dim = sum(p.shape[1] for p in pooled)
             projection = make_projection(in_dim, config.projection_dim, seed).to(backbone.device)
         feats = patch_features(pooled, scales, projection, config)
+        if config.whiten > 0:
+            b = config.border_cells
+            inner = feats[:, b : feats.shape[1] - b, b : feats.shape[2] - b]
+            whitening = whitening_matrix(inner.reshape(-1, inner.shape[-1]), config.whiten)
+            feats = feats @ whitening
+            projection = whitening if projection is None else projection @ whitening
         feats = feats.reshape(-1, feats.shape[-1])
         colour_reference = None
         if config.colour_map:

@@ -62,6 +62,7 @@ LEGACY_CONFIG: dict[str, Any] = {
     "extremes_weight": 0.0,
     "region_cells": 0,
     "fine_blocks": (),
+    "whiten": 0.0,
 }
 """What profiles written before these FeatureConfig fields existed were fitted with."""
 MIN_HOLDOUT_IMAGES = 3
