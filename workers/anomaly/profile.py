@@ -328,6 +328,7 @@ def evaluate_profile(
 
     With ``bad_masks`` (one H x W bool array per bad image, True = defect) the report also
     has the pixel AUROC of the heat maps, good images counting as defect-free.
+    ``score_ms_per_image`` is the steady-state cost: one warm-up call is not timed.
     """
     if not good or not bad:
         raise PermanentError("evaluation needs at least one good and one bad image")
@@ -335,6 +336,10 @@ def evaluate_profile(
         _check_masks(bad, bad_masks)
     profile = load_profile(path)
     backbone = backbone_for(device)
+    # one untimed call first: the first forward pass in a process builds the convolution
+    # kernels for its shape (about 2x a steady call on CPU, more on CUDA), and a CLI run on
+    # a few dozen images would otherwise report that start-up as the per-image cost
+    score_images(profile, good[:1], backbone)
     started = time.perf_counter()
     scores: list[list[float]] = []
     heatmaps: list[NDArray[np.float32]] = []
