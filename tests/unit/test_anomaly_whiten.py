@@ -78,7 +78,7 @@ def test_whitened_profile_stores_the_matrix_as_its_projection(tmp_path: Path) ->
     assert meta["config"]["whiten"] == 0.1
     scores = score_images(profile, split.good + split.bad, backbone_for("cpu"))
     assert all(np.isfinite(s.score) and s.heatmap.shape == (32, 32) for s in scores)
-    # the default recipe has no projection
+    # with the whitening off (and no random projection) there is no projection
     plain = tmp_path / "plain.npz"
     fit_profile(split.fit, plain, name="woven", config=FeatureConfig(whiten=0.0))
     assert load_profile(plain, use_cache=False).projection is None

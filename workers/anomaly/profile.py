@@ -337,7 +337,7 @@ def evaluate_profile(
     profile = load_profile(path)
     backbone = backbone_for(device)
     # one untimed call first: the first forward pass in a process builds the convolution
-    # kernels for its shape (about 2x a steady call on CPU, more on CUDA), and a CLI run on
+    # kernels for its shape (about 2x a steady call on a 2-vCPU Xeon), and a CLI run on
     # a few dozen images would otherwise report that start-up as the per-image cost
     score_images(profile, good[:1], backbone)
     started = time.perf_counter()
