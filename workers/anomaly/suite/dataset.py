@@ -28,6 +28,7 @@ from workers.anomaly.suite.camera import Nuisance, canvas_px, draw_shot, expose,
 from workers.anomaly.suite.canvas import Image
 from workers.anomaly.suite.flaws import PAINTERS
 from workers.anomaly.suite.heldout import HELDOUT_STRUCTURAL, HELDOUT_SURFACES
+from workers.anomaly.suite.heldout_late import LATE_STRUCTURAL, LATE_SURFACES
 from workers.anomaly.suite.surfaces import STRUCTURAL, SURFACES, Structural
 
 __all__ = [
@@ -41,10 +42,11 @@ __all__ = [
     "family_split",
 ]
 
-ALL_SURFACES = {**SURFACES, **HELDOUT_SURFACES}
-ALL_STRUCTURAL = {**STRUCTURAL, **HELDOUT_STRUCTURAL}
-HELDOUT_FAMILIES = tuple(HELDOUT_SURFACES)
-"""Written after the recipe was chosen (suite/heldout.py): a check, not a tuning set."""
+ALL_SURFACES = {**SURFACES, **HELDOUT_SURFACES, **LATE_SURFACES}
+ALL_STRUCTURAL = {**STRUCTURAL, **HELDOUT_STRUCTURAL, **LATE_STRUCTURAL}
+HELDOUT_FAMILIES = (*HELDOUT_SURFACES, *LATE_SURFACES)
+"""Written after the recipe was chosen (suite/heldout.py, and after later choices too
+suite/heldout_late.py): a check, not a tuning set."""
 
 PHOTO_FAMILIES = ("brick", "grass", "gravel")
 DEFECTS: dict[str, tuple[str, ...]] = {
@@ -63,14 +65,23 @@ DEFECTS: dict[str, tuple[str, ...]] = {
     "twill": ("resin_gap", "scratch", "pit", "crack", "stain", "colour_spot"),
     "leather": ("scar", "scratch", "cut", "hole", "stain", "burn"),
     "perforated": ("blocked_hole", "scratch", "dent", "stain", "pit", "colour_spot"),
+    "tread_plate": ("flattened_lug", "scratch", "dent", "pit", "stain", "crack"),
+    "terrazzo": ("popped_chip", "crack", "stain", "scratch", "hole", "burn"),
+    "wire_mesh": ("broken_wire", "stain", "colour_spot", "burn", "scratch", "dent"),
 }
 """Family -> the defect kinds its defective crops cycle through."""
 FAMILIES = tuple(DEFECTS)
-SIZE_FLOOR: dict[str, float] = {"granular": 0.4, **dict.fromkeys(PHOTO_FAMILIES, 0.4)}
+SIZE_FLOOR: dict[str, float] = {
+    "granular": 0.4,
+    "terrazzo": 0.4,
+    **dict.fromkeys(PHOTO_FAMILIES, 0.4),
+}
 """Families whose own elements (grains up to 5 px across, enlarged grass blades and
 stones) are as big as the smallest painted defects: there a defect's size starts at this
 fraction of its kind's range, so that a hole is larger than the darkest grain (a 5 px
-hole among 1-5 px grains of any tone is not a defect an inspector could call)."""
+hole among 1-5 px grains of any tone is not a defect an inspector could call). Terrazzo
+(chips of 4-22 px, black among them) was given the same floor when it was written, before
+any result on it."""
 MIN_AREA, MAX_AREA = 0.0002, 0.07
 MASK_DELTA = 0.03
 _PHOTO_TILE_PX = 128
