@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -71,3 +74,33 @@ def test_camera_nuisance_changes_levels_but_not_the_frame() -> None:
     assert max(float(f.std()) for f in frames) > 0.5  # gradient, vignetting, noise
     turned = rotate_crop(np.random.default_rng(0).random((90, 90, 3), dtype=np.float32), 10.0, 64)
     assert turned.shape == (64, 64, 3)
+
+
+def test_export_writes_what_imgpipe_anomaly_eval_reads_back(tmp_path: Path) -> None:
+    """``--export``: the crops and masks as files in the layout the eval command reads,
+    each file equal to the crop or mask it was written from."""
+    from rich.console import Console
+
+    from imgpipe.face.cli_anomaly import load_image_files, load_masks
+    from workers.anomaly.suite.export import eval_commands, export_split
+
+    family = "terrazzo"
+    split = family_split(family, seed=1, n_fit=3, n_good=2, n_bad=len(DEFECTS[family]), crop_px=64)
+    export_split(split, tmp_path)
+    console = Console(file=io.StringIO())
+    fit = load_image_files([tmp_path / "train" / "good"], console)
+    good = load_image_files([tmp_path / "test" / "good"], console)
+    bad = load_image_files([tmp_path / "test" / "bad"], console)
+    assert [p for p, _ in fit] == [tmp_path / "train" / "good" / f"{i:03d}.png" for i in range(3)]
+    assert all(np.array_equal(a, b) for (_, a), b in zip(fit, split.fit, strict=True))
+    assert all(np.array_equal(a, b) for (_, a), b in zip(good, split.good, strict=True))
+    masks = load_masks(tmp_path / "ground_truth", tmp_path / "test" / "bad", bad)
+    pairs = zip(bad, masks, strict=True)
+    by_index = {int(p.stem): (p.parent.name, pixels, m) for (p, pixels), m in pairs}
+    assert sorted(by_index) == list(range(len(split.bad)))
+    for i, (kind, pixels, mask) in by_index.items():
+        assert kind == split.kinds[i]
+        assert np.array_equal(pixels, split.bad[i]) and np.array_equal(mask, split.masks[i])
+    fit_cmd, eval_cmd = eval_commands(tmp_path, family)
+    assert fit_cmd.startswith("imgpipe anomaly fit ") and f"{tmp_path}/train/good" in fit_cmd
+    assert f"--masks {tmp_path}/ground_truth" in eval_cmd and eval_cmd.endswith("--json")

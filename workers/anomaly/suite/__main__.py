@@ -2,11 +2,14 @@
 
     python -m workers.anomaly.suite                       # all families, seed 0
     python -m workers.anomaly.suite --families woven,pile --seeds 0,1 --json out.json
+    python -m workers.anomaly.suite --families terrazzo --export /tmp/suite   # files only
 
 Per family: image AUROC (each defective crop against the good ones), pixel AUROC (the
 heat map, enlarged to the crop, against the defect masks over all test crops), the
 confusion at the profile's calibrated threshold, and timings. Needs scikit-image (a
-test extra) for the photographed families.
+test extra) for the photographed families. ``--export DIR`` writes each family and seed's
+crops and masks as PNG files instead (``DIR/<family>-<seed>/``, see :mod:`.export`) and
+prints the ``imgpipe anomaly fit`` / ``eval`` commands that score them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from workers.anomaly.patchcore import FeatureConfig
 from workers.anomaly.profile import evaluate_profile
 from workers.anomaly.suite.camera import Nuisance
 from workers.anomaly.suite.dataset import FAMILIES, FamilySplit, family_split
+from workers.anomaly.suite.export import eval_commands, export_split
 
 
 def evaluate(split: FamilySplit, path: Path, device: str) -> dict[str, Any]:
@@ -113,6 +117,14 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _export(args: argparse.Namespace) -> None:
+    for family in args.families.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            out = args.export / f"{family}-{seed}"
+            export_split(_cached_split(family, seed, args), out)
+            print("\n".join(eval_commands(out, family)), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--families", default=",".join(FAMILIES))
@@ -125,7 +137,11 @@ def main() -> None:
     parser.add_argument("--config", default="{}", help="FeatureConfig overrides as JSON")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--cache", type=Path, help="keep generated crops here between runs")
+    parser.add_argument("--export", type=Path, help="write the crops as PNG files here, no scoring")
     args = parser.parse_args()
+    if args.export is not None:
+        _export(args)
+        return
     try:
         config = FeatureConfig.from_overrides(args.config)
     except ValueError as exc:
