@@ -30,7 +30,7 @@ def make_executor(app: Celery, device: str | None) -> StageExecutor:
         from workers.models.registry import configure_models
 
         configure_torch(device, settings.model_cpu_threads)
-        configure_models(precision=settings.model_precision)
+        configure_models(precision=settings.model_precision, retain_heap=settings.model_retain_heap)
         start_idle_unloader()
         executor = StageExecutor(settings, device)
         # the models row is written when a model first loads in this process

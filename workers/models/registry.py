@@ -4,9 +4,12 @@ A worker process builds each configured model once (keyed by a string that inclu
 everything that changes the weights, e.g. ``"nudenet-yolov8n:<path>:<device>"``) and
 reuses it for every stage run. Models load lazily on their first ``predict``.
 
-Options that come from the worker's settings (the parameter precision) are set once per
-process by :func:`configure_models` when the worker starts (never read at import); the
-stages read them with :func:`model_precision` and put them in the key.
+Options that come from the worker's settings (the parameter precision, whether freed
+model memory stays in the heap) are set once per process by :func:`configure_models` when
+the worker starts (never read at import); the stages read the precision with
+:func:`model_precision` and put it in the key. Building the first model of a process sets
+the heap thresholds of :mod:`workers.models.heap` (unless configured off), and unloading
+idle models hands that memory back.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from workers.models.base import InferenceModel
+from workers.models.heap import retain_freed_memory, return_freed_memory
 
 __all__ = [
     "cached_model",
@@ -26,14 +30,16 @@ __all__ = [
 ]
 
 _precision = "auto"
+_retain_heap = True
 _models: dict[str, InferenceModel[Any, Any]] = {}
 _lock = threading.Lock()
 
 
-def configure_models(*, precision: str) -> None:
-    """Set this process's model options (from ``Settings.model_precision``)."""
-    global _precision
-    _precision = precision
+def configure_models(*, precision: str, retain_heap: bool = True) -> None:
+    """Set this process's model options (from ``Settings.model_precision`` and
+    ``Settings.model_retain_heap``)."""
+    global _precision, _retain_heap
+    _precision, _retain_heap = precision, retain_heap
 
 
 def model_precision() -> str:
@@ -48,6 +54,8 @@ def cached_model(
     with _lock:
         model = _models.get(key)
         if model is None:
+            if _retain_heap:
+                retain_freed_memory()
             model = factory()
             _models[key] = model
         return model
@@ -59,5 +67,9 @@ def loaded_models() -> list[InferenceModel[Any, Any]]:
 
 
 def unload_idle_models() -> int:
-    """Unload every model idle past its ``idle_unload_s``; returns how many unloaded."""
-    return sum(1 for model in loaded_models() if model.unload_if_idle())
+    """Unload every model idle past its ``idle_unload_s``; returns how many unloaded (their
+    memory goes back to the system)."""
+    unloaded = sum(1 for model in loaded_models() if model.unload_if_idle())
+    if unloaded:
+        return_freed_memory()
+    return unloaded
