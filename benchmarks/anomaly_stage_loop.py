@@ -3,7 +3,9 @@
 
     PYTHONPATH=. .venv/bin/python -m benchmarks.anomaly_stage_loop --batch 8
 
-Fits a profile on 50 crops of a suite family first (not timed), configures the process's
+Fits a profile on 50 crops of a suite family first, in a child process (a worker loads a
+profile fitted elsewhere; a fit in the timed process would leave its heap in another
+state), then configures the timing process's
 models from the settings as ``workers/process.py`` does for a model worker (so
 ``IMGPIPE_MODEL_RETAIN_HEAP=false`` turns the heap thresholds of
 ``workers/models/heap.py`` off), then prints the median ms per crop of the stage calls
@@ -15,6 +17,7 @@ settings with ``farm-bench --vs``, which alternates whole processes.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import tempfile
 import time
@@ -32,6 +35,11 @@ from workers.stagecontract import StageInput
 from workers.stages.anomaly import run_stage_batch
 
 
+def _fit(family: str, profile: Path) -> None:
+    split = family_split(family, n_fit=50, n_good=0, n_bad=0)
+    fit_profile(split.fit, profile, name="loop")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--family", default="woven")
@@ -43,12 +51,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     settings = Settings()
     configure_models(precision=settings.model_precision, retain_heap=settings.model_retain_heap)
-    split = family_split(args.family, n_fit=50, n_good=24, n_bad=0)
+    split = family_split(args.family, n_fit=0, n_good=24, n_bad=0)
     jpegs = [cv2.imencode(".jpg", np.ascontiguousarray(c[..., ::-1]))[1] for c in split.good]
     per_crop_ms: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         profile = Path(tmp) / "loop.npz"
-        fit_profile(split.fit, profile, name="loop")
+        child = multiprocessing.get_context("spawn").Process(
+            target=_fit, args=(args.family, profile)
+        )
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise SystemExit(f"fitting the profile failed (exit code {child.exitcode})")
         for call in range(args.warmup + args.calls):
             images = []
             for j in range(args.batch):

@@ -148,8 +148,8 @@ class Settings(BaseSettings):
         default=True,
         description="glibc: a process keeps the memory its models free in its heap instead of "
         "unmapping it after every call (mallopt thresholds, set when its first model is built): "
-        "anomaly scoring 0.75x the time at batch 1 and 0.90x at batch 8 on a 2-vCPU VM, for "
-        "30-65 MiB more peak memory (workers/models/heap.py, docs/anomaly.md).",
+        "the anomaly stage 0.79x the time at batch 1 and about 0.9x at batch 8 on a 2-vCPU "
+        "VM, for 20-50 MiB more memory (workers/models/heap.py, docs/anomaly.md).",
     )
     working_copy_cache_mb: int = Field(
         default=256,

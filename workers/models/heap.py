@@ -3,16 +3,19 @@
 A forward pass allocates and frees activations of 1-50 MiB per call. glibc serves blocks
 above its mmap threshold (128 KiB, raised on the fly up to 32 MiB) with fresh ``mmap``
 pages and returns them on ``free``, and it trims the heap's top past 2x that threshold:
-every call then page-faults its activations in again. On a 2-vCPU Xeon VM that was 2.2 of
-a 13 s run in system time, and anomaly scoring took 21.0 ms/crop at batch 1 and 16.3 at
-batch 8 (medians of 7 runs) against 15.7 and 14.6 with the two thresholds below
-(docs/anomaly.md "Speed", fifth session of 2026-12-01), for 30-65 MiB more peak memory.
+every call then page-faults its activations in again. The anomaly stage as a model worker
+runs it (``benchmarks.anomaly_stage_loop``, 2-vCPU Xeon VM, medians of 5 runs alternated
+with the setting off) took 20.4 against 25.9 ms/crop at batch 1 and 17.7 against 18.1 at
+batch 8 with the two thresholds below, in half the system time (1.4 against 2.3 s, 1.6
+against 3.2 s); 20-50 MiB more resident memory (docs/anomaly.md "Speed", fifth session of
+2026-12-01).
 
 :func:`retain_freed_memory` raises the mmap threshold to 256 MiB (32 MiB, glibc's older
 limit, where that is refused) and the trim threshold to 1 GiB, once per process; memory
 freed by models then stays in the heap for the next call. Setting the trim threshold alone
 would be much worse: it switches the threshold's on-the-fly raising off, so every block
-over 128 KiB would be mapped and unmapped (37.7 ms/crop measured), which is why the mmap
+over 128 KiB would be mapped and unmapped (37.7 against 14.8 ms/crop in one paired
+measurement), which is why the mmap
 threshold is set first and the trim threshold only if that succeeded.
 :func:`return_freed_memory` hands the retained memory back (after models are unloaded).
 A process whose environment sets its own glibc malloc options is left alone.
