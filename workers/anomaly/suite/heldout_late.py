@@ -59,8 +59,8 @@ _CHIP_COLOURS = np.array(
 
 
 def terrazzo(rng: np.random.Generator, n: int, flaw: Structural | None) -> Image:
-    """Terrazzo: chips of 2-11 px (marble, black, terracotta, green, grey, ochre) set in a
-    speckled cement matrix and ground flat."""
+    """Terrazzo: chips of 4-22 px across (marble, black, terracotta, green, grey, ochre)
+    set in a speckled cement matrix and ground flat."""
     img = np.broadcast_to(rgb(0.70, 0.68, 0.64), (n, n, 3)).copy()
     img *= (1 + 0.04 * smooth_noise(rng, n, 1.0) + 0.03 * smooth_noise(rng, n, 20.0))[..., None]
     count = n * n // 90
@@ -69,7 +69,7 @@ def terrazzo(rng: np.random.Generator, n: int, flaw: Structural | None) -> Image
     colours = _CHIP_COLOURS[rng.integers(0, len(_CHIP_COLOURS), count)]
     shades = rng.uniform(0.85, 1.1, count)
     popped = -1
-    if flaw is not None:  # popped_chip: the chip nearest the spot (5 px or more) is gone
+    if flaw is not None:  # popped_chip: the nearest chip of radius >= 5 px is gone
         big = np.flatnonzero(radii >= 5.0)
         near = np.hypot(*(centres[big] - np.array(flaw.at)).T)
         popped = int(big[np.argmin(near)])
@@ -113,7 +113,7 @@ def wire_mesh(rng: np.random.Generator, n: int, flaw: Structural | None) -> Imag
     dip_h = np.where(h_over, 0.0, 0.45 * near_cross)
     near_cross_v = np.exp(-(((fy - 0.5) * pitch / 3.5) ** 2))
     dip_v = np.where(h_over, 0.45 * near_cross_v, 0.0)
-    if flaw is not None:  # broken_wire: one wire segment missing between two crossings
+    if flaw is not None:  # broken_wire: a 12 px stretch (one pitch) of one wire missing
         col, row = int(flaw.at[0]), int(flaw.at[1])
         if flaw.rng.uniform() < 0.5:
             cut = (iy == iy[row, col]) & (np.abs(x - x[row, col]) < pitch * 0.5)
