@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import typer
@@ -31,8 +32,9 @@ from imgpipe.errors import ImageRejectedError, PermanentError
 from imgpipe.face.cli_console import fail
 from imgpipe.settings import Settings
 from workers.anomaly.fit import DEFAULT_CORESET_FRACTION, fit_profile
+from workers.anomaly.metrics import auroc
 from workers.anomaly.patchcore import FeatureConfig
-from workers.anomaly.profile import evaluate_profile
+from workers.anomaly.profile import EvalReport, evaluate_profile
 from workers.models.registry import configure_models
 
 __all__ = ["eval_command", "fit_command", "load_image_files", "load_images", "load_masks"]
@@ -186,6 +188,27 @@ def _mask_for(key: str, by_key: dict[str, Path]) -> Path | None:
     return by_key.get(key) or by_key.get(key + MASK_ENDING)
 
 
+def defect_kinds(files: Sequence[Path], bad: Path) -> list[str | None]:
+    """Each bad image's defect kind: the first folder below ``bad`` (MVTec's
+    ``test/<kind>/000.png``); None for an image directly in ``bad``."""
+    relative = [path.relative_to(bad) for path in files]
+    return [rel.parts[0] if len(rel.parts) > 1 else None for rel in relative]
+
+
+def per_kind(report: EvalReport, kinds: Sequence[str | None]) -> dict[str, dict[str, Any]]:
+    """Per defect kind (see :func:`defect_kinds`): its image count, the AUROC of its bad
+    images against every good one, and how many of them the threshold flags."""
+    rows: dict[str, dict[str, Any]] = {}
+    for kind in sorted({k for k in kinds if k is not None}):
+        scores = [s for s, k in zip(report.bad_scores, kinds, strict=True) if k == kind]
+        rows[kind] = {
+            "n": len(scores),
+            "auroc": auroc(report.good_scores, scores),
+            "flagged": sum(1 for s in scores if s > report.threshold),
+        }
+    return rows
+
+
 def configure_from_settings() -> None:
     """This process's model options from the settings, as a model worker sets them
     (precision, heap thresholds): the CLI then fits and scores as the stage does."""
@@ -276,8 +299,9 @@ def eval_command(
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             bad_masks=bad_masks,
         )  # fmt: skip
+    kinds = per_kind(report, defect_kinds([path for path, _ in bad_files], bad))
     if json_out:
-        typer.echo(json.dumps(report.to_json(), indent=2))
+        typer.echo(json.dumps({**report.to_json(), "per_kind": kinds}, indent=2))
         return
     table = Table("AUROC", "pixel AUROC", "threshold", "TP", "FP", "TN", "FN", "ms/image")
     table.add_row(
@@ -291,3 +315,8 @@ def eval_command(
         f"{report.score_ms_per_image:.1f}",
     )
     Console().print(table)
+    if kinds:
+        by_kind = Table("defect kind", "images", "AUROC", "flagged")
+        for kind, row in kinds.items():
+            by_kind.add_row(escape(kind), str(row["n"]), f"{row['auroc']:.3f}", str(row["flagged"]))
+        Console().print(by_kind)

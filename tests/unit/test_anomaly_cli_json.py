@@ -30,7 +30,7 @@ from workers.anomaly.synthetic import DEFECT_KINDS, add_defect, texture_split
 JSON_KEYS = {
     "profile", "auroc", "pixel_auroc", "threshold", "tp", "fp", "tn", "fn", "n_good", "n_bad",
     "precision", "recall", "false_positive_rate", "score_ms_per_image", "good_scores",
-    "bad_scores",
+    "bad_scores", "per_kind",
 }  # fmt: skip
 N_GOOD = 4
 N_BAD = 4
@@ -114,6 +114,7 @@ def test_eval_json_without_masks_has_null_pixel_auroc(dirs: EvalDirs) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert set(report) >= JSON_KEYS and report["pixel_auroc"] is None
+    assert report["per_kind"] == {}  # every bad image directly in --bad: no kinds
     assert 0.0 <= report["auroc"] <= 1.0 and report["tp"] + report["fn"] == N_BAD
 
 

@@ -22,6 +22,7 @@ from typer.testing import CliRunner, Result
 
 from imgpipe.face.cli import app
 from imgpipe.face.cli_anomaly import image_files, load_image_files, load_masks
+from workers.anomaly.metrics import auroc
 from workers.anomaly.synthetic import DefectKind, add_defect, texture_split
 
 KINDS: tuple[DefectKind, ...] = ("scratch", "stain")
@@ -85,6 +86,32 @@ def test_fit_and_eval_on_an_mvtec_tree(tree: Path, profile: Path) -> None:
     # test/good is the good set, not bad; scratch/000 and stain/000 are two images
     assert report["n_good"] == 3 and report["n_bad"] == len(KINDS) * PER_KIND
     assert report["pixel_auroc"] is not None and report["pixel_auroc"] > 0.5
+    # per defect kind, from the folder below --bad: every bad image counted once
+    kinds = report["per_kind"]
+    assert set(kinds) == set(KINDS) and all(row["n"] == PER_KIND for row in kinds.values())
+    assert sum(row["flagged"] for row in kinds.values()) == report["tp"]
+    for row in kinds.values():
+        assert 0.0 <= row["auroc"] <= 1.0 and 0 <= row["flagged"] <= row["n"]
+    names = [f"{kind}/{i:03d}.png" for kind in KINDS for i in range(PER_KIND)]
+    order = [name.split("/")[0] for name in names]  # bad_scores are in file order
+    for kind in KINDS:
+        scores = [s for s, k in zip(report["bad_scores"], order, strict=True) if k == kind]
+        flagged = sum(1 for s in scores if s > report["threshold"])
+        assert kinds[kind]["flagged"] == flagged
+        assert kinds[kind]["auroc"] == auroc(report["good_scores"], scores)
+
+
+def test_eval_table_lists_each_defect_kind(tree: Path, profile: Path) -> None:
+    result = _cli(
+        tree, "anomaly", "eval", str(profile), "--good", str(tree / "test" / "good"),
+        "--bad", str(tree / "test"),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if "│" in line]
+    assert len(rows) == 1 + len(KINDS), result.stdout  # the totals, then one row per kind
+    for kind, row in zip(KINDS, rows[1:], strict=True):
+        cells = [cell.strip() for cell in row.strip("│ ").split("│")]
+        assert cells[0] == kind and cells[1] == str(PER_KIND), result.stdout
 
 
 def test_nested_masks_pair_with_their_own_images(tree: Path) -> None:
