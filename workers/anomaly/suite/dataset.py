@@ -45,8 +45,8 @@ __all__ = [
 ALL_SURFACES = {**SURFACES, **HELDOUT_SURFACES, **LATE_SURFACES}
 ALL_STRUCTURAL = {**STRUCTURAL, **HELDOUT_STRUCTURAL, **LATE_STRUCTURAL}
 HELDOUT_FAMILIES = (*HELDOUT_SURFACES, *LATE_SURFACES)
-"""Written after the recipe was chosen (suite/heldout.py, and after later choices too
-suite/heldout_late.py): a check, not a tuning set."""
+"""Written after the recipe was chosen (suite/heldout.py), and after every later choice
+too (suite/heldout_late.py): a check, not a tuning set."""
 
 PHOTO_FAMILIES = ("brick", "grass", "gravel")
 DEFECTS: dict[str, tuple[str, ...]] = {
