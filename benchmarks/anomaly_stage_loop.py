@@ -30,7 +30,7 @@ import torch
 from imgpipe.settings import Settings
 from workers.anomaly.fit import fit_profile
 from workers.anomaly.suite.dataset import family_split
-from workers.models.registry import configure_models
+from workers.models.registry import configure_models_from
 from workers.stagecontract import StageInput
 from workers.stages.anomaly import run_stage_batch
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = Settings()
-    configure_models(precision=settings.model_precision, retain_heap=settings.model_retain_heap)
+    configure_models_from(settings)
     split = family_split(args.family, n_fit=0, n_good=24, n_bad=0)
     jpegs = [cv2.imencode(".jpg", np.ascontiguousarray(c[..., ::-1]))[1] for c in split.good]
     per_crop_ms: list[float] = []

@@ -27,10 +27,10 @@ def make_executor(app: Celery, device: str | None) -> StageExecutor:
     else:
         from workers.devices import configure_torch, start_idle_unloader
         from workers.models.base import add_load_listener
-        from workers.models.registry import configure_models
+        from workers.models.registry import configure_models_from
 
         configure_torch(device, settings.model_cpu_threads)
-        configure_models(precision=settings.model_precision, retain_heap=settings.model_retain_heap)
+        configure_models_from(settings)
         start_idle_unloader()
         executor = StageExecutor(settings, device)
         # the models row is written when a model first loads in this process

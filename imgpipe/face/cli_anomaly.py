@@ -35,7 +35,7 @@ from workers.anomaly.fit import DEFAULT_CORESET_FRACTION, fit_profile
 from workers.anomaly.metrics import auroc
 from workers.anomaly.patchcore import FeatureConfig
 from workers.anomaly.profile import EvalReport, evaluate_profile
-from workers.models.registry import configure_models
+from workers.models.registry import configure_models_from
 
 __all__ = ["eval_command", "fit_command", "load_image_files", "load_images", "load_masks"]
 
@@ -209,13 +209,6 @@ def per_kind(report: EvalReport, kinds: Sequence[str | None]) -> dict[str, dict[
     return rows
 
 
-def configure_from_settings() -> None:
-    """This process's model options from the settings, as a model worker sets them
-    (precision, heap thresholds): the CLI then fits and scores as the stage does."""
-    settings = Settings()
-    configure_models(precision=settings.model_precision, retain_heap=settings.model_retain_heap)
-
-
 def fit_command(
     profile: Path,
     inputs: list[Path],
@@ -229,7 +222,7 @@ def fit_command(
         config = FeatureConfig.from_overrides(overrides) if overrides else FeatureConfig()
     except ValueError as exc:
         raise fail(f"--config: {exc}") from exc
-    configure_from_settings()
+    configure_models_from(Settings())  # as a model worker: the CLI scores as the stage does
     if coreset_fraction is not None and not 0.0 < coreset_fraction <= 1.0:
         raise fail(
             f"--coreset must be a fraction in (0, 1] of the fit patches to keep, got "
@@ -286,7 +279,7 @@ def eval_command(
 ) -> None:
     """Print the evaluation as a table, or with ``json_out`` as one JSON object (stdout
     then holds nothing else: progress and skipped files go to ``console``, stderr)."""
-    configure_from_settings()
+    configure_models_from(Settings())  # as a model worker: the CLI scores as the stage does
     with progress_bar(console) as bar:
         # --bad may be the folder above --good and --masks (MVTec's test/): not bad images
         good_images = load_images([good], console, bar)

@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.models.base import InferenceModel
 from workers.models.heap import retain_freed_memory, return_freed_memory
 
+if TYPE_CHECKING:
+    from imgpipe.settings import Settings
+
 __all__ = [
     "cached_model",
     "configure_models",
+    "configure_models_from",
     "loaded_models",
     "model_precision",
     "unload_idle_models",
@@ -40,6 +44,12 @@ def configure_models(*, precision: str, retain_heap: bool = True) -> None:
     ``Settings.model_retain_heap``)."""
     global _precision, _retain_heap
     _precision, _retain_heap = precision, retain_heap
+
+
+def configure_models_from(settings: Settings) -> None:
+    """:func:`configure_models` with this process's settings: what a model worker, the
+    anomaly CLI and the stage benchmark all do before building a model."""
+    configure_models(precision=settings.model_precision, retain_heap=settings.model_retain_heap)
 
 
 def model_precision() -> str:
